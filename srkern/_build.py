@@ -1,0 +1,239 @@
+"""Compile-and-cache for ``kernels/*.cu``: one source, two compilers.
+
+* CPU: the source (with its ``#include "..."`` headers expanded) is compiled by the system C++
+  compiler into a shared library, cached on disk and loaded through ctypes.
+* GPU: the same expanded text goes to CuPy ``RawModule`` (NVRTC). CuPy's own cache is keyed on
+  the text it is given, so expanding the headers here makes a header edit a new key.
+
+Disk-cache rules: the folder is private to the user (0700); the key is a SHA-256 of the expanded
+source, the compiler's path and version, the flags and the machine; writes are atomic (write to
+a temporary file, fsync, rename), because several MPI ranks compile at once; an entry that is
+not owned by the user, is writable by group or others, or whose bytes do not match the hash
+recorded beside it, is rebuilt and never loaded.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
+if not KERNEL_DIR.is_dir():  # running from a source tree: srkern/ and kernels/ are siblings
+    KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
+
+# Contraction off: fmaf is written where a fused multiply-add is meant, so the CPU and GPU
+# results agree bit for bit. -march=native is safe because the cache key includes the CPU.
+CPU_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-march=native",
+             "-std=c++17", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas")
+NVRTC_FLAGS = ("--std=c++17", "--fmad=false", "--prec-div=true", "--prec-sqrt=true")
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
+_lock = threading.Lock()
+
+
+class BuildError(RuntimeError):
+    """A kernel could not be compiled, or a tool it needs is missing."""
+
+
+def expand_source(name: str) -> str:
+    """The text of ``kernels/<name>.cu`` with every quoted include expanded once, in order."""
+    seen: set[str] = set()
+
+    def expand(path: Path) -> str:
+        def repl(m: re.Match) -> str:
+            inc = m.group(1)
+            if inc in seen:
+                return f"// (already included: {inc})"
+            seen.add(inc)
+            target = KERNEL_DIR / inc
+            if not target.is_file():
+                raise BuildError(f"{path.name} includes {inc!r}, which is not in {KERNEL_DIR}")
+            return f"// ---- begin {inc}\n{expand(target)}\n// ---- end {inc}"
+        # Headers are spliced in once each, so their include guards are not needed (and
+        # `#pragma once` would warn in the single expanded file).
+        text = re.sub(r"^\s*#\s*pragma\s+once\s*$", "", path.read_text(), flags=re.M)
+        return _INCLUDE.sub(repl, text)
+
+    src = KERNEL_DIR / f"{name}.cu"
+    if not src.is_file():
+        raise BuildError(f"no kernel source {src}")
+    return expand(src)
+
+
+def cache_dir() -> Path:
+    """The private cache folder: $SRKERN_CACHE_DIR, else $XDG_CACHE_HOME/srkern, else ~/.cache/srkern."""
+    root = os.environ.get("SRKERN_CACHE_DIR")
+    if root:
+        path = Path(root)
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        path = Path(base) / "srkern"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise BuildError(f"cache folder {path} is not private to this user "
+                         f"(owner uid {st.st_uid}, mode {oct(st.st_mode & 0o777)}); "
+                         "fix its permissions or set SRKERN_CACHE_DIR")
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def cxx_compiler() -> tuple[str, str]:
+    """(path, version line) of the C++ compiler: $CXX, else g++, else c++."""
+    for cand in (os.environ.get("CXX"), "g++", "c++"):
+        if cand and shutil.which(cand):
+            path = shutil.which(cand)
+            out = subprocess.run([path, "--version"], capture_output=True, text=True)
+            return path, out.stdout.splitlines()[0] if out.stdout else "unknown"
+    raise BuildError("no C++ compiler found for srkern's CPU backend: install g++ "
+                     "(Debian: apt-get install g++) or set CXX")
+
+
+@functools.lru_cache(maxsize=None)
+def _machine_id() -> str:
+    """The CPU as -march=native sees it: architecture plus the flags line of /proc/cpuinfo."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features", "model name")):
+                    flags += line
+                if line.strip() == "":
+                    break
+    except OSError:
+        pass
+    return platform.machine() + "\n" + flags
+
+
+def _trusted(path: Path) -> bool:
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def cpu_library_path(name: str) -> Path:
+    """Compile ``kernels/<name>.cu`` for the CPU if needed; return the cached shared library."""
+    source = expand_source(name)
+    cxx, version = cxx_compiler()
+    key_text = "\0".join([source, cxx, version, " ".join(CPU_FLAGS), _machine_id()])
+    key = hashlib.sha256(key_text.encode()).hexdigest()[:32]
+    folder = cache_dir()
+    lib = folder / f"{name}-{key}.so"
+    digest = folder / f"{name}-{key}.sha256"
+    if _trusted(lib) and _trusted(digest) and digest.read_text().strip() == _sha256_file(lib):
+        return lib
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        out = Path(tmp) / "k.so"
+        cmd = [cxx, *CPU_FLAGS, "-x", "c++", "-", "-o", str(out)]
+        res = subprocess.run(cmd, input=source, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise BuildError(f"compiling kernels/{name}.cu for CPU failed:\n{' '.join(cmd)}\n{res.stderr}")
+        data = out.read_bytes()
+    # Library first, digest second: a reader that sees the new digest also sees the new library.
+    _atomic_write(lib, data)
+    _atomic_write(digest, hashlib.sha256(data).hexdigest().encode())
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_library(name: str) -> ctypes.CDLL:
+    with _lock:
+        return ctypes.CDLL(str(cpu_library_path(name)))
+
+
+def nvrtc_include_dirs() -> list[str]:
+    """Folders with CUDA headers for NVRTC (from the nvidia-cuda-runtime wheel), if installed."""
+    dirs = []
+    try:
+        import nvidia  # namespace package of NVIDIA's wheels
+        for root in nvidia.__path__:
+            for sub in ("cu13/include", "cu12/include", "cuda_runtime/include"):
+                p = os.path.join(root, sub)
+                if os.path.isdir(p):
+                    dirs.append(p)
+    except ImportError:
+        pass
+    return dirs
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_module(name: str, device_id: int):
+    """The CuPy RawModule of ``kernels/<name>.cu`` for one device (compiled lazily, cached by CuPy)."""
+    try:
+        import cupy
+    except ImportError as e:
+        raise BuildError("srkern's GPU backend needs CuPy: pip install 'srkern[cuda13]' "
+                         "(or [cuda12]), which also brings NVRTC and the CUDA headers") from e
+    options = list(NVRTC_FLAGS)
+    for d in nvrtc_include_dirs():
+        options += ["-I", d]
+    with cupy.cuda.Device(device_id):
+        try:
+            return cupy.RawModule(code=expand_source(name), options=tuple(options))
+        except Exception as e:  # NVRTC missing or a compile error: say which
+            raise BuildError(f"compiling kernels/{name}.cu through NVRTC failed: {e}. "
+                             "NVRTC comes with pip install 'nvidia-cuda-nvrtc==13.0.*'") from e
+
+
+def nvrtc_compile(name: str, arch: str, extra: tuple[str, ...] = ()) -> tuple[bool, str]:
+    """Compile ``kernels/<name>.cu`` to a cubin for ``arch`` with NVRTC, no GPU needed.
+
+    Returns (ok, log). Used by the compile-check test and ``python -m srkern regs``.
+    """
+    from cuda.bindings import nvrtc
+
+    def check(res):
+        err = res[0]
+        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            raise BuildError(f"NVRTC call failed: {err}")
+        return res[1:] if len(res) > 2 else (res[1] if len(res) == 2 else None)
+
+    src = expand_source(name).encode()
+    prog = check(nvrtc.nvrtcCreateProgram(src, f"{name}.cu".encode(), 0, [], []))
+    opts = [*NVRTC_FLAGS, f"--gpu-architecture={arch}", "--ptxas-options=-v", *extra]
+    for d in nvrtc_include_dirs():
+        opts.append(f"-I{d}")
+    res = nvrtc.nvrtcCompileProgram(prog, len(opts), [o.encode() for o in opts])
+    size = check(nvrtc.nvrtcGetProgramLogSize(prog))
+    buf = b" " * size
+    check(nvrtc.nvrtcGetProgramLog(prog, buf))
+    nvrtc.nvrtcDestroyProgram(prog)
+    return res[0] == nvrtc.nvrtcResult.NVRTC_SUCCESS, buf.decode(errors="replace").rstrip("\0 \n")
+
+
+def kernel_names() -> list[str]:
+    """Stems of every kernel source in ``kernels/``."""
+    return sorted(p.stem for p in KERNEL_DIR.glob("*.cu"))

@@ -1,0 +1,57 @@
+"""Bit contract v1 constants and the library seed generator.
+
+The random-stream ids live once, in ``kernels/srk_round.h``; this module reads them from there so
+the kernels, the NumPy reference and the docs cannot disagree.
+"""
+from __future__ import annotations
+
+import re
+import secrets
+import threading
+
+import numpy as np
+
+from ._build import KERNEL_DIR
+
+CONTRACT_VERSION = 1
+
+_STREAM_RE = re.compile(r"#define\s+SRK_STREAM_(\w+)\s+(\d+)u")
+STREAMS: dict[str, int] = {
+    m.group(1).lower(): int(m.group(2))
+    for m in _STREAM_RE.finditer((KERNEL_DIR / "srk_round.h").read_text())
+}
+"""Random-stream ids by purpose: cast, param, exp_avg, exp_avg_sq, compensation, collective."""
+
+U64 = 1 << 64
+U32 = 1 << 32
+
+_gen_lock = threading.Lock()
+_gen = np.random.Generator(np.random.PCG64(secrets.randbits(128)))
+
+
+def manual_seed(n: int) -> None:
+    """Seed the generator that ``seed=None`` calls draw their 64-bit seeds from."""
+    global _gen
+    check_u64("seed", n)
+    with _gen_lock:
+        _gen = np.random.Generator(np.random.PCG64(n))
+
+
+def next_seed() -> int:
+    """A fresh 64-bit seed from the library generator (see :func:`manual_seed`)."""
+    with _gen_lock:
+        return int(_gen.integers(0, U64, dtype=np.uint64))
+
+
+def check_u64(name: str, value, limit: int = U64) -> int:
+    """``value`` as a Python int in [0, limit), else a ValueError/TypeError naming ``name``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    value = int(value)
+    if not 0 <= value < limit:
+        raise ValueError(f"{name} must be in [0, 2**{limit.bit_length() - 1}), got {value}")
+    return value
+
+
+def resolve_seed(seed) -> int:
+    return next_seed() if seed is None else check_u64("seed", seed)

@@ -1,0 +1,186 @@
+"""Tensor plumbing: read any framework's tensor as a raw view, and make results in its framework.
+
+DLPack is read by ``cuda.core``'s ``StridedMemoryView`` (a maintained reader of any
+``__dlpack__`` producer, BF16 included). Two gaps are filled here: NumPy refuses to export BF16
+and FP8 through DLPack, so NumPy arrays are read through their array interface; and the DLPack
+reader does not know the FP8 type codes, so FP8 tensors are read as bytes and re-labelled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+# Canonical dtype names (NumPy / ml_dtypes spelling) and their sizes.
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2")
+NP_DTYPES = {
+    "float32": np.dtype(np.float32),
+    "float64": np.dtype(np.float64),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+    "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
+}
+_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+            "float": "float32", "e4m3": "float8_e4m3fn", "e4m3fn": "float8_e4m3fn",
+            "fp8_e4m3fn": "float8_e4m3fn", "e5m2": "float8_e5m2", "fp8_e5m2": "float8_e5m2"}
+_FP8 = ("float8_e4m3fn", "float8_e5m2")
+
+
+def dtype_name(dtype: Any) -> str:
+    """Canonical name of a dtype given as a string, torch dtype, NumPy or ml_dtypes dtype."""
+    if isinstance(dtype, str):
+        name = dtype.lower().removeprefix("torch.")
+        return _ALIASES.get(name, name)
+    text = str(dtype)
+    if text.startswith("torch."):
+        return text.removeprefix("torch.")
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return text
+
+
+def framework_of(x: Any) -> str:
+    mod = type(x).__module__.split(".")[0]
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    if mod in ("torch", "cupy", "jax", "jaxlib"):
+        return "jax" if mod == "jaxlib" else mod
+    return "dlpack"
+
+
+@dataclass
+class View:
+    """A raw, framework-free description of a tensor: where it is and how it is laid out."""
+    obj: Any
+    framework: str
+    ptr: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]  # in elements
+    dtype: str
+    device: str  # "cpu" or "cuda"
+    device_id: int
+    readonly: bool
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    @property
+    def itemsize(self) -> int:
+        return NP_DTYPES[self.dtype].itemsize if self.dtype in NP_DTYPES else np.dtype(self.dtype).itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+    @property
+    def contiguous(self) -> bool:
+        expect = 1
+        for size, stride in zip(reversed(self.shape), reversed(self.strides)):
+            if size != 1 and stride != expect:
+                return False
+            expect *= size
+        return True
+
+    def overlaps(self, other: "View") -> bool:
+        """Whether the memory spans of two views intersect (same device only)."""
+        if self.device != other.device or self.device_id != other.device_id:
+            return False
+        if self.numel == 0 or other.numel == 0:
+            return False
+        a0, a1 = self.ptr, self.ptr + self.nbytes
+        b0, b1 = other.ptr, other.ptr + other.nbytes
+        return a0 < b1 and b0 < a1
+
+
+def as_view(x: Any, name: str = "x") -> View:
+    """Describe ``x`` (any ``__dlpack__`` tensor or NumPy array) without copying it."""
+    fw = framework_of(x)
+    if fw == "numpy":
+        return View(x, fw, x.__array_interface__["data"][0], tuple(x.shape),
+                    tuple(s // x.itemsize for s in x.strides), x.dtype.name, "cpu", 0,
+                    not x.flags.writeable)
+    if not hasattr(x, "__dlpack__"):
+        raise TypeError(f"{name} must be a tensor with __dlpack__ (PyTorch, CuPy, NumPy, JAX), "
+                        f"got {type(x).__name__}")
+    src, label = x, None
+    if fw == "torch":
+        src = x.detach()
+        if dtype_name(x.dtype) in _FP8:
+            import torch
+            src, label = src.view(torch.uint8), dtype_name(x.dtype)
+    from cuda.core.utils import StridedMemoryView
+
+    dev_type, dev_id = x.__dlpack_device__()
+    on_gpu = int(dev_type) in (2, 13)  # kDLCUDA, kDLCUDAManaged
+    stream_ptr = current_stream_ptr(x, fw) if on_gpu else -1
+    try:
+        v = StridedMemoryView.from_dlpack(src, stream_ptr=stream_ptr)
+    except Exception as e:
+        raise TypeError(f"{name}: could not read it through DLPack: {e}") from e
+    shape = tuple(v.shape)
+    strides = tuple(v.strides) if v.strides is not None else _c_strides(shape)
+    dtype = label or dtype_name(v.dtype)
+    readonly = bool(v.readonly) or fw == "jax"  # JAX arrays are immutable
+    return View(x, fw, int(v.ptr), shape, strides, dtype, "cuda" if on_gpu else "cpu",
+                int(dev_id) if on_gpu else 0, readonly)
+
+
+def _c_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    out, acc = [], 1
+    for s in reversed(shape):
+        out.append(acc)
+        acc *= s
+    return tuple(reversed(out))
+
+
+def current_stream_ptr(x: Any, fw: str) -> int:
+    """The producing framework's current CUDA stream for ``x``'s device (0: legacy default)."""
+    if fw == "torch":
+        import torch
+        return torch.cuda.current_stream(x.device).cuda_stream
+    if fw == "cupy":
+        import cupy
+        return cupy.cuda.get_current_stream().ptr
+    return 0
+
+
+def contiguous(x: Any, fw: str) -> Any:
+    """A C-contiguous version of ``x`` in its own framework (a copy only when needed)."""
+    if fw == "torch":
+        return x.contiguous()
+    if fw == "cupy":
+        import cupy
+        return cupy.ascontiguousarray(x)
+    if fw == "numpy":
+        return np.ascontiguousarray(x)
+    return x  # JAX and other DLPack producers hand out dense tensors
+
+
+def empty_like(v: View, dtype: str, shape: tuple[int, ...] | None = None) -> Any:
+    """A new uninitialised tensor in ``v``'s framework and on its device."""
+    shape = v.shape if shape is None else shape
+    fw = v.framework
+    if fw == "torch":
+        import torch
+        return torch.empty(shape, dtype=getattr(torch, dtype), device=v.obj.device)
+    if v.device == "cuda":
+        import cupy
+        with cupy.cuda.Device(v.device_id):
+            return cupy.empty(shape, dtype=NP_DTYPES[dtype])
+    return np.empty(shape, dtype=NP_DTYPES[dtype])
+
+
+def finish(result: Any, v: View) -> Any:
+    """Hand ``result`` (made by :func:`empty_like`) back in ``v``'s framework."""
+    if v.framework == "jax":
+        import jax
+        import jax.numpy as jnp
+        if v.device == "cuda":
+            return jax.dlpack.from_dlpack(result)
+        return jnp.asarray(result)
+    return result

@@ -1,0 +1,115 @@
+"""``srkern.cast``: FP32 to BF16 / FP16 / FP8 with stochastic or nearest rounding, and back."""
+from __future__ import annotations
+
+from typing import Any
+
+from . import _backend, _contract
+from ._tensor import FLOAT_DTYPES, View, as_view, contiguous, dtype_name, empty_like, finish
+
+_KERNEL_SUFFIX = {"bfloat16": "bf16", "float16": "f16", "float8_e4m3fn": "e4m3",
+                  "float8_e5m2": "e5m2"}
+# Elements per Philox block: 8 for 16-bit draws (BF16), 4 for 32-bit draws.
+BLOCK = {"bfloat16": 8, "float16": 4, "float8_e4m3fn": 4, "float8_e5m2": 4}
+ROUNDINGS = ("stochastic", "nearest")
+
+
+def cast(x: Any, dtype: Any, *, rounding: str = "stochastic", seed: int | None = None,
+         offset: int = 0, step: int = 0, stream: int = 0, saturate: bool = False,
+         out: Any = None, cuda_stream: Any = None) -> Any:
+    """Round ``x`` to ``dtype``, or upcast a 16/8-bit tensor exactly to FP32.
+
+    Args:
+        x: any ``__dlpack__`` tensor (PyTorch, CuPy, JAX) or NumPy array, of dtype float32, or
+            bfloat16 / float16 / float8_e4m3fn / float8_e5m2 (upcast exactly first when the
+            target is another 16/8-bit format). Non-contiguous inputs are copied to C order
+            first (their logical order is C order).
+        dtype: ``"bfloat16"``, ``"float16"``, ``"float8_e4m3fn"``, ``"float8_e5m2"`` or
+            ``"float32"`` (the exact upcast); names or torch / NumPy / ml_dtypes dtype objects.
+        rounding: ``"stochastic"`` (contract v1) or ``"nearest"`` (ties to even, as PyTorch).
+        seed: 64-bit Philox key; ``None`` draws one from :func:`srkern.manual_seed`'s generator.
+        offset: logical index of ``x``'s first element: element ``p`` (C order) uses the draw of
+            index ``offset + p``, so casting a slice with its offset equals casting the whole.
+        step: 32-bit Philox counter word (for example the training step).
+        stream: 32-bit random-stream id (contract v1 ``stream``, not a CUDA stream).
+        saturate: finite values beyond the format's range give +-max finite instead of
+            +-Inf (NaN for float8_e4m3fn).
+        out: optional contiguous tensor of the target dtype, shape and device to write into.
+        cuda_stream: CUDA stream (pointer or object with ``.ptr`` / ``.cuda_stream``) for GPU
+            work; default the producing framework's current stream.
+
+    Returns:
+        ``out`` if given, else a new tensor in ``x``'s framework and device.
+    """
+    target = dtype_name(dtype)
+    if target not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    seed = _contract.resolve_seed(seed) if rounding == "stochastic" else _contract.check_u64("seed", seed or 0)
+    step = _contract.check_u64("step", step, _contract.U32)
+    stream = _contract.check_u64("stream", stream, _contract.U32)
+    xv = as_view(x, "x")
+    if xv.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float32 or one of {FLOAT_DTYPES[1:]}, got {xv.dtype}")
+    if xv.dtype == "float32" and target == "float32":
+        raise ValueError("x is already float32: choose a 16/8-bit dtype to round to")
+    offset = _contract.check_u64("offset", offset, _contract.U64 - xv.numel + 1)
+    if not xv.contiguous:
+        xv = as_view(contiguous(x, xv.framework), "x")
+    outv = _check_out(out, xv, target) if out is not None else None
+    result = out if out is not None else empty_like(xv, target)
+    if outv is None:
+        outv = as_view(result, "out")
+    cs = _cuda_stream(cuda_stream, xv)
+
+    if xv.dtype != "float32" and target != "float32":  # 16/8-bit -> other format: via exact FP32
+        tmp = empty_like(xv, "float32")
+        _upcast(xv, as_view(tmp, "tmp"), cs)
+        xv = as_view(tmp, "tmp")
+    if target == "float32":
+        _upcast(xv, outv, cs)
+    else:
+        kernel = f"cast_f32_{_KERNEL_SUFFIX[target]}_{'sr' if rounding == 'stochastic' else 'rn'}"
+        n = xv.numel
+        _backend.launch("cast", kernel, [
+            ("p", xv.ptr), ("p", outv.ptr), ("q", n), ("Q", offset), ("Q", seed), ("Q", step),
+            ("I", stream), ("i", int(bool(saturate)))],
+            device=xv.device, device_id=xv.device_id, units=-(-n // BLOCK[target]) + 2, stream=cs)
+    return out if out is not None else finish(result, xv)
+
+
+def _upcast(xv: View, outv: View, cs: int) -> None:
+    kernel = f"cast_{_KERNEL_SUFFIX[xv.dtype]}_f32"
+    _backend.launch("cast", kernel, [("p", xv.ptr), ("p", outv.ptr), ("q", xv.numel)],
+                    device=xv.device, device_id=xv.device_id, units=xv.numel, stream=cs)
+
+
+def _check_out(out: Any, xv: View, target: str) -> View:
+    ov = as_view(out, "out")
+    if ov.framework == "jax":
+        raise TypeError("out: JAX arrays are immutable; call without out= to get a new array")
+    if ov.dtype != target:
+        raise TypeError(f"out has dtype {ov.dtype}, expected {target}")
+    if ov.shape != xv.shape:
+        raise ValueError(f"out has shape {ov.shape}, expected {xv.shape} (the shape of x)")
+    if (ov.device, ov.device_id) != (xv.device, xv.device_id):
+        raise ValueError(f"out is on {ov.device}:{ov.device_id}, x on {xv.device}:{xv.device_id}")
+    if ov.readonly:
+        raise ValueError("out is read-only")
+    if not ov.contiguous:
+        raise ValueError("out must be C-contiguous (it is written in place, without a copy)")
+    if ov.overlaps(xv):
+        raise ValueError("out overlaps x in memory; casts do not run in place")
+    return ov
+
+
+def _cuda_stream(cuda_stream: Any, xv: View) -> int:
+    if xv.device != "cuda":
+        return 0
+    if cuda_stream is None:
+        from ._tensor import current_stream_ptr
+        return current_stream_ptr(xv.obj, xv.framework)
+    for attr in ("ptr", "cuda_stream"):
+        if hasattr(cuda_stream, attr):
+            return int(getattr(cuda_stream, attr))
+    return int(cuda_stream)
