@@ -20,6 +20,7 @@
 #define SRK_STREAM_EXP_AVG_SQ 3u
 #define SRK_STREAM_COMPENSATION 4u
 #define SRK_STREAM_COLLECTIVE 5u
+#define SRK_STREAM_WIRE 6u  // FP32 gradients SR-rounded to BF16 before they travel (reduce-scatter)
 
 // ---- BF16: the hot path, written directly on the bit pattern --------------------------------
 

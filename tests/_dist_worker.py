@@ -1,0 +1,353 @@
+"""The multi-process half of tests/test_dist.py: run by ``mpirun -n K python tests/_dist_worker.py``.
+
+Each scenario runs its checks on every rank and records failures instead of asserting, so that
+one failing check does not leave the other ranks waiting in a collective; rank 0 writes
+``<out>/<scenario>-w<K>.json`` ({"failures": [...], ...}) and result arrays as raw ``.bin``
+files, which the pytest side reads. Anything that raises aborts the whole job
+(srkern.dist.abort_on_error), so a bug shows as a non-zero exit, never as a hang.
+
+Scenarios: ``all`` (collectives, numerics, invariance, corrupt, train), ``train`` (optionally
+``--ckpt-at k [--die]`` or ``--resume DIR``), ``raise`` (rank 1 raises in step 2).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from srkern import dist, reference as ref  # noqa: E402
+
+BF16 = ml_dtypes.bfloat16
+MODES = ["bf16-sr", "bf16-nearest", "bf16-kahan", "fp32-master", "fp32"]
+# Invariance problem: two parameter groups of odd sizes (different lr), K steps.
+INV_SIZES = (500, 503)
+INV_STEPS = 4
+INV_HYPER = [dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01),
+             dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.0)]
+SEED = 0x5EED_0001_2345
+
+
+def bits(a) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    return a.view({2: np.uint16, 4: np.uint32}[a.itemsize])
+
+
+def inv_initial(precision: str) -> np.ndarray:
+    """The initial flat weights of the invariance problem (the same everywhere)."""
+    w = np.random.default_rng(7).normal(0, 1, sum(INV_SIZES)).astype(np.float32)
+    return w.astype(BF16) if precision != "fp32" else w
+
+
+def inv_grad(w: np.ndarray, step: int) -> np.ndarray:
+    """The gradient of step ``step`` for weights ``w``: BF16-representable values (so the average
+    of identical per-rank copies is exact in FP32 for world <= 4), in ``w``'s dtype."""
+    x = w.astype(np.float32)
+    g = (np.sin(3.0 * x + step) * 0.5 + 0.01 * x).astype(np.float32).astype(BF16)
+    return g if w.dtype == BF16 else g.astype(np.float32)
+
+
+class Checks:
+    def __init__(self, comm: dist.Communicator) -> None:
+        self.comm, self.failures = comm, []
+
+    def expect(self, ok: bool, what: str) -> None:
+        if not ok:
+            self.failures.append(f"rank {self.comm.rank}: {what}")
+
+    def same_bits(self, got, want, what: str) -> None:
+        g, w = bits(got).reshape(-1), bits(want).reshape(-1)
+        if g.shape != w.shape:
+            self.failures.append(f"rank {self.comm.rank}: {what}: shape {g.shape} != {w.shape}")
+            return
+        d = np.nonzero(g != w)[0]
+        if d.size:
+            first = ", ".join(f"[{i}] got 0x{int(g[i]):x} want 0x{int(w[i]):x}" for i in d[:5])
+            self.failures.append(f"rank {self.comm.rank}: {what}: {d.size} of {g.size} differ: {first}")
+
+    def gather(self) -> list[str]:
+        out = self.comm.mpi.allgather(self.failures)
+        return [f for per_rank in out for f in per_rank]
+
+
+# ---- collectives: closed-form inputs and the NumPy oracle ---------------------------------------
+
+def check_collectives(comm: dist.Communicator, ck: Checks) -> None:
+    W, r = comm.size, comm.rank
+    for n in (0, 1, 7, 8, 29, 1023):
+        a, b = dist.shard_range(n, W, r)
+        ck.expect(sum(np.diff(dist.shard_range(n, W, k))[0] for k in range(W)) == n, f"shards tile n={n}")
+        i = np.arange(n)
+        for dt in ("float32", "bfloat16"):
+            npdt = np.float32 if dt == "float32" else BF16
+            # Closed form: x_r[i] = i % 8 + 8 r; the sum W (i % 8) + 4 W (W - 1) is an integer
+            # below 256, exact in BF16, so every rounding mode must return it exactly.
+            xs = [((i % 8) + 8 * k).astype(np.float32).astype(npdt) for k in range(W)]
+            closed = (W * (i % 8) + 4 * W * (W - 1)).astype(np.float32)
+            for od in ("bfloat16", "float32"):
+                for rounding in ("stochastic", "nearest"):
+                    got = dist.reduce_scatter(xs[r], comm, op="sum", out_dtype=od, rounding=rounding,
+                                              seed=11, step=3)
+                    ck.same_bits(got, closed[a:b].astype(np.float32 if od == "float32" else BF16),
+                                 f"closed-form sum n={n} in={dt} out={od} {rounding}")
+            # Rank-dependent non-exact inputs, op avg / sum, against the oracle.
+            rng = np.random.default_rng(n)
+            ys = [rng.normal(0, 1, n).astype(np.float32).astype(npdt) for _ in range(W)]
+            for op in ("avg", "sum"):
+                for od in ("bfloat16", "float32"):
+                    for wire in ([None, "bfloat16"] if dt == "float32" else [None]):
+                        got = dist.reduce_scatter(ys[r], comm, op=op, out_dtype=od, seed=99, step=5,
+                                                  wire_dtype=wire)
+                        want = ref.reduce_scatter_full(ys, op, od, seed=99, step=5, wire_dtype=wire)
+                        ck.same_bits(got, want[a:b], f"oracle n={n} in={dt} op={op} out={od} wire={wire}")
+            # all_gather: shard holds its global indices; the result is arange(n) (n < 256 is
+            # exact in BF16 too), into a new array and in place.
+            shard = np.arange(a, b).astype(np.float32).astype(npdt)
+            full = dist.all_gather(shard, comm, n=n)
+            ck.same_bits(full, i.astype(np.float32).astype(npdt), f"all_gather n={n} {dt}")
+            buf = np.zeros(n, dtype=npdt)
+            buf[a:b] = shard
+            dist.all_gather(buf[a:b], comm, out=buf)
+            ck.same_bits(buf, i.astype(np.float32).astype(npdt), f"all_gather in place n={n} {dt}")
+    # Bytes: the all-to-all sends exactly the other ranks' shards (the plain reduce-scatter volume).
+    x = np.ones(1000, dtype=BF16)
+    before = comm.bytes_sent
+    dist.reduce_scatter(x, comm, seed=1)
+    a, b = dist.shard_range(1000, W, r)
+    ck.expect(comm.bytes_sent - before == 2 * (1000 - (b - a)),
+              f"bytes sent {comm.bytes_sent - before}, expected {2 * (1000 - (b - a))}")
+    before = comm.bytes_sent
+    dist.reduce_scatter(np.ones(1000, dtype=np.float32), comm, seed=1, wire_dtype="bfloat16")
+    ck.expect(comm.bytes_sent - before == 2 * (1000 - (b - a)), "FP32 on a BF16 wire sends 2 bytes per element")
+    # Arguments that differ across ranks raise on every rank instead of hanging or mixing.
+    try:
+        dist.reduce_scatter(x, comm, seed=1 + (r == W - 1))
+        ck.expect(W == 1, "different seeds on different ranks were accepted")
+    except ValueError as e:
+        ck.expect("different arguments" in str(e), f"wrong error for mismatched seeds: {e}")
+
+
+# ---- numerics of SR reduce-scatter --------------------------------------------------------------
+
+def check_numerics(comm: dist.Communicator, ck: Checks, out: dict) -> None:
+    W, r = comm.size, comm.rank
+    n = 4096
+    rng = np.random.default_rng(3)
+    v = (1.0 + rng.integers(0, 128, n) / 128.0).astype(np.float32)  # BF16 values in [1, 2)
+    ulp = np.float32(2.0 ** -7)
+    t = v + ulp / 4  # 0.25 ulp above a BF16 value; exact in FP32
+    # Rank-dependent inputs whose FP32 sum in rank order is exact and whose average is t:
+    # x_r = t + (r - (W-1)/2) * 2^-5, all multiples of 2^-9 below 4.
+    x = (t + np.float32((r - (W - 1) / 2) * 2.0 ** -5)).astype(np.float32)
+    a, b = dist.shard_range(n, W, r)
+    tt = t[a:b].astype(np.float64)
+
+    def err(seed: int, rounding: str = "stochastic") -> np.ndarray:
+        y = dist.reduce_scatter(x, comm, op="avg", out_dtype="bfloat16", rounding=rounding, seed=seed, step=1)
+        return (y.astype(np.float64) - tt) / float(ulp)
+
+    def global_mean(e: np.ndarray) -> float:
+        return comm.mpi.allreduce(float(e.sum())) / n
+
+    # SR error per element is +0.75 ulp (p = 1/4) or -0.25 ulp (p = 3/4): sd 0.433 ulp, so the
+    # mean over 4096 elements has SE 0.0068 ulp and the 0.15 ulp bound is 22 SE away from 0.
+    sr_mean = global_mean(err(1))
+    rn_mean = global_mean(err(1, "nearest"))
+    ck.expect(abs(sr_mean) < 0.15, f"SR mean signed error {sr_mean:.4f} ulp, bound 0.15")
+    ck.expect(abs(rn_mean) >= 0.15, f"RN mean signed error {rn_mean:.4f} ulp should fail the 0.15 bound")
+    # Averaging 16 seeds: the mean of 16 outputs has error k/16 - 1/4 with k ~ Bin(16, 1/4):
+    # E|.| = 0.087 ulp against 0.375 ulp for one seed (ratio 0.23; the bound is 0.6).
+    one = global_mean(np.abs(err(100)))
+    avg16 = np.mean([err(100 + s) for s in range(16)], axis=0)
+    many = global_mean(np.abs(avg16))
+    ck.expect(many < 0.6 * one, f"16-seed MAE {many:.4f} not below 0.6 x single-seed MAE {one:.4f}")
+    out["numerics"] = {"sr_mean_signed_ulp": sr_mean, "rn_mean_signed_ulp": rn_mean,
+                       "mae_one_seed_ulp": one, "mae_16_seeds_ulp": many}
+
+
+# ---- ShardedAdamW: world-size invariance (framework-neutral core, NumPy buffers) ---------------
+
+def run_invariance(comm: dist.Communicator, precision: str, state_dtype: str | None = None) -> np.ndarray:
+    w0 = inv_initial(precision)
+    core = dist.ShardedAdamWCore(w0.copy(), comm, precision=precision, seed=SEED, state_dtype=state_dtype,
+                                 groups=[(0, INV_SIZES[0]), (INV_SIZES[0], sum(INV_SIZES))])
+    for t in range(1, INV_STEPS + 1):
+        core.flat_grads[...] = inv_grad(core.flat_params, t)  # every rank: the same gradient
+        core.step(INV_HYPER)
+    return core.flat_params
+
+
+# ---- checkpoints: corrupted and mismatched ones are refused, nothing loaded --------------------
+
+def check_corrupt(comm: dist.Communicator, ck: Checks, folder: Path) -> None:
+    r = comm.rank
+    core = dist.ShardedAdamWCore(inv_initial("bf16-kahan"), comm, precision="bf16-kahan", seed=SEED)
+    for t in (1, 2):
+        core.flat_grads[...] = inv_grad(core.flat_params, t)
+        core.step([INV_HYPER[0]])
+    good = folder / "good"
+    core.save(good)
+    snap = [bits(x).copy() for _, x in core.state_sections()] + [bits(core.flat_params).copy()]
+    man = json.loads((good / "manifest.json").read_text())
+
+    def damage(kind: str) -> Path:
+        bad = folder / kind
+        if r == 0:
+            shutil.rmtree(bad, ignore_errors=True)
+            shutil.copytree(good, bad)
+            f = bad / man["shards"][-1]["file"]
+            m = json.loads((bad / "manifest.json").read_text())
+            if kind == "missing":
+                f.unlink()
+            elif kind == "truncated":
+                f.write_bytes(f.read_bytes()[:-3])
+            elif kind == "corrupted":
+                data = bytearray(f.read_bytes())
+                data[len(data) // 2] ^= 0x10
+                f.write_bytes(bytes(data))
+            elif kind == "no-manifest":
+                (bad / "manifest.json").unlink()
+            elif kind == "garbled-manifest":
+                (bad / "manifest.json").write_text("{not json")
+            else:  # manifest edits
+                if kind == "wrong-n":
+                    m["n"] += 1
+                elif kind == "wrong-precision":
+                    m["precision"] = "bf16-sr"
+                elif kind == "wrong-world":
+                    m["world_size"] += 1
+                elif kind == "escaping-path":
+                    m["shards"][0]["file"] = "../" + m["shards"][0]["file"]
+                (bad / "manifest.json").write_text(json.dumps(m))
+        comm.barrier()
+        return bad
+
+    kinds = ["missing", "truncated", "corrupted", "no-manifest", "garbled-manifest", "wrong-n",
+             "wrong-precision", "wrong-world", "escaping-path"]
+    for kind in kinds:
+        bad = damage(kind)
+        try:
+            core.load(bad)
+            ck.expect(False, f"{kind} checkpoint was loaded")
+        except dist.CheckpointError as e:
+            ck.expect(bool(str(e)), f"{kind}: empty error message")
+        after = [bits(x) for _, x in core.state_sections()] + [bits(core.flat_params)]
+        ck.expect(all(np.array_equal(p, q) for p, q in zip(snap, after)), f"{kind}: state changed")
+        ck.expect(core.step_count == 2, f"{kind}: step changed")
+    # A model of another size is refused by the same check.
+    other = dist.ShardedAdamWCore(inv_initial("bf16-kahan")[:-1].copy(), comm, precision="bf16-kahan", seed=SEED)
+    try:
+        other.load(good)
+        ck.expect(False, "checkpoint of another model size was loaded")
+    except dist.CheckpointError as e:
+        ck.expect("parameters" in str(e), f"size mismatch message: {e}")
+    # And the good one loads back bit for bit.
+    core.load(good)
+    after = [bits(x) for _, x in core.state_sections()] + [bits(core.flat_params)]
+    ck.expect(all(np.array_equal(p, q) for p, q in zip(snap, after)), "good checkpoint round trip")
+
+
+# ---- a small PyTorch model with ShardedAdamW: the example's loop in miniature ------------------
+
+def torch_model():
+    import torch
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(13, 17), torch.nn.Tanh(), torch.nn.Linear(17, 3))
+    return model.to(torch.bfloat16)
+
+
+def torch_batch(step: int):
+    """The batch of ``step``: the same on every rank, so the averaged gradient is exact."""
+    import torch
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(32, 13, generator=g).to(torch.bfloat16)
+    y = torch.randn(32, 3, generator=g).to(torch.bfloat16)
+    return x, y
+
+
+def torch_loss(model, step: int):
+    x, y = torch_batch(step)
+    return ((model(x).float() - y.float()) ** 2).mean()
+
+
+TRAIN_HYPER = dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01)
+
+
+def run_train(comm: dist.Communicator, steps: int, folder: Path | None = None, ckpt_at: int = 0,
+              die: bool = False, resume: Path | None = None, raise_at: int = 0) -> np.ndarray:
+    import torch
+    model = torch_model()
+    opt = dist.ShardedAdamW(model.parameters(), comm, precision="bf16-sr", seed=SEED, **TRAIN_HYPER)
+    start = 0
+    if resume is not None:
+        opt.load(resume)
+        start = opt.core.step_count
+    for t in range(start + 1, steps + 1):
+        opt.zero_grad()
+        torch_loss(model, t).backward()
+        if raise_at and t == raise_at and comm.rank == 1:
+            raise RuntimeError("injected failure on rank 1")
+        opt.step()
+        if ckpt_at and t == ckpt_at:
+            opt.save(folder)
+            if die:  # the job is killed (SIGKILL) right after the checkpoint
+                comm.barrier()
+                if comm.rank == 0:
+                    os.kill(os.getpid(), signal.SIGKILL)
+    return opt.flat_params.view(torch.int16).numpy().view(np.uint16).copy()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("scenario", choices=["all", "train", "raise"])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--ckpt-at", type=int, default=0)
+    ap.add_argument("--die", action="store_true")
+    ap.add_argument("--resume", type=Path)
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    import torch
+    torch.set_num_threads(1)
+    comm = dist.Communicator()
+    W = comm.size
+    result: dict = {"world": W}
+    with dist.abort_on_error(comm):
+        ck = Checks(comm)
+        if args.scenario == "all":
+            check_collectives(comm, ck)
+            check_numerics(comm, ck, result)
+            for mode in MODES:
+                w = run_invariance(comm, mode)
+                if comm.rank == 0:
+                    bits(w).tofile(args.out / f"inv-{mode}-w{W}.bin")
+            w = run_invariance(comm, "bf16-sr", "float32")
+            if comm.rank == 0:
+                bits(w).tofile(args.out / f"inv-bf16-sr-f32state-w{W}.bin")
+            folder = args.out / f"ckpt-w{W}"
+            check_corrupt(comm, ck, folder)
+            w = run_train(comm, args.steps)
+            if comm.rank == 0:
+                w.tofile(args.out / f"train-w{W}.bin")
+        elif args.scenario == "train":
+            w = run_train(comm, args.steps, args.out / "ckpt", args.ckpt_at, args.die, args.resume)
+            if comm.rank == 0:
+                w.tofile(args.out / f"train{args.tag}-w{W}.bin")
+        elif args.scenario == "raise":
+            run_train(comm, args.steps, raise_at=2)
+        result["failures"] = ck.gather()
+        result["bytes_sent"] = comm.mpi.allgather(comm.bytes_sent)
+        if comm.rank == 0:
+            name = f"{args.scenario}{args.tag}-w{W}.json"
+            (args.out / name).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

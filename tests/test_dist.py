@@ -1,0 +1,228 @@
+"""Distributed srkern under mpirun: SR reduce-scatter, all-gather, ShardedAdamW, checkpoints.
+
+Design: these tests run in one ordinary pytest process and launch
+``mpirun -n K python tests/_dist_worker.py SCENARIO`` (K = 1, 2, 3, 4; MPICH oversubscribes the
+2-core CI machine without flags). A worker never asserts: it records failed checks and rank 0
+writes them with its results to JSON and raw ``.bin`` files, which the tests here read. So a
+failing check cannot leave ranks hanging in a collective, anything that raises aborts the job
+(srkern.dist.abort_on_error), and ``MPIEXEC_TIMEOUT`` plus the subprocess timeout bound a
+genuine hang. One launch per world size runs every single-launch scenario, which keeps the
+whole file at about half a minute on 2 cores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.mpi
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ROOT / "tests" / "_dist_worker.py"
+TIMEOUT_S = 120  # per mpirun launch; also MPIEXEC_TIMEOUT, so mpirun itself ends a hung job
+WORLDS = (1, 2, 3, 4)
+
+sys.path.insert(0, str(ROOT / "tests"))
+import _dist_worker as worker  # noqa: E402
+
+if shutil.which("mpirun") is None:  # pragma: no cover
+    pytest.skip("mpirun not found (pip install mpich)", allow_module_level=True)
+
+
+def mpirun(k: int, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, MPIEXEC_TIMEOUT=str(TIMEOUT_S), OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = ["mpirun", "-n", str(k), sys.executable, str(WORKER), *args]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S + 30)
+    if check and res.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} exited {res.returncode}\n--- stdout\n{res.stdout[-3000:]}"
+                    f"\n--- stderr\n{res.stderr[-5000:]}", pytrace=False)
+    return res
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """Run scenario ``all`` once per world size; {K: (out folder, result JSON)}."""
+    out = {}
+    for k in WORLDS:
+        folder = tmp_path_factory.mktemp(f"w{k}")
+        mpirun(k, "all", "--out", str(folder))
+        out[k] = (folder, json.loads((folder / f"all-w{k}.json").read_text()))
+    return out
+
+
+def failures(result: dict, prefix: str) -> list[str]:
+    return [f for f in result["failures"] if prefix in f]
+
+
+def read_bits(path: Path, dtype) -> np.ndarray:
+    return np.fromfile(path, dtype=dtype)
+
+
+def assert_bits(got: np.ndarray, want: np.ndarray, what: str) -> None:
+    assert got.shape == want.shape, f"{what}: {got.shape} vs {want.shape}"
+    d = np.nonzero(got != want)[0]
+    assert d.size == 0, f"{what}: {d.size} of {got.size} differ; first: " + ", ".join(
+        f"[{i}] 0x{int(got[i]):x} vs 0x{int(want[i]):x}" for i in d[:8])
+
+
+# ---- reduce-scatter and all-gather ---------------------------------------------------------------
+
+@pytest.mark.parametrize("k", WORLDS, ids=lambda k: f"world={k}")
+def test_reduce_scatter_and_all_gather_closed_form(runs, k):
+    # Closed-form sums of rank-dependent integers (exact in BF16: any rounding must return them),
+    # the NumPy oracle for non-exact inputs (avg/sum, FP32/BF16 in and out, BF16 wire), sizes
+    # 0, 1, 7, 8, 29, 1023 (not divisible by 2, 3, 4), all_gather new and in place, bytes sent.
+    folder, res = runs[k]
+    bad = [f for f in res["failures"] if any(s in f for s in ("closed-form", "oracle", "all_gather",
+                                                               "shards tile", "bytes", "wire", "seed"))]
+    assert not bad, "\n".join(bad[:20])
+
+
+@pytest.mark.parametrize("k", WORLDS, ids=lambda k: f"world={k}")
+def test_sr_reduce_scatter_numerics(runs, k):
+    # Inputs 0.25 ulp above BF16 values (averaged over rank-dependent parts): SR's mean signed
+    # error is below 0.15 ulp (22 standard errors), round-to-nearest's is -0.25 and fails the
+    # same bound; averaging 16 seeds cuts the mean absolute error below 0.6x one seed's.
+    folder, res = runs[k]
+    bad = failures(res, "error") + failures(res, "MAE")
+    assert not bad, "\n".join(bad)
+    num = res["numerics"]
+    assert abs(num["sr_mean_signed_ulp"]) < 0.15 and abs(num["rn_mean_signed_ulp"]) >= 0.15
+    assert num["mae_16_seeds_ulp"] < 0.6 * num["mae_one_seed_ulp"]
+
+
+# ---- ShardedAdamW -----------------------------------------------------------------------------
+
+def single_process_adamw(precision: str, state_dtype: str | None = None) -> np.ndarray:
+    """The invariance problem with srkern.torch.AdamW in this process: the reference weights."""
+    import torch
+    import srkern.torch as srt
+    w0 = worker.inv_initial(precision)
+    flat = torch.from_numpy(worker.bits(w0).view(np.int16 if w0.itemsize == 2 else np.int32).copy())
+    flat = flat.view(torch.bfloat16 if w0.itemsize == 2 else torch.float32)
+    a = worker.INV_SIZES[0]
+    p1 = torch.nn.Parameter(flat[:a].clone())
+    p2 = torch.nn.Parameter(flat[a:].clone())
+    kw = {} if state_dtype is None else {"state_dtype": state_dtype}
+    opt = srt.AdamW([dict(params=[p1], **worker.INV_HYPER[0]), dict(params=[p2], **worker.INV_HYPER[1])],
+                    precision=precision, seed=worker.SEED, **kw)
+    for t in range(1, worker.INV_STEPS + 1):
+        w = torch.cat([p1.detach(), p2.detach()])
+        w_np = w.view(torch.int16 if w.dtype == torch.bfloat16 else torch.int32).numpy()
+        w_np = w_np.view(worker.BF16 if w.dtype == torch.bfloat16 else np.float32)
+        g = worker.inv_grad(w_np, t)
+        gt = torch.from_numpy(worker.bits(g).view(np.int16 if g.itemsize == 2 else np.int32).copy())
+        gt = gt.view(torch.bfloat16 if g.itemsize == 2 else torch.float32)
+        p1.grad, p2.grad = gt[:a].clone(), gt[a:].clone()
+        opt.step()
+    out = torch.cat([p1.detach(), p2.detach()])
+    return out.view(torch.int16 if out.dtype == torch.bfloat16 else torch.int32).numpy().view(
+        np.uint16 if out.dtype == torch.bfloat16 else np.uint32)
+
+
+def single_process_adamw_step(precision: str, state_dtype: str | None = None) -> np.ndarray:
+    """The invariance problem with srkern.adamw_step on whole NumPy tensors in this process."""
+    import srkern
+    w = worker.inv_initial(precision).copy()
+    a = worker.INV_SIZES[0]
+    sdt = {"bfloat16": worker.BF16, "float32": np.float32}[
+        state_dtype or ("bfloat16" if precision.startswith("bf16") else "float32")]
+    m, v = np.zeros(w.size, sdt), np.zeros(w.size, sdt)
+    master = w.astype(np.float32) if precision == "fp32-master" else None
+    comp = np.zeros(w.size, worker.BF16) if precision == "bf16-kahan" else None
+    for t in range(1, worker.INV_STEPS + 1):
+        g = worker.inv_grad(w, t)
+        for sl, h in zip((slice(0, a), slice(a, None)), worker.INV_HYPER):
+            srkern.adamw_step([w[sl]], [g[sl]], [m[sl]], [v[sl]], step=t, precision=precision,
+                              master_params=None if master is None else [master[sl]],
+                              compensation=None if comp is None else [comp[sl]],
+                              seed=worker.SEED, offsets=[sl.start], **h)
+    return worker.bits(w)
+
+
+INV_CASES = [(m, None) for m in worker.MODES] + [("bf16-sr", "float32")]
+
+
+@pytest.mark.parametrize("precision,state_dtype", INV_CASES,
+                         ids=[f"mode={m}" + ("-state=f32" if s else "") for m, s in INV_CASES])
+def test_sharded_adamw_world_size_invariance(runs, precision, state_dtype):
+    # Same reduced gradient each step (identical BF16-representable per-rank gradients, so the
+    # FP32 average is exact): weights after 4 steps of two parameter groups (odd sizes, different
+    # hyper-parameters) must be bit-identical for world sizes 1-4 and to srkern.torch.AdamW.
+    name = f"inv-{precision}" + ("-f32state" if state_dtype else "")
+    dt = np.uint32 if precision == "fp32" else np.uint16
+    got = {k: read_bits(runs[k][0] / f"{name}-w{k}.bin", dt) for k in WORLDS}
+    for k in WORLDS[1:]:
+        assert_bits(got[k], got[1], f"{name}: world {k} vs world 1")
+    assert_bits(got[1], single_process_adamw_step(precision, state_dtype), f"{name}: world 1 vs srkern.adamw_step")
+    assert_bits(got[1], single_process_adamw(precision, state_dtype), f"{name}: world 1 vs srkern.torch.AdamW")
+    w0 = worker.bits(worker.inv_initial(precision))
+    assert (got[1] != w0).mean() > 0.5, "the weights barely moved: the test would not see a difference"
+
+
+def test_sharded_adamw_torch_class_matches_single_process(runs):
+    # The PyTorch ShardedAdamW on a small model: world sizes 1-4 agree bit for bit, and equal
+    # srkern.torch.AdamW stepping the same model in one process.
+    import torch
+    import srkern.torch as srt
+    got = {k: read_bits(runs[k][0] / f"train-w{k}.bin", np.uint16) for k in WORLDS}
+    for k in WORLDS[1:]:
+        assert_bits(got[k], got[1], f"torch ShardedAdamW: world {k} vs world 1")
+    torch.set_num_threads(1)
+    model = worker.torch_model()
+    opt = srt.AdamW(model.parameters(), precision="bf16-sr", seed=worker.SEED, **worker.TRAIN_HYPER)
+    for t in range(1, 7):
+        opt.zero_grad()
+        worker.torch_loss(model, t).backward()
+        opt.step()
+    ref = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).view(torch.int16).numpy().view(np.uint16)
+    assert_bits(got[1], ref, "torch ShardedAdamW (world 1) vs srkern.torch.AdamW")
+
+
+def test_kill_and_resume_on_another_world_size(runs, tmp_path):
+    # World 3 trains, checkpoints after step 3 and is killed there (SIGKILL on rank 0); world 2
+    # resumes from the checkpoint to step 6: bit-identical to the uninterrupted runs.
+    res = mpirun(3, "train", "--out", str(tmp_path), "--steps", "6", "--ckpt-at", "3", "--die", check=False)
+    assert res.returncode != 0, "the killed run exited cleanly: it was not killed"
+    assert (tmp_path / "ckpt" / "manifest.json").is_file()
+    man = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
+    assert man["world_size"] == 3 and man["step"] == 3
+    mpirun(2, "train", "--out", str(tmp_path), "--steps", "6", "--resume", str(tmp_path / "ckpt"), "--tag=-resumed")
+    resumed = read_bits(tmp_path / "train-resumed-w2.bin", np.uint16)
+    assert_bits(resumed, read_bits(runs[4][0] / "train-w4.bin", np.uint16), "resumed (3 -> 2 ranks) vs uninterrupted")
+
+
+@pytest.mark.parametrize("k", (2, 3, 4), ids=lambda k: f"world={k}")
+def test_corrupted_and_mismatched_checkpoints_refused(runs, k):
+    # Missing / truncated / bit-flipped shard, missing / garbled manifest, manifest that does not
+    # match the model (n, precision, world size, a path leaving the folder), a model of another
+    # size: CheckpointError on every rank and every buffer unchanged; the good one round-trips.
+    folder, res = runs[k]
+    bad = [f for f in res["failures"] if "checkpoint" in f or "state changed" in f or "step changed" in f
+           or "round trip" in f or "message" in f]
+    assert not bad, "\n".join(bad)
+
+
+def test_rank_raising_mid_step_aborts_the_job(tmp_path):
+    # Rank 1 raises in step 2 while ranks 0 and 2 wait in the reduce-scatter: abort_on_error calls
+    # MPI_Abort, so mpirun exits non-zero within seconds (not at the 120 s timeout), naming the rank.
+    t0 = time.time()
+    res = mpirun(3, "raise", "--out", str(tmp_path), "--steps", "4", check=False)
+    elapsed = time.time() - t0
+    assert res.returncode != 0
+    assert "rank 1 of 3 raised RuntimeError: injected failure on rank 1" in res.stderr, res.stderr[-3000:]
+    assert elapsed < TIMEOUT_S / 2, f"took {elapsed:.0f} s: the job hung until the timeout"
+
+
+def test_no_unexpected_failures(runs):
+    # Every check a worker recorded is claimed by one of the tests above; this one lists them all.
+    for k, (_, res) in runs.items():
+        assert not res["failures"], f"world {k}:\n" + "\n".join(res["failures"][:20])
