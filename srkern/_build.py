@@ -88,7 +88,10 @@ def cache_dir() -> Path:
 @functools.lru_cache(maxsize=None)
 def cxx_compiler() -> tuple[str, str]:
     """(path, version line) of the C++ compiler: $CXX, else g++, else c++."""
-    for cand in (os.environ.get("CXX"), "g++", "c++"):
+    env = os.environ.get("CXX")
+    if env and not shutil.which(env):
+        raise BuildError(f"CXX={env!r} is not an executable compiler: fix CXX or unset it to use g++")
+    for cand in (env, "g++", "c++"):
         if cand and shutil.which(cand):
             path = shutil.which(cand)
             out = subprocess.run([path, "--version"], capture_output=True, text=True)

@@ -49,7 +49,8 @@ def check_u64(name: str, value, limit: int = U64) -> int:
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
     value = int(value)
     if not 0 <= value < limit:
-        raise ValueError(f"{name} must be in [0, 2**{limit.bit_length() - 1}), got {value}")
+        bound = f"2**{limit.bit_length() - 1}" if limit & (limit - 1) == 0 else str(limit)
+        raise ValueError(f"{name} must be in [0, {bound}), got {value}")
     return value
 
 

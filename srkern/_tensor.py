@@ -79,6 +79,8 @@ class View:
 
     @property
     def contiguous(self) -> bool:
+        if self.numel == 0:  # nothing to lay out (NumPy reports stride 0 for empty arrays)
+            return True
         expect = 1
         for size, stride in zip(reversed(self.shape), reversed(self.strides)):
             if size != 1 and stride != expect:
@@ -115,8 +117,17 @@ def as_view(x: Any, name: str = "x") -> View:
             src, label = src.view(torch.uint8), dtype_name(x.dtype)
     from cuda.core.utils import StridedMemoryView
 
-    dev_type, dev_id = x.__dlpack_device__()
+    try:
+        dev_type, dev_id = x.__dlpack_device__()
+    except Exception as e:  # e.g. torch's meta device: name the argument, not just the device
+        raise TypeError(f"{name}: its device cannot be read through DLPack: {e}") from e
     on_gpu = int(dev_type) in (2, 13)  # kDLCUDA, kDLCUDAManaged
+    if fw == "jax" and not on_gpu and dtype_name(x.dtype) in _FP8:
+        # The DLPack reader does not know FP8 codes and JAX has no in-place byte view: read the
+        # host buffer through NumPy (ml_dtypes), keeping that array alive in the View.
+        a = np.asarray(x)
+        return View(a, fw, a.__array_interface__["data"][0], tuple(a.shape),
+                    tuple(st // a.itemsize for st in a.strides), a.dtype.name, "cpu", 0, True)
     stream_ptr = current_stream_ptr(x, fw) if on_gpu else -1
     try:
         v = StridedMemoryView.from_dlpack(src, stream_ptr=stream_ptr)
@@ -124,7 +135,10 @@ def as_view(x: Any, name: str = "x") -> View:
         raise TypeError(f"{name}: could not read it through DLPack: {e}") from e
     shape = tuple(v.shape)
     strides = tuple(v.strides) if v.strides is not None else _c_strides(shape)
-    dtype = label or dtype_name(v.dtype)
+    try:
+        dtype = label or dtype_name(v.dtype)
+    except Exception as e:  # a DLPack type code the reader does not know
+        raise TypeError(f"{name}: unsupported dtype: {e}") from e
     readonly = bool(v.readonly) or fw == "jax"  # JAX arrays are immutable
     return View(x, fw, int(v.ptr), shape, strides, dtype, "cuda" if on_gpu else "cpu",
                 int(dev_id) if on_gpu else 0, readonly)
