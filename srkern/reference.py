@@ -84,7 +84,8 @@ def round_float32(x: np.ndarray, fmt: str, rounding: str = "stochastic", *, seed
     x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     mant, emin, fmax, has_inf, bits, npt = FORMATS[fmt]
     n = x.size
-    a = np.abs(x.astype(np.float64))
+    with np.errstate(invalid="ignore"):  # signalling NaNs widen quietly; handled below
+        a = np.abs(x.astype(np.float64))
     finite = np.isfinite(x)
     af = np.where(finite, a, 0.0)
     t, quantum = _grid(af, fmt)
@@ -103,9 +104,9 @@ def round_float32(x: np.ndarray, fmt: str, rounding: str = "stochastic", *, seed
     else:
         over_val = np.inf if has_inf else np.nan
     mag = np.where(over, over_val, mag)
-    out = np.copysign(mag, x.astype(np.float64))
+    out = np.copysign(mag, np.where(np.signbit(x), -1.0, 1.0))
     out = np.where(np.isinf(x), (np.copysign(np.inf, x) if has_inf else
-                                 (np.copysign(fmax, x) if saturate else np.nan)), out)
+                                 np.copysign(fmax if saturate else np.nan, x)), out)
     out = np.where(np.isnan(x), np.nan, out)
     res = out.astype(npt)  # every value is representable: this conversion is exact
     # NaN: keep the input's sign (ml_dtypes' float64 -> format conversion drops it).
@@ -115,6 +116,9 @@ def round_float32(x: np.ndarray, fmt: str, rounding: str = "stochastic", *, seed
         neg_nan = np.isnan(x) & np.signbit(x)
         u[np.isnan(x)] &= ~np.array(sign_bit, dtype=u.dtype)
         u[neg_nan] |= np.array(sign_bit, dtype=u.dtype)
+        if fmt == "bfloat16":  # contract v1: BF16 NaN keeps its top payload bits, made quiet
+            nan_in = x.view(np.uint32)[np.isnan(x)]
+            u[np.isnan(x)] = ((nan_in >> 16) | 0x0040).astype(np.uint16)
         res = u.view(npt)
     return res
 
@@ -122,3 +126,123 @@ def round_float32(x: np.ndarray, fmt: str, rounding: str = "stochastic", *, seed
 def upcast(x: np.ndarray) -> np.ndarray:
     """Exact widening of a 16/8-bit float array to float32."""
     return np.asarray(x).astype(np.float32)
+
+
+# ---- distributed: reduce-scatter (srkern.dist) --------------------------------------------------
+# The whole reduced vector in one process, for comparison with the concatenated shards of a run
+# on `len(xs)` ranks: sum in FP32 in rank order, optional division by the world size, then one
+# contract-v1 rounding with each element's position in the full vector as its index.
+
+STREAM_WIRE = 6  # srkern.dist.WIRE_STREAM: SR of FP32 inputs onto a BF16 wire
+
+
+def shard_range(n: int, world: int, rank: int, align: int = 8) -> tuple[int, int]:
+    """[start, stop) of ``rank``'s shard: ceil(n / world) rounded up to ``align``, last ones short."""
+    per = -(-n // world)
+    per = -(-per // align) * align
+    return min(rank * per, n), min((rank + 1) * per, n)
+
+
+def reduce_scatter_full(xs: list[np.ndarray], op: str = "avg", out_dtype: str = "bfloat16",
+                        rounding: str = "stochastic", *, seed: int = 0, step: int = 0,
+                        stream: int = STREAM_COLLECTIVE, wire_dtype: str | None = None) -> np.ndarray:
+    """Reduce-scatter of the per-rank vectors ``xs`` (rank order), all shards concatenated."""
+    world = len(xs)
+    n = np.asarray(xs[0]).size
+    wire = []
+    for r, x in enumerate(xs):
+        x = np.asarray(x).reshape(-1)
+        if wire_dtype == "bfloat16" and x.dtype == np.float32:
+            x = round_float32(x, "bfloat16", seed=seed, offset=r * n, step=step, stream=STREAM_WIRE)
+        wire.append(x.astype(np.float32))
+    acc = wire[0].copy()
+    for x in wire[1:]:
+        acc = (acc + x).astype(np.float32)  # one FP32 rounding per addition, rank order
+    if op == "avg":
+        acc = (acc / np.float32(world)).astype(np.float32)
+    if out_dtype == "float32":
+        return acc
+    return round_float32(acc, "bfloat16", rounding, seed=seed, step=step, stream=stream)
+
+
+# ---- AdamW (srkern.adamw_step) ------------------------------------------------------------------
+# The five precision modes of kernels/adamw.cu, written out with NumPy float32 operations in the
+# kernel's documented order (NumPy's float32 +, *, / and sqrt are single IEEE operations, never
+# fused), and BF16 writes through round_float32 above with each element's logical flat index.
+
+
+def adamw_scalars(step: int, lr: float, betas: tuple[float, float], eps: float,
+                  weight_decay: float) -> dict[str, np.float32]:
+    """The kernel's FP32 scalars: each formed in float64 and rounded to float32 once."""
+    import math
+    b1, b2 = betas
+    f = np.float32
+    return {"b1": f(b1), "omb1": f(1.0 - b1), "b2": f(b2), "omb2": f(1.0 - b2),
+            "step_size": f(lr / (1.0 - b1 ** step)),
+            "inv_sqrt_bc2": f(1.0 / math.sqrt(1.0 - b2 ** step)), "eps": f(eps),
+            "decay": f(1.0 - lr * weight_decay), "lrwd": f(lr * weight_decay)}
+
+
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, step: int, lr: float,
+               betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+               precision: str = "bf16-sr", master_params=None, compensation=None,
+               grad_scale: float = 1.0, seed: int = 0, offsets=None) -> dict[str, list]:
+    """One AdamW step on lists of NumPy arrays (BF16 as ml_dtypes); returns the new buffers.
+
+    Keys: ``params``, ``exp_avgs``, ``exp_avg_sqs``, ``master_params``, ``compensation`` (the
+    last two None when the mode has none). Inputs are not modified.
+    """
+    s = adamw_scalars(step, lr, betas, eps, weight_decay)
+    f32 = np.float32
+    if offsets is None:
+        offsets = np.concatenate([[0], np.cumsum([np.asarray(p).size for p in params])[:-1]]).astype(int).tolist() if params else []
+    sr = precision in ("bf16-sr", "bf16-kahan")
+    out = {"params": [], "exp_avgs": [], "exp_avg_sqs": [],
+           "master_params": [] if precision == "fp32-master" else None,
+           "compensation": [] if precision == "bf16-kahan" else None}
+
+    def store_bf16(x, off, stream, stochastic):
+        return round_float32(x, "bfloat16", "stochastic" if stochastic else "nearest",
+                             seed=seed, offset=off, step=step, stream=stream)
+
+    with np.errstate(all="ignore"):
+        for t, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+            shape, off = np.shape(p), int(offsets[t])
+            p32 = np.asarray(p).astype(f32).reshape(-1)
+            g32 = np.asarray(g).astype(f32).reshape(-1) * f32(grad_scale)
+            m32 = s["b1"] * np.asarray(m).astype(f32).reshape(-1) + s["omb1"] * g32
+            v32 = s["b2"] * np.asarray(v).astype(f32).reshape(-1) + s["omb2"] * (g32 * g32)
+            d = np.sqrt(v32) * s["inv_sqrt_bc2"] + s["eps"]
+            u = (s["step_size"] * m32) / d
+            state_bf16 = np.asarray(m).dtype == np.dtype(ml_dtypes.bfloat16)
+            for key, x, stream in (("exp_avgs", m32, STREAM_EXP_AVG), ("exp_avg_sqs", v32, STREAM_EXP_AVG_SQ)):
+                out[key].append((store_bf16(x, off, stream, sr) if state_bf16 else x.astype(f32)).reshape(shape))
+            if precision == "fp32-master":
+                w = np.asarray(master_params[t]).astype(f32).reshape(-1) * s["decay"] - u
+                out["master_params"].append(w.reshape(shape))
+                out["params"].append(store_bf16(w, off, STREAM_PARAM, False).reshape(shape))
+            elif precision == "bf16-kahan":
+                c = np.asarray(compensation[t]).astype(f32).reshape(-1)
+                y = ((-s["lrwd"]) * p32 - u) + c
+                pn = store_bf16(p32 + y, off, STREAM_PARAM, False)
+                c_new = y - (pn.astype(f32) - p32)
+                out["params"].append(pn.reshape(shape))
+                out["compensation"].append(store_bf16(c_new, off, STREAM_COMPENSATION, True).reshape(shape))
+            else:
+                pn = p32 * s["decay"] - u
+                if precision == "fp32":
+                    out["params"].append(pn.astype(f32).reshape(shape))
+                else:
+                    out["params"].append(store_bf16(pn, off, STREAM_PARAM, precision == "bf16-sr").reshape(shape))
+    return out
+
+
+def adamw_float64(p, g, m, v, *, step: int, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                  weight_decay: float = 0.0) -> np.ndarray:
+    """The exact-arithmetic (float64) AdamW weight after one step: the target SR is unbiased for."""
+    b1, b2 = betas
+    p, g, m, v = (np.asarray(a, dtype=np.float64) for a in (p, g, m, v))
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    d = np.sqrt(v / (1 - b2 ** step)) + eps
+    return p * (1 - lr * weight_decay) - lr / (1 - b1 ** step) * m / d

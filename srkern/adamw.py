@@ -1,0 +1,450 @@
+"""``srkern.adamw_step``: a fused multi-tensor AdamW step in five precision modes, and the global
+gradient norm for clipping.
+
+One launch updates a whole list of tensors in place (``kernels/adamw.cu``); the kernel header
+states the arithmetic and its order. Random bits follow contract v1 with the logical flat index
+of every element (see :func:`adamw_step`), so results do not depend on how tensors are grouped
+into calls, on thread count or on backend.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+
+from . import _backend, _contract
+from ._tensor import View, as_view, dtype_name
+
+# ---- the precision modes --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Buffers of one precision mode: the weight dtype, allowed moment dtypes, extra buffers."""
+    name: str
+    param_dtype: str
+    state_dtypes: tuple[str, ...]  # allowed moment dtypes; the first is the default
+    master: bool        # FP32 master weights (``master_params``)
+    compensation: bool  # BF16 Kahan compensation (``compensation``)
+    stochastic: bool    # BF16 writes of weights/moments/compensation use SR
+    kernel: str         # kernel name stem in kernels/adamw.cu
+
+
+PRECISIONS: dict[str, Precision] = {
+    p.name: p for p in (
+        Precision("bf16-sr", "bfloat16", ("bfloat16", "float32"), False, False, True, "bf16_sr"),
+        Precision("bf16-nearest", "bfloat16", ("bfloat16", "float32"), False, False, False, "bf16_nearest"),
+        Precision("bf16-kahan", "bfloat16", ("bfloat16", "float32"), False, True, True, "bf16_kahan"),
+        Precision("fp32-master", "bfloat16", ("float32",), True, False, False, "fp32_master"),
+        Precision("fp32", "float32", ("float32",), False, False, False, "fp32"),
+    )
+}
+"""The modes. ``bf16-sr``: BF16 weights and moments, every BF16 write stochastically rounded (the
+paper). ``bf16-nearest``: the same buffers, round-to-nearest writes (the baseline that stalls).
+``bf16-kahan``: BF16 weights written to nearest plus a BF16 compensation buffer holding what
+the rounding dropped (written with SR), moments as in ``bf16-sr``. ``fp32-master``: FP32 master
+weights and moments, the BF16 model copy written to nearest. ``fp32``: everything FP32."""
+
+_ITEMSIZE = {"bfloat16": 2, "float32": 4}
+_GRAD_DTYPES = ("bfloat16", "float32")
+_SUFFIX = {"bfloat16": "bf16", "float32": "f32"}
+_TABLE_COLS = 9  # kernels/adamw.cu ADAMW_COLS
+_NORM_CHUNK = 2048  # kernels/adamw.cu ADAMW_NORM_CHUNK
+
+
+def _precision(name: str) -> Precision:
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {name!r}")
+    return PRECISIONS[name]
+
+
+def default_state_dtype(precision: str) -> str:
+    """The moment dtype a mode uses unless told otherwise (BF16 for the BF16 modes)."""
+    return _precision(precision).state_dtypes[0]
+
+
+def bytes_per_param(precision: str, state_dtype: str | None = None) -> int:
+    """Bytes of memory per parameter held by the weights and the optimizer, gradient excluded.
+
+    ``bf16-sr`` with BF16 moments: 2 (weight) + 2 + 2 (moments) = 6; ``fp32-master``:
+    2 + 4 (master) + 4 + 4 = 14; ``bf16-kahan``: 8 (compensation 2); ``fp32``: 12.
+    """
+    p = _precision(precision)
+    s = state_dtype or p.state_dtypes[0]
+    if s not in p.state_dtypes:
+        raise ValueError(f"state_dtype for {precision!r} must be one of {p.state_dtypes}, got {s!r}")
+    return _ITEMSIZE[p.param_dtype] + 2 * _ITEMSIZE[s] + 4 * p.master + 2 * p.compensation
+
+
+def step_bytes_per_param(precision: str, state_dtype: str | None = None,
+                         grad_dtype: str = "bfloat16") -> int:
+    """Bytes one step moves per parameter (each buffer read once and written once; the BF16 copy
+    of ``fp32-master`` is only written): the figure the benchmarks divide by time."""
+    p = _precision(precision)
+    s = state_dtype or p.state_dtypes[0]
+    moved = _ITEMSIZE[grad_dtype] + 2 * 2 * _ITEMSIZE[s]
+    if p.master:
+        moved += 2 * 4 + 2
+    else:
+        moved += 2 * _ITEMSIZE[p.param_dtype]
+    if p.compensation:
+        moved += 2 * 2
+    return moved
+
+
+# ---- host-side scalars --------------------------------------------------------------------------
+
+
+def _scalars(step: int, lr: float, betas: tuple[float, float], eps: float,
+             weight_decay: float) -> dict[str, float]:
+    """The FP32 kernel scalars: formed in float64 once per call, each rounded to FP32 once."""
+    b1, b2 = betas
+    bc1 = 1.0 - b1 ** step
+    bc2 = 1.0 - b2 ** step
+    f = lambda x: float(np.float32(x))  # noqa: E731
+    return {"b1": f(b1), "omb1": f(1.0 - b1), "b2": f(b2), "omb2": f(1.0 - b2),
+            "step_size": f(lr / bc1), "inv_sqrt_bc2": f(1.0 / math.sqrt(bc2)), "eps": f(eps),
+            "decay": f(1.0 - lr * weight_decay), "lrwd": f(lr * weight_decay)}
+
+
+def _check_float(name: str, value: Any, lo: float, lo_open: bool = False, hi: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    bad = not math.isfinite(v) or v < lo or (lo_open and v == lo) or (hi is not None and v >= hi)
+    if bad:
+        rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'})"
+        raise ValueError(f"{name} must be finite and in {rng}, got {value!r}")
+    return v
+
+
+# ---- validation ---------------------------------------------------------------------------------
+
+
+def _view(x: Any, name: str) -> View:
+    """``as_view``, with a direct path for torch tensors: reading a torch tensor through DLPack
+    costs ~100 us, which dominates a step over many small tensors."""
+    if type(x).__module__.startswith("torch") and hasattr(x, "data_ptr") and hasattr(x, "stride"):
+        dev = x.device
+        dname = dtype_name(x.dtype)
+        if dev.type in ("cpu", "cuda") and dname in _ITEMSIZE:
+            return View(x, "torch", int(x.data_ptr()), tuple(x.shape), tuple(x.stride()), dname,
+                        dev.type, (dev.index or 0) if dev.type == "cuda" else 0, False)
+    return as_view(x, name)
+
+
+def _views(name: str, xs: Any, n: int | None, allow_none: bool = False) -> list[View | None]:
+    if xs is None or isinstance(xs, (str, bytes)) or not hasattr(xs, "__len__"):
+        raise TypeError(f"{name} must be a list or tuple of tensors, got {type(xs).__name__}")
+    if n is not None and len(xs) != n:
+        raise ValueError(f"{name} has {len(xs)} tensors, params has {n}")
+    out: list[View | None] = []
+    for i, x in enumerate(xs):
+        if x is None:
+            if allow_none:
+                out.append(None)
+                continue
+            raise ValueError(f"{name}[{i}] is None (a parameter with no gradient): pass only "
+                             "parameters that have gradients")
+        out.append(_view(x, f"{name}[{i}]"))
+    return out
+
+
+def _check_list(name: str, views: Sequence[View], params: Sequence[View], dtypes: tuple[str, ...],
+                written: bool) -> None:
+    for i, (v, p) in enumerate(zip(views, params)):
+        if v.dtype not in dtypes:
+            raise TypeError(f"{name}[{i}] has dtype {v.dtype}; this precision needs {' or '.join(dtypes)}")
+        if v.shape != p.shape:
+            raise ValueError(f"{name}[{i}] has shape {v.shape}, params[{i}] has {p.shape}")
+        if (v.device, v.device_id) != (params[0].device, params[0].device_id):
+            raise ValueError(f"{name}[{i}] is on {v.device}:{v.device_id}, params[0] on "
+                             f"{params[0].device}:{params[0].device_id}: one call runs on one device")
+        if not _contiguous(v):
+            raise ValueError(f"{name}[{i}] must be contiguous (it is read/written in place)")
+        if written and v.readonly:
+            raise ValueError(f"{name}[{i}] is read-only")
+    if views and len({v.dtype for v in views}) > 1:
+        raise TypeError(f"{name} mixes dtypes {sorted({v.dtype for v in views})}: one dtype per call")
+
+
+def _numel(v: View) -> int:
+    # math.prod: View.numel's np.prod costs ~10 us a call, which adds up over many tensors.
+    return math.prod(v.shape)
+
+
+def _contiguous(v: View) -> bool:
+    """C-contiguous (View.contiguous without its np.prod calls); size-0 tensors count as such."""
+    expect = 1
+    for size, stride in zip(reversed(v.shape), reversed(v.strides)):
+        if size == 0:
+            return True
+        if size != 1 and stride != expect:
+            return False
+        expect *= size
+    return True
+
+
+def _check_no_alias(named: list[tuple[str, View]]) -> None:
+    """No two buffers may share memory (a sweep over address intervals)."""
+    spans = sorted((v.ptr, v.ptr + _numel(v) * _ITEMSIZE[v.dtype], name) for name, v in named if _numel(v) > 0)
+    end, owner = -1, ""
+    for lo, hi, name in spans:
+        if lo < end:
+            raise ValueError(f"{name} overlaps {owner} in memory: every buffer of an AdamW step "
+                             "must be distinct")
+        if hi > end:
+            end, owner = hi, name
+
+
+def _layout(params: Sequence[View], offsets: Sequence[int] | None) -> list[int]:
+    """Logical flat offsets: given, or the cumulative sizes (no padding between tensors)."""
+    n = len(params)
+    if offsets is None:
+        out, acc = [], 0
+        for p in params:
+            out.append(acc)
+            acc += _numel(p)
+        return out
+    if isinstance(offsets, (str, bytes)) or not hasattr(offsets, "__len__") or len(offsets) != n:
+        raise ValueError(f"offsets must be a sequence of {n} integers (one per parameter)")
+    out = [_contract.check_u64(f"offsets[{i}]", o, _contract.U64 - _numel(params[i]) + 1)
+           for i, o in enumerate(offsets)]
+    spans = sorted((o, o + _numel(p), i) for i, (o, p) in enumerate(zip(out, params)) if _numel(p))
+    for (a0, a1, i), (b0, b1, j) in zip(spans, spans[1:]):
+        if b0 < a1:
+            raise ValueError(f"offsets give overlapping logical ranges to params[{i}] and "
+                             f"params[{j}]: they would share random bits")
+    return out
+
+
+def _table(params: Sequence[View], cols: Sequence[Sequence[int]], offsets: Sequence[int],
+           unit: int, elements_per_unit_aligned: bool) -> tuple[np.ndarray, int]:
+    """The kernel's tensor table and its number of work units.
+
+    Units are (tensor, Philox block) pairs for the update (``elements_per_unit_aligned``: a
+    tensor covers blocks offset // 8 .. (offset + n - 1) // 8), or (tensor, chunk) pairs of
+    ``unit`` elements from the tensor's start for the norm.
+    """
+    table = np.zeros((len(params), _TABLE_COLS), dtype=np.uint64)
+    b0 = 0
+    for t, p in enumerate(params):
+        n = _numel(p)
+        row = [c[t] for c in cols]
+        if elements_per_unit_aligned:
+            units = 0 if n == 0 else (offsets[t] + n - 1) // unit - offsets[t] // unit + 1
+        else:
+            units = -(-n // unit)
+        table[t, :6] = row
+        table[t, 6] = n
+        table[t, 7] = offsets[t]
+        table[t, 8] = b0
+        b0 += units
+    return table, b0
+
+
+def _device_table(table: np.ndarray, v: View, stream: int) -> tuple[Any, int]:
+    """The table where the kernel can read it: (keep-alive object, pointer)."""
+    if v.device == "cpu":
+        return table, table.ctypes.data
+    import cupy
+    with cupy.cuda.Device(v.device_id), cupy.cuda.ExternalStream(stream):
+        d = cupy.asarray(table)
+    return d, d.data.ptr
+
+
+def _stream_of(v: View) -> int:
+    if v.device != "cuda":
+        return 0
+    from ._tensor import current_stream_ptr
+    return current_stream_ptr(v.obj, v.framework)
+
+
+# ---- public functions ---------------------------------------------------------------------------
+
+
+def adamw_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[Any],
+               exp_avg_sqs: Sequence[Any], *, step: int, lr: float,
+               betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+               weight_decay: float = 0.0, precision: str = "bf16-sr",
+               master_params: Sequence[Any] | None = None,
+               compensation: Sequence[Any] | None = None, grad_scale: float = 1.0,
+               found_inf: Any = None, seed: int, offsets: Sequence[int] | None = None) -> None:
+    """One AdamW step (decoupled weight decay, bias correction) on lists of tensors, in place.
+
+    All tensors are ``__dlpack__`` tensors (PyTorch, CuPy, JAX is refused: immutable) or NumPy
+    arrays, contiguous, on one device (CPU or one CUDA device); list ``i`` entries share a shape.
+
+    Args:
+        params: weights, updated in place. BF16 (FP32 for ``precision="fp32"``). In
+            ``fp32-master`` they are the BF16 model copy: written (round-to-nearest from the
+            master), never read.
+        grads: gradients, BF16 or FP32 (one dtype per call). ``None`` entries are an error:
+            pass only parameters that have gradients (``srkern.torch.AdamW`` skips the others).
+        exp_avgs, exp_avg_sqs: first and second moments, in place; BF16 or FP32 in the BF16
+            modes (one dtype for both lists), FP32 in ``fp32-master`` and ``fp32``. Start at 0.
+        step: optimizer step, from 1 (bias corrections use it; it is also contract v1's ``step``).
+        lr, betas, eps, weight_decay: AdamW hyper-parameters; lr >= 0, 0 <= beta < 1, eps > 0,
+            weight_decay >= 0. May change every call (they are kernel arguments).
+        precision: one of :data:`PRECISIONS` (``bf16-sr``, ``bf16-nearest``, ``bf16-kahan``,
+            ``fp32-master``, ``fp32``).
+        master_params: FP32 master weights, required in ``fp32-master`` (else must be None).
+        compensation: BF16 Kahan buffers, required in ``bf16-kahan`` (start at 0).
+        grad_scale: every gradient is multiplied by it (FP32) inside the kernel: loss-scale
+            unscaling and clipping, bit-identical to passing pre-multiplied FP32 gradients.
+        found_inf: optional 1-element float32 tensor on the same device; if it is non-zero
+            when the kernel runs, nothing is written (read on the device: no host sync).
+        seed: 64-bit Philox key shared by every replica.
+        offsets: logical flat index of each tensor's first element. Default: the cumulative
+            sizes of ``params`` in order (no padding). A sharded optimizer passes its shard's
+            global offsets; ranges must not overlap.
+
+    Random bits (contract v1): element ``j`` of tensor ``t`` has index ``i = offsets[t] + j``; its
+    draw for stream S is the 16-bit draw of ``(seed, step, S, i)`` with S = ``param``,
+    ``exp_avg``, ``exp_avg_sq`` or ``compensation`` (:data:`srkern.STREAMS`). The result is
+    therefore bit-identical however tensors are split into calls, on CPU or GPU.
+
+    The arithmetic, in FP32 and in this order (``kernels/adamw.cu``; scalars formed in float64 on
+    the host and rounded to FP32 once): ``g = grad * grad_scale``; ``m = b1*m + (1-b1)*g``;
+    ``v = b2*v + (1-b2)*(g*g)``; ``d = sqrt(v) * (1/sqrt(1-b2^step)) + eps``;
+    ``u = ((lr/(1-b1^step)) * m) / d``; ``p = p*(1 - lr*wd) - u``. The update uses the FP32
+    moments; the stored moments are their rounding.
+
+    Every argument is checked before anything is written: a bad call raises ``ValueError`` or
+    ``TypeError`` naming the argument and changes no buffer.
+    """
+    prec = _precision(precision)
+    seed = _contract.check_u64("seed", seed)
+    step = _contract.check_u64("step", step, _contract.U32)
+    if step < 1:
+        raise ValueError("step must be >= 1 (the first AdamW step is step 1)")
+    lr = _check_float("lr", lr, 0.0)
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    b1 = _check_float("betas[0]", betas[0], 0.0, hi=1.0)
+    b2 = _check_float("betas[1]", betas[1], 0.0, hi=1.0)
+    eps = _check_float("eps", eps, 0.0, lo_open=True)
+    weight_decay = _check_float("weight_decay", weight_decay, 0.0)
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float, np.floating, np.integer)) \
+            or not math.isfinite(float(grad_scale)):
+        raise ValueError(f"grad_scale must be a finite number, got {grad_scale!r}")
+
+    pv = _views("params", params, None)
+    n = len(pv)
+    gv = _views("grads", grads, n)
+    mv = _views("exp_avgs", exp_avgs, n)
+    vv = _views("exp_avg_sqs", exp_avg_sqs, n)
+    if prec.master and master_params is None:
+        raise ValueError("precision 'fp32-master' needs master_params (FP32 copies of params)")
+    if not prec.master and master_params is not None:
+        raise ValueError(f"master_params is only used by 'fp32-master', not {precision!r}")
+    if prec.compensation and compensation is None:
+        raise ValueError("precision 'bf16-kahan' needs compensation (BF16 buffers, zeros at start)")
+    if not prec.compensation and compensation is not None:
+        raise ValueError(f"compensation is only used by 'bf16-kahan', not {precision!r}")
+    wv = _views("master_params", master_params, n) if prec.master else []
+    cv = _views("compensation", compensation, n) if prec.compensation else []
+    if n == 0:
+        return
+
+    _check_list("params", pv, pv, (prec.param_dtype,), True)
+    if any(p.framework == "jax" for p in pv):
+        raise TypeError("params: JAX arrays are immutable; adamw_step works in place")
+    _check_list("grads", gv, pv, _GRAD_DTYPES, False)
+    _check_list("exp_avgs", mv, pv, prec.state_dtypes, True)
+    _check_list("exp_avg_sqs", vv, pv, prec.state_dtypes, True)
+    if mv[0].dtype != vv[0].dtype:
+        raise TypeError(f"exp_avgs are {mv[0].dtype} but exp_avg_sqs are {vv[0].dtype}: use one dtype")
+    if wv:
+        _check_list("master_params", wv, pv, ("float32",), True)
+    if cv:
+        _check_list("compensation", cv, pv, ("bfloat16",), True)
+    fi = None
+    if found_inf is not None:
+        fi = _view(found_inf, "found_inf")
+        if fi.dtype != "float32" or _numel(fi) != 1:
+            raise TypeError(f"found_inf must be a 1-element float32 tensor, got {fi.dtype} {fi.shape}")
+        if (fi.device, fi.device_id) != (pv[0].device, pv[0].device_id):
+            raise ValueError(f"found_inf is on {fi.device}:{fi.device_id}, params on "
+                             f"{pv[0].device}:{pv[0].device_id}")
+    named = [(f"{name}[{i}]", v) for name, vs in (("params", pv), ("grads", gv), ("exp_avgs", mv),
+                                                   ("exp_avg_sqs", vv), ("master_params", wv),
+                                                   ("compensation", cv)) for i, v in enumerate(vs)]
+    _check_no_alias(named)
+    offs = _layout(pv, offsets)
+
+    # All checks passed: from here on buffers are written.
+    sc = _scalars(step, lr, (b1, b2), eps, weight_decay)
+    zero = [0] * n
+    cols = [[p.ptr for p in pv], [g.ptr for g in gv], [m.ptr for m in mv], [v.ptr for v in vv],
+            [w.ptr for w in wv] if wv else zero, [c.ptr for c in cv] if cv else zero]
+    table, npairs = _table(pv, cols, offs, 8, True)
+    if npairs == 0:
+        return
+    stream = _stream_of(pv[0])
+    keep, tptr = _device_table(table, pv[0], stream)
+    kernel = f"adamw_{prec.kernel}_g{_SUFFIX[gv[0].dtype]}_s{_SUFFIX[mv[0].dtype]}"
+    _backend.launch("adamw", kernel, [
+        ("p", tptr), ("q", n), ("q", npairs), ("Q", seed), ("Q", step),
+        ("f", sc["b1"]), ("f", sc["omb1"]), ("f", sc["b2"]), ("f", sc["omb2"]),
+        ("f", sc["step_size"]), ("f", sc["inv_sqrt_bc2"]), ("f", sc["eps"]), ("f", sc["decay"]),
+        ("f", sc["lrwd"]), ("f", float(np.float32(grad_scale))), ("p", fi.ptr if fi else 0)],
+        device=pv[0].device, device_id=pv[0].device_id, units=npairs, stream=stream)
+    del keep  # CuPy frees it stream-ordered; the CPU launch has returned
+
+
+class GradNorm(NamedTuple):
+    """Global L2 norm of a list of gradients, and whether every element was finite."""
+    norm: float
+    finite: bool
+
+
+def grad_norm(grads: Sequence[Any], *, grad_scale: float = 1.0) -> GradNorm:
+    """The L2 norm of all ``grads`` together (as one flat vector) and a finiteness flag.
+
+    ``grads``: BF16 or FP32 contiguous tensors on one device (one dtype per call). Each element
+    is multiplied by ``grad_scale`` in FP32 (as :func:`adamw_step` does), squared and summed in
+    FP64: per chunk of 2048 elements of one tensor in a fixed order by the kernel, then the chunk
+    sums in index order on the host. The result is deterministic: it does not depend on the
+    thread count or the backend. ``finite`` is False iff some element is Inf or NaN (then
+    ``norm`` is Inf or NaN). For clipping to ``max_norm``, pass
+    ``grad_scale = min(1, max_norm / (norm + 1e-6))`` to :func:`adamw_step`.
+    """
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float, np.floating, np.integer)) \
+            or not math.isfinite(float(grad_scale)):
+        raise ValueError(f"grad_scale must be a finite number, got {grad_scale!r}")
+    gv = _views("grads", grads, None)
+    if not gv:
+        return GradNorm(0.0, True)
+    _check_list("grads", gv, gv, _GRAD_DTYPES, False)
+    zero = [0] * len(gv)
+    table, nchunks = _table(gv, [zero, [g.ptr for g in gv], zero, zero, zero, zero],
+                            [0] * len(gv), _NORM_CHUNK, False)
+    if nchunks == 0:
+        return GradNorm(0.0, True)
+    g0 = gv[0]
+    stream = _stream_of(g0)
+    keep, tptr = _device_table(table, g0, stream)
+    if g0.device == "cpu":
+        partial = np.empty(nchunks, dtype=np.float64)
+        pptr = partial.ctypes.data
+    else:
+        import cupy
+        with cupy.cuda.Device(g0.device_id), cupy.cuda.ExternalStream(stream):
+            dpart = cupy.empty(nchunks, dtype=np.float64)
+        pptr = dpart.data.ptr
+    _backend.launch("adamw", f"adamw_sumsq_g{_SUFFIX[g0.dtype]}", [
+        ("p", tptr), ("q", len(gv)), ("q", nchunks), ("f", float(np.float32(grad_scale))),
+        ("p", pptr)], device=g0.device, device_id=g0.device_id, units=nchunks, stream=stream)
+    if g0.device != "cpu":
+        import cupy
+        with cupy.cuda.Device(g0.device_id), cupy.cuda.ExternalStream(stream):
+            partial = cupy.asnumpy(dpart, stream=cupy.cuda.ExternalStream(stream))
+            cupy.cuda.ExternalStream(stream).synchronize()
+    del keep
+    total = 0.0
+    for x in partial.tolist():  # index order: the same sum on every backend and thread count
+        total += x
+    return GradNorm(math.sqrt(total), math.isfinite(total))
