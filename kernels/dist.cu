@@ -19,6 +19,7 @@
 #include "srk_platform.h"
 #include "srk_philox.h"
 #include "srk_round.h"
+#include "srk_blocks.h"
 
 // ---- loading one wire element as FP32 ------------------------------------------------------------
 
@@ -62,21 +63,14 @@ SRK_HD void dist_bf16_block(const In* chunks, i64 stride, int world, float div, 
 template <class In, bool SR>
 SRK_HD void dist_bf16_body(const In* SRK_RESTRICT chunks, i64 stride, int world, float div,
                            u16* SRK_RESTRICT out, i64 n, u64 offset, u64 seed, u64 step, u32 stream) {
-  if (n <= 0) return;
-  u64 end = offset + (u64)n;
-  u64 q_head = offset / 8, q_tail = (end - 1) / 8;
-  u64 q_full0 = (offset + 7) / 8, q_full1 = end / 8;
-  i64 nfull = q_full1 > q_full0 ? (i64)(q_full1 - q_full0) : 0;
-  SRK_LOOP(i, nfull) {
+  SrkBlocks bl = srk_split_blocks(offset, n, 8);
+  SRK_LOOP(i, bl.nfull) {
     dist_bf16_block<In, SR>(chunks, stride, world, div, out, n, offset, seed, step, stream,
-                            q_full0 + (u64)i, true);
+                            bl.q_full0 + (u64)i, true);
   }
-  bool head_partial = offset % 8 != 0 || nfull == 0;
-  bool tail_partial = end % 8 != 0 && q_tail != q_head;
-  i64 nedge = (i64)head_partial + (i64)tail_partial;
-  SRK_LOOP(i, nedge) {
-    u64 q = (i == 0 && head_partial) ? q_head : q_tail;
-    dist_bf16_block<In, SR>(chunks, stride, world, div, out, n, offset, seed, step, stream, q, false);
+  SRK_LOOP(i, bl.nedge) {
+    dist_bf16_block<In, SR>(chunks, stride, world, div, out, n, offset, seed, step, stream,
+                            bl.q_edge[i], false);
   }
 }
 

@@ -10,4 +10,5 @@ from . import dist  # Communicator, reduce_scatter, all_gather, ShardedAdamW (mp
 from .adamw import PRECISIONS, GradNorm, adamw_step, bytes_per_param, grad_norm
 
 __version__ = "0.1.0"
-__all__ = ["cast", "manual_seed", "STREAMS", "CONTRACT_VERSION", "BuildError", "__version__"]
+__all__ = ["cast", "adamw_step", "grad_norm", "GradNorm", "bytes_per_param", "PRECISIONS", "dist",
+           "manual_seed", "STREAMS", "CONTRACT_VERSION", "BuildError", "__version__"]
