@@ -7,6 +7,7 @@ reader does not know the FP8 type codes, so FP8 tensors are read as bytes and re
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,7 +68,7 @@ class View:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)
 
     @property
     def itemsize(self) -> int:
@@ -109,6 +110,13 @@ def as_view(x: Any, name: str = "x") -> View:
     if not hasattr(x, "__dlpack__"):
         raise TypeError(f"{name} must be a tensor with __dlpack__ (PyTorch, CuPy, NumPy, JAX), "
                         f"got {type(x).__name__}")
+    if fw == "torch" and x.device.type in ("cpu", "cuda"):
+        # torch's own accessors: reading through DLPack costs ~100 us a tensor, which dominates
+        # small casts and optimizer steps over many small tensors.
+        dname = dtype_name(x.dtype)
+        dev = x.device
+        return View(x, fw, int(x.data_ptr()), tuple(x.shape), tuple(x.stride()), dname, dev.type,
+                    (dev.index or 0) if dev.type == "cuda" else 0, False)
     src, label = x, None
     if fw == "torch":
         src = x.detach()

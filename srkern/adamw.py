@@ -123,18 +123,6 @@ def _check_float(name: str, value: Any, lo: float, lo_open: bool = False, hi: fl
 # ---- validation ---------------------------------------------------------------------------------
 
 
-def _view(x: Any, name: str) -> View:
-    """``as_view``, with a direct path for torch tensors: reading a torch tensor through DLPack
-    costs ~100 us, which dominates a step over many small tensors."""
-    if type(x).__module__.startswith("torch") and hasattr(x, "data_ptr") and hasattr(x, "stride"):
-        dev = x.device
-        dname = dtype_name(x.dtype)
-        if dev.type in ("cpu", "cuda") and dname in _ITEMSIZE:
-            return View(x, "torch", int(x.data_ptr()), tuple(x.shape), tuple(x.stride()), dname,
-                        dev.type, (dev.index or 0) if dev.type == "cuda" else 0, False)
-    return as_view(x, name)
-
-
 def _views(name: str, xs: Any, n: int | None, allow_none: bool = False) -> list[View | None]:
     if xs is None or isinstance(xs, (str, bytes)) or not hasattr(xs, "__len__"):
         raise TypeError(f"{name} must be a list or tuple of tensors, got {type(xs).__name__}")
@@ -148,7 +136,7 @@ def _views(name: str, xs: Any, n: int | None, allow_none: bool = False) -> list[
                 continue
             raise ValueError(f"{name}[{i}] is None (a parameter with no gradient): pass only "
                              "parameters that have gradients")
-        out.append(_view(x, f"{name}[{i}]"))
+        out.append(as_view(x, f"{name}[{i}]"))
     return out
 
 
@@ -363,7 +351,7 @@ def adamw_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[A
         _check_list("compensation", cv, pv, ("bfloat16",), True)
     fi = None
     if found_inf is not None:
-        fi = _view(found_inf, "found_inf")
+        fi = as_view(found_inf, "found_inf")
         if fi.dtype != "float32" or _numel(fi) != 1:
             raise TypeError(f"found_inf must be a 1-element float32 tensor, got {fi.dtype} {fi.shape}")
         if (fi.device, fi.device_id) != (pv[0].device, pv[0].device_id):

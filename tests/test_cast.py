@@ -87,9 +87,6 @@ np.savez(sys.argv[2], **out)
 """
 
 
-@pytest.mark.xfail(strict=True, reason="kernels/cast.cu: offset + n and offset + G - 1 overflow u64 "
-                   "when the tensor ends at 2**64 (unwritten elements, or a crash when n + k < G); "
-                   "reported to the lead. Remove this mark once cast_body is fixed.")
 @pytest.mark.parametrize("fmt", fmt_params())
 def test_bit_exact_offsets_near_2_64(fmt, tmp_path):
     # Offsets up to the last legal one (offset + n == 2**64). Run in a child process, so a kernel

@@ -1,0 +1,191 @@
+"""Cast benchmarks: srkern.cast against copy bandwidth and against what a PyTorch user would run.
+
+Contenders (each a pytest-benchmark entry; every entry records bytes moved, GB/s, the copy
+bandwidth of the same bytes and the baselines' times, all measured in this run):
+  * srkern.cast FP32 -> BF16 / FP16 / FP8 e4m3fn / FP8 e5m2, stochastic and nearest rounding,
+    and the exact upcasts back to FP32;
+  * torch ``copy_`` of the same number of bytes (the roofline; all cores);
+  * torch's round-to-nearest cast ``.to(dtype)``;
+  * the PyTorch-ops SR recipe that torchao-style code runs: 16-bit random integers
+    (``torch.randint``) added to the FP32 bits, masked with 0xFFFF0000, viewed back and cast.
+
+Bytes moved by a cast of n elements: 4n read + (2n or n) written. Targets of issue 2 for SR to
+BF16 on CPU at 64M elements: >= 0.8x copy bandwidth, >= 10x the recipe, no slower than torch's
+round-to-nearest cast.
+
+Run:  python -m pytest benchmarks/bench_cast.py --benchmark-json=out.json
+      (--size=64M for the headline size, --sweep for 2**10..2**28, --device=cpu,cuda)
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pytest
+
+import _common
+import srkern
+
+# (srkern dtype name, torch dtype attribute, bytes per output element)
+FORMATS = {
+    "bf16": ("bfloat16", "bfloat16", 2),
+    "f16": ("float16", "float16", 2),
+    "e4m3": ("float8_e4m3fn", "float8_e4m3fn", 1),
+    "e5m2": ("float8_e5m2", "float8_e5m2", 1),
+}
+SEED = 0x5EED
+
+
+def _torch_dtype(short: str):
+    import torch
+    return getattr(torch, FORMATS[short][1])
+
+
+def _cast_bytes(n: int, short: str) -> int:
+    return n * (4 + FORMATS[short][2])
+
+
+# ---- the contenders, as closures over preallocated buffers -------------------------------------------
+
+def srkern_cast(x, short: str, rounding: str) -> Callable[[], Any]:
+    """srkern.cast of ``x`` into a preallocated output (no allocation inside the timed call)."""
+    import torch
+    out = torch.empty(x.shape, dtype=_torch_dtype(short), device=x.device)
+    name = FORMATS[short][0]
+    return lambda: srkern.cast(x, name, rounding=rounding, seed=SEED, out=out)
+
+
+def srkern_upcast(x16) -> Callable[[], Any]:
+    import torch
+    out = torch.empty(x16.shape, dtype=torch.float32, device=x16.device)
+    return lambda: srkern.cast(x16, "float32", out=out)
+
+
+def torch_to(x, dtype) -> Callable[[], Any]:
+    """torch's own conversion into a preallocated output (``out.copy_(x)`` is ``x.to(dtype)``
+    without the allocation)."""
+    import torch
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    return lambda: out.copy_(x)
+
+
+def torch_sr_recipe(x) -> Callable[[], Any]:
+    """SR to BF16 from PyTorch ops, as torchao-style code writes it: add 16 random bits below the
+    BF16 cut, drop them, cast (the cast is then exact)."""
+    import torch
+
+    def run():
+        bits = x.view(torch.int32)
+        r = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device)
+        return ((bits + r) & -65536).view(torch.float32).to(torch.bfloat16)
+    return run
+
+
+def copy_fn(nbytes: int, device: str) -> Callable[[], Any]:
+    import torch
+    src = torch.ones(max(1, nbytes // 2), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+def _baselines(baselines: _common.Baselines, inputs, device: str, n: int, short: str,
+               rounding: str) -> dict[str, float]:
+    """Baselines of one cast, primary first: the recipe for SR to BF16, torch's RN cast otherwise."""
+    x = inputs(device, n)
+    tdt = _torch_dtype(short)
+    out = {}
+    if short == "bf16" and rounding == "stochastic":
+        out["torch SR recipe"] = baselines.time("torch SR recipe", device, n, lambda: torch_sr_recipe(x))
+    out[f"torch .to({FORMATS[short][1]})"] = baselines.time(f"torch .to({short})", device, n,
+                                                          lambda: torch_to(x, tdt))
+    return out
+
+
+# ---- headline size (64M elements on CPU): roofline and baselines first, then srkern ------------------
+
+def test_copy(benchmark, device, size):
+    """Roofline entry: torch ``copy_`` of as many bytes as the BF16 cast moves (6 bytes/element)."""
+    benchmark.group = f"cast {device} n={size}"
+    nbytes = _cast_bytes(size, "bf16")
+    _common.run_benchmark(benchmark, copy_fn(nbytes, device), device)
+    _common.record(benchmark, kernel="torch copy_ (roofline)", size=size, dtype="uint8",
+                   device=device, bytes_moved=nbytes, role="roofline")
+
+
+@pytest.mark.parametrize("short", list(FORMATS))
+def test_torch_to(benchmark, inputs, baselines, device, size, short):
+    """Baseline entry: torch's round-to-nearest ``.to(dtype)`` (into a preallocated output)."""
+    benchmark.group = f"cast {device} n={size}"
+    x = inputs(device, size)
+    _common.run_benchmark(benchmark, torch_to(x, _torch_dtype(short)), device)
+    baselines.note(f"torch .to({short})", device, size, _common.stats_min(benchmark))
+    _common.record(benchmark, kernel=f"torch .to({FORMATS[short][1]})", size=size,
+                   dtype=f"float32->{FORMATS[short][0]}", device=device,
+                   bytes_moved=_cast_bytes(size, short), role="baseline")
+
+
+def test_torch_sr_recipe(benchmark, inputs, baselines, device, size):
+    """Baseline entry: the PyTorch-ops SR recipe to BF16 (allocates, as user code does)."""
+    benchmark.group = f"cast {device} n={size}"
+    x = inputs(device, size)
+    _common.run_benchmark(benchmark, torch_sr_recipe(x), device)
+    baselines.note("torch SR recipe", device, size, _common.stats_min(benchmark))
+    _common.record(benchmark, kernel="torch SR recipe bf16", size=size, dtype="float32->bfloat16",
+                   device=device, bytes_moved=_cast_bytes(size, "bf16"), role="baseline")
+
+
+ROUNDINGS = [("bf16", "stochastic"), ("bf16", "nearest"), ("f16", "stochastic"), ("f16", "nearest"),
+             ("e4m3", "stochastic"), ("e4m3", "nearest"), ("e5m2", "stochastic"), ("e5m2", "nearest")]
+
+
+@pytest.mark.parametrize("short,rounding", ROUNDINGS, ids=[f"{s}-{r[:2]}" for s, r in ROUNDINGS])
+def test_srkern_cast(benchmark, inputs, baselines, device, size, short, rounding):
+    """srkern.cast FP32 -> 16/8-bit; baselines: the SR recipe (BF16 SR) and torch's RN cast."""
+    benchmark.group = f"cast {device} n={size}"
+    x = inputs(device, size)
+    fn = srkern_cast(x, short, rounding)
+    _common.run_benchmark(benchmark, fn, device)
+    _common.record(benchmark, kernel=f"srkern.cast {short} {rounding}", size=size,
+                   dtype=f"float32->{FORMATS[short][0]}", device=device,
+                   bytes_moved=_cast_bytes(size, short),
+                   baselines=_baselines(baselines, inputs, device, size, short, rounding))
+
+
+@pytest.mark.parametrize("short", list(FORMATS))
+def test_srkern_upcast(benchmark, inputs, baselines, device, size, short):
+    """srkern.cast 16/8-bit -> FP32 (exact); baseline: torch's ``.to(torch.float32)``."""
+    import torch
+    benchmark.group = f"upcast {device} n={size}"
+    x16 = inputs(device, size).to(_torch_dtype(short))
+    fn = srkern_upcast(x16)
+    _common.run_benchmark(benchmark, fn, device)
+    base = baselines.time(f"torch upcast {short}", device, size, lambda: torch_to(x16, torch.float32))
+    _common.record(benchmark, kernel=f"srkern.cast {short}->float32", size=size,
+                   dtype=f"{FORMATS[short][0]}->float32", device=device,
+                   bytes_moved=_cast_bytes(size, short), baselines={"torch .to(float32)": base})
+
+
+# ---- size sweep: SR to BF16 and its baselines --------------------------------------------------------
+
+SWEEP = ["srkern bf16 stochastic", "srkern bf16 nearest", "torch .to(bfloat16)", "torch SR recipe",
+         "torch copy_"]
+
+
+@pytest.mark.parametrize("contender", SWEEP)
+def test_sweep_bf16(benchmark, inputs, baselines, device, sweep_size, contender):
+    """GB/s against size, launch overhead included (small sizes) for SR/RN to BF16 and baselines."""
+    import torch
+    n = sweep_size
+    benchmark.group = f"sweep bf16 {device}"
+    x = inputs(device, n)
+    nbytes = _cast_bytes(n, "bf16")
+    fn = {"srkern bf16 stochastic": lambda: srkern_cast(x, "bf16", "stochastic"),
+          "srkern bf16 nearest": lambda: srkern_cast(x, "bf16", "nearest"),
+          "torch .to(bfloat16)": lambda: torch_to(x, torch.bfloat16),
+          "torch SR recipe": lambda: torch_sr_recipe(x),
+          "torch copy_": lambda: copy_fn(nbytes, device)}[contender]()
+    _common.run_benchmark(benchmark, fn, device, budget=0.5)
+    base = None
+    if contender.startswith("srkern"):
+        base = _baselines(baselines, inputs, device, n, "bf16", contender.split()[-1])
+    _common.record(benchmark, kernel=contender, size=n, dtype="float32->bfloat16", device=device,
+                   bytes_moved=nbytes, baselines=base, sweep=True)
