@@ -25,6 +25,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from ._files import atomic_write
+
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 if not KERNEL_DIR.is_dir():  # running from a source tree: srkern/ and kernels/ are siblings
     KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
@@ -132,21 +134,6 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def cpu_library_path(name: str) -> Path:
     """Compile ``kernels/<name>.cu`` for the CPU if needed; return the cached shared library."""
     source = expand_source(name)
@@ -166,8 +153,8 @@ def cpu_library_path(name: str) -> Path:
             raise BuildError(f"compiling kernels/{name}.cu for CPU failed:\n{' '.join(cmd)}\n{res.stderr}")
         data = out.read_bytes()
     # Library first, digest second: a reader that sees the new digest also sees the new library.
-    _atomic_write(lib, data)
-    _atomic_write(digest, hashlib.sha256(data).hexdigest().encode())
+    atomic_write(lib, data)
+    atomic_write(digest, hashlib.sha256(data).hexdigest().encode())
     return lib
 
 

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from . import _backend, _contract
-from ._tensor import View, as_view, dtype_name
+from ._tensor import View, as_view
 
 # ---- the precision modes --------------------------------------------------------------------
 

@@ -39,7 +39,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,7 @@ import numpy as np
 
 from . import _backend, _contract
 from .adamw import PRECISIONS as _ADAMW_PRECISIONS
+from ._files import atomic_write
 from ._tensor import NP_DTYPES, View, as_view, contiguous, current_stream_ptr, empty_like, finish
 
 # Shards are a whole number of Philox blocks of 16-bit draws (8 elements): a block never
@@ -173,7 +173,6 @@ class Communicator:
             nccl.groupEnd()
             self._device_copy(recv, rdispls[self.rank], send, displs[self.rank], counts[self.rank], stream)
             return
-        MPI = _mpi()
         self._sync(send, stream)
         t = _mpi_type(isz)
         self.mpi.Alltoallv([_mpi_buf(send), (list(counts), list(displs)), t],
@@ -471,26 +470,6 @@ def _write_host_bytes(x: Any, data: bytes | memoryview) -> None:
         ctypes.memmove(v.ptr, src.ctypes.data, v.nbytes)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write a file so that readers see the old one or the whole new one: tmp, fsync, rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 def _check_hyper(h: dict) -> None:
     b1, b2 = h["betas"]
     if not h["lr"] >= 0:
@@ -677,7 +656,7 @@ class ShardedAdamWCore:
                 folder.mkdir(parents=True, exist_ok=True)
             comm.barrier()
             data = b"".join(_host_bytes(t) for _, t in self.state_sections())
-            _atomic_write(folder / name, data)
+            atomic_write(folder / name, data)
             info = {"rank": comm.rank, "start": self.start, "stop": self.stop, "file": name,
                     "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         except Exception as e:  # reported on every rank below
@@ -688,7 +667,7 @@ class ShardedAdamWCore:
             if not errs:
                 try:
                     manifest = self._manifest([i for i, _ in infos], layout, extra)
-                    _atomic_write(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
+                    atomic_write(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
                     keep = {i["file"] for i, _ in infos}
                     for old in folder.glob("step-*-rank-*-of-*.bin"):
                         if old.name not in keep:

@@ -13,7 +13,7 @@ import pytest
 import srkern
 from srkern import reference
 
-from conftest import FORMATS, Fmt, assert_same_bits, bits_of, fmt_params, mixed_input
+from conftest import FORMATS, Fmt, assert_same_bits, fmt_params, mixed_input
 
 SEED = 77
 
