@@ -18,8 +18,10 @@ _CTYPES = {"p": ctypes.c_void_p, "q": ctypes.c_int64, "Q": ctypes.c_uint64,
 _NUMPY = {"p": np.uint64, "q": np.int64, "Q": np.uint64, "I": np.uint32, "i": np.int32,
           "f": np.float32}
 
-# 256 threads: the usual occupancy sweet spot for memory-bound grid-stride kernels on
-# sm_80/sm_90; grids are capped at 32 blocks per SM and grid-stride over the rest.
+# 256 threads per block, grids capped at 32 blocks per SM (grid-stride over the rest): a common
+# starting point for memory-bound grid-stride kernels, NOT yet tuned by measurement, since no GPU
+# has been available to this project so far; the GPU benchmarks of benchmarks/gpu_check.py are
+# where a sweep belongs.
 GPU_BLOCK = 256
 GPU_BLOCKS_PER_SM = 32
 
