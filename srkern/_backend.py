@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -45,6 +46,19 @@ def _sm_count(device_id: int) -> int:
     return cupy.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"]
 
 
+def cupy_stream(ptr: int, device_id: int):
+    """A CuPy stream object for a raw ``cudaStream_t`` (0: the legacy default stream).
+
+    ``cupy.cuda.ExternalStream`` is the form that works on CuPy 13 and 14 alike; CuPy 14 marks it
+    deprecated in favour of ``Stream.from_external``, which wants a stream-protocol object, so the
+    warning is silenced here, in the one place that wraps raw pointers.
+    """
+    import cupy
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cupy.cuda.ExternalStream(ptr, device_id)
+
+
 def launch(module: str, kernel: str, args: Sequence[tuple[str, Any]], *, device: str = "cpu",
            device_id: int = 0, units: int = 1, stream: int = 0) -> None:
     """Run ``kernel`` from ``kernels/<module>.cu``.
@@ -60,5 +74,6 @@ def launch(module: str, kernel: str, args: Sequence[tuple[str, Any]], *, device:
     fn = _gpu_function(module, kernel, device_id)
     blocks = max(1, min((units + GPU_BLOCK - 1) // GPU_BLOCK, _sm_count(device_id) * GPU_BLOCKS_PER_SM))
     values = tuple(_NUMPY[c](v) for c, v in args)
-    with cupy.cuda.Device(device_id):
-        fn((blocks,), (GPU_BLOCK,), values, stream=cupy.cuda.ExternalStream(stream))
+    # RawKernel launches on CuPy's current stream: make the caller's stream current for the call.
+    with cupy.cuda.Device(device_id), cupy_stream(stream, device_id):
+        fn((blocks,), (GPU_BLOCK,), values)

@@ -238,7 +238,7 @@ def _device_table(table: np.ndarray, v: View, stream: int) -> tuple[Any, int]:
     if v.device == "cpu":
         return table, table.ctypes.data
     import cupy
-    with cupy.cuda.Device(v.device_id), cupy.cuda.ExternalStream(stream):
+    with cupy.cuda.Device(v.device_id), _backend.cupy_stream(stream, v.device_id):
         d = cupy.asarray(table)
     return d, d.data.ptr
 
@@ -420,7 +420,7 @@ def grad_norm(grads: Sequence[Any], *, grad_scale: float = 1.0) -> GradNorm:
         pptr = partial.ctypes.data
     else:
         import cupy
-        with cupy.cuda.Device(g0.device_id), cupy.cuda.ExternalStream(stream):
+        with cupy.cuda.Device(g0.device_id), _backend.cupy_stream(stream, g0.device_id):
             dpart = cupy.empty(nchunks, dtype=np.float64)
         pptr = dpart.data.ptr
     _backend.launch("adamw", f"adamw_sumsq_g{_SUFFIX[g0.dtype]}", [
@@ -428,9 +428,10 @@ def grad_norm(grads: Sequence[Any], *, grad_scale: float = 1.0) -> GradNorm:
         ("p", pptr)], device=g0.device, device_id=g0.device_id, units=nchunks, stream=stream)
     if g0.device != "cpu":
         import cupy
-        with cupy.cuda.Device(g0.device_id), cupy.cuda.ExternalStream(stream):
-            partial = cupy.asnumpy(dpart, stream=cupy.cuda.ExternalStream(stream))
-            cupy.cuda.ExternalStream(stream).synchronize()
+        cs = _backend.cupy_stream(stream, g0.device_id)
+        with cupy.cuda.Device(g0.device_id), cs:
+            partial = cupy.asnumpy(dpart, stream=cs)
+            cs.synchronize()
     del keep
     total = 0.0
     for x in partial.tolist():  # index order: the same sum on every backend and thread count

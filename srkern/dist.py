@@ -214,7 +214,7 @@ class Communicator:
         if v.device == "cuda":
             import cupy
             with cupy.cuda.Device(v.device_id):
-                cupy.cuda.ExternalStream(stream).synchronize()
+                _backend.cupy_stream(stream, v.device_id).synchronize()
 
     @staticmethod
     def _device_copy(dst: View, doff: int, src: View, soff: int, count: int, stream: int) -> None:
