@@ -20,6 +20,12 @@ demo: install-demo
 test: install-test
 	$(PY) -m pytest -q tests
 
+# All CPU benchmarks (casts, AdamW, the distributed smoke run) into bench-out/cpu.json, then the
+# report: bench-out/report.md, bandwidth.png, optimizer_bytes.png. About 1.5-2 minutes on 2 cores.
+# Extra pytest options pass through BENCH_ARGS, e.g. `make bench BENCH_ARGS=--sweep` (2**10..2**28).
 bench: install-test
 	$(PIP) install -q -e '.[bench]'
-	$(PY) -m pytest -q benchmarks --benchmark-json=bench-out/cpu.json
+	mkdir -p bench-out
+	$(PY) -m pytest -q benchmarks -p no:cacheprovider -W ignore::DeprecationWarning \
+		--benchmark-json=bench-out/cpu.json $(BENCH_ARGS)
+	$(PY) benchmarks/report.py bench-out/cpu.json --out bench-out

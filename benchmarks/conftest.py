@@ -3,13 +3,16 @@
 Options (each also settable by environment variable, for CI and the GPU check):
   --size=LIST      headline sizes in elements, e.g. ``--size=64M`` or ``--size=2**20,2**26``
                    (SRKERN_BENCH_SIZES). Default: 64M elements on CPU, 256M on CUDA.
+  --adamw-size=LIST  headline AdamW sizes in parameters (SRKERN_BENCH_ADAMW_SIZES). Default:
+                   ``--size`` when given, else 16M parameters on CPU (issue 3's size), 256M on CUDA.
   --sweep          run the size sweep 2**10 .. 2**28 (every other power of two; SRKERN_BENCH_SWEEP=1).
                    Without it the sweep tests run a few sizes only, so a CPU run stays short.
   --sweep-sizes=LIST  explicit sweep sizes (SRKERN_BENCH_SWEEP_SIZES).
   --device=LIST    ``cpu``, ``cuda`` or both (SRKERN_BENCH_DEVICES). Default: cpu, plus cuda when
                    torch sees a GPU.
 
-Fixtures: a test that takes ``device`` and ``size`` (or ``sweep_size``) is parametrized over them;
+Fixtures: a test that takes ``device`` and ``size`` (or ``adamw_size``, or ``sweep_size``) is
+parametrized over them;
 ``inputs`` caches random FP32 inputs per (device, size); ``baselines`` times a baseline once per
 run so that every benchmark can cite it.
 
@@ -30,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 DEFAULT_SIZE = {"cpu": 1 << 26, "cuda": 1 << 28}
+DEFAULT_ADAMW_SIZE = {"cpu": 1 << 24, "cuda": 1 << 28}
 DEFAULT_SWEEP = [1 << 10, 1 << 16, 1 << 22]
 
 
@@ -37,6 +41,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("srkern benchmarks")
     group.addoption("--size", default=os.environ.get("SRKERN_BENCH_SIZES"),
                     help="headline sizes in elements, comma separated (64M, 2**26, 1024)")
+    group.addoption("--adamw-size", default=os.environ.get("SRKERN_BENCH_ADAMW_SIZES"),
+                    help="headline AdamW sizes in parameters (default: --size, else 16M on CPU)")
     group.addoption("--sweep", action="store_true", default=os.environ.get("SRKERN_BENCH_SWEEP") == "1",
                     help="size sweep 2**10..2**28 instead of a few sizes")
     group.addoption("--sweep-sizes", default=os.environ.get("SRKERN_BENCH_SWEEP_SIZES"),
@@ -64,6 +70,11 @@ def _sizes(config: pytest.Config, device: str) -> list[int]:
     return _common.parse_sizes(text) if text else [DEFAULT_SIZE.get(device.split(":")[0], 1 << 26)]
 
 
+def _adamw_sizes(config: pytest.Config, device: str) -> list[int]:
+    text = config.getoption("--adamw-size") or config.getoption("--size")
+    return _common.parse_sizes(text) if text else [DEFAULT_ADAMW_SIZE.get(device.split(":")[0], 1 << 24)]
+
+
 def _sweep(config: pytest.Config) -> list[int]:
     text = config.getoption("--sweep-sizes")
     if text:
@@ -83,13 +94,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "device" not in names:
         return
     config = metafunc.config
-    size_name = "size" if "size" in names else ("sweep_size" if "sweep_size" in names else None)
+    size_name = next((s for s in ("size", "adamw_size", "sweep_size") if s in names), None)
     if size_name is None:
         metafunc.parametrize("device", _devices(config))
         return
     pairs, ids = [], []
     for dev in _devices(config):
-        for n in (_sizes(config, dev) if size_name == "size" else _sweep(config)):
+        sizes = {"size": _sizes, "adamw_size": _adamw_sizes}.get(size_name)
+        for n in (sizes(config, dev) if sizes else _sweep(config)):
             pairs.append((dev, n))
             ids.append(f"{dev}-n={_size_id(n)}")
     metafunc.parametrize(("device", size_name), pairs, ids=ids)

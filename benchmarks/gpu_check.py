@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-tests", action="store_true", help="skip the pytest stage")
     ap.add_argument("--skip-bench", action="store_true", help="skip the benchmark stage")
     ap.add_argument("--test-timeout", type=int, default=120, help="seconds for the pytest stage")
-    ap.add_argument("--bench-timeout", type=int, default=120, help="seconds for the benchmark stage")
+    ap.add_argument("--bench-timeout", type=int, default=180, help="seconds for the benchmark stage")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     stages: dict = {}
@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             device = "cpu" if args.dry_run else "cuda"
             cmd = [sys.executable, "-m", "pytest", "-q", str(ROOT / "benchmarks"), "-p", "no:cacheprovider",
                    f"--device={device}", f"--size={'2**20' if args.dry_run else '2**28'}",
+                   f"--adamw-size={'2**20' if args.dry_run else '2**26'}",
                    f"--sweep-sizes={'2**10,2**16' if args.dry_run else '2**10,2**14,2**18,2**22,2**26,2**28'}",
                    f"--benchmark-json={args.out / 'bench.json'}"]
             with open(args.out / "bench.log", "w") as f:
