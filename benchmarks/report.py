@@ -116,39 +116,49 @@ def targets(records: list[dict]) -> str:
     return "\n".join(out) if len(out) > 2 else "(no record matches a target in this run)"
 
 
+def _family(r: dict) -> str:
+    return "AdamW step" if "adamw" in (r["kernel"] + r["group"]).lower() else "casts"
+
+
 def plot_bandwidth(records: list[dict], path: Path) -> bool:
+    """GB/s against size, one panel per kernel family, the copy roofline dashed in each."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
-    roof: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    series: dict[str, dict[tuple[str, str], dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     for r in records:
-        if r.get("GBps"):
-            series[(r["kernel"], r["device"])].append((r["size"], r["GBps"]))
-            roof[r["device"]].append((r["size"], r.get("copy_GBps", 0)))
-    series = {k: sorted(set(v)) for k, v in series.items() if len(set(v)) >= 2}
-    if not series:
+        if not r.get("GBps") or "[" in r["kernel"]:  # multi-tensor entries are not a size series
+            continue
+        name = r["kernel"].removeprefix("adamw sweep: ")
+        key = ("copy roofline" if "copy_" in name else name, r["device"])
+        series[_family(r)][key][r["size"]] = max(r["GBps"], series[_family(r)][key].get(r["size"], 0))
+    panels = {f: {k: v for k, v in d.items() if len(v) >= 2} for f, d in series.items()}
+    panels = {f: d for f, d in panels.items() if d}
+    if not panels:
         return False
-    fig, ax = plt.subplots(figsize=(10, 6))
-    for (kernel, device), pts in sorted(series.items()):
-        xs, ys = zip(*pts)
-        ax.plot(xs, ys, marker="o", ms=3, label=f"{kernel} [{device}]")
-    for device, pts in roof.items():
-        best: dict[int, float] = {}
-        for n, g in pts:
-            best[n] = max(best.get(n, 0), g)
-        xs = sorted(best)
-        ax.plot(xs, [best[x] for x in xs], "k--", lw=2, label=f"copy roofline [{device}]")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("elements (parameters for AdamW)")
-    ax.set_ylabel("GB/s (bytes read + written)")
-    ax.set_title("srkern kernels and baselines against the copy roofline")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right", ncol=2)
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5.5), squeeze=False)
+    colors = plt.get_cmap("tab10").colors
+    for ax, (family, data) in zip(axes[0], sorted(panels.items())):
+        ci = 0
+        for (name, device), pts in sorted(data.items()):
+            xs = sorted(pts)
+            if name == "copy roofline":
+                ax.plot(xs, [pts[x] for x in xs], "k--", lw=2, label=f"copy roofline [{device}]")
+                continue
+            style = "-" if name.startswith("srkern") else ":"
+            ax.plot(xs, [pts[x] for x in xs], style, marker="o", ms=3, color=colors[ci % len(colors)],
+                    label=f"{name} [{device}]")
+            ci += 1
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("parameters" if family == "AdamW step" else "elements")
+        ax.set_ylabel("GB/s (bytes read + written)")
+        ax.set_title(f"{family}: srkern (solid) and baselines (dotted)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 

@@ -44,13 +44,24 @@ def dtype_name(dtype: Any) -> str:
         return text
 
 
+_FRAMEWORK_BY_TYPE: dict[type, str] = {}
+_TORCH_DTYPE_NAMES: dict[Any, str] = {}
+
+
 def framework_of(x: Any) -> str:
-    mod = type(x).__module__.split(".")[0]
-    if isinstance(x, np.ndarray):
-        return "numpy"
-    if mod in ("torch", "cupy", "jax", "jaxlib"):
-        return "jax" if mod == "jaxlib" else mod
-    return "dlpack"
+    """"numpy", "torch", "cupy", "jax" or "dlpack" (any other producer); cached per type."""
+    t = type(x)
+    fw = _FRAMEWORK_BY_TYPE.get(t)
+    if fw is None:
+        mod = t.__module__.split(".")[0]
+        if isinstance(x, np.ndarray):
+            fw = "numpy"
+        elif mod in ("torch", "cupy", "jax", "jaxlib"):
+            fw = "jax" if mod == "jaxlib" else mod
+        else:
+            fw = "dlpack"
+        _FRAMEWORK_BY_TYPE[t] = fw
+    return fw
 
 
 @dataclass
@@ -110,13 +121,16 @@ def as_view(x: Any, name: str = "x") -> View:
     if not hasattr(x, "__dlpack__"):
         raise TypeError(f"{name} must be a tensor with __dlpack__ (PyTorch, CuPy, NumPy, JAX), "
                         f"got {type(x).__name__}")
-    if fw == "torch" and x.device.type in ("cpu", "cuda"):
-        # torch's own accessors: reading through DLPack costs ~100 us a tensor, which dominates
-        # small casts and optimizer steps over many small tensors.
-        dname = dtype_name(x.dtype)
+    if fw == "torch":
         dev = x.device
-        return View(x, fw, int(x.data_ptr()), tuple(x.shape), tuple(x.stride()), dname, dev.type,
-                    (dev.index or 0) if dev.type == "cuda" else 0, False)
+        if dev.type in ("cpu", "cuda"):
+            # torch's own accessors: reading through DLPack costs ~100 us a tensor, which
+            # dominates small casts and optimizer steps over many small tensors.
+            dname = _TORCH_DTYPE_NAMES.get(x.dtype)
+            if dname is None:
+                dname = _TORCH_DTYPE_NAMES.setdefault(x.dtype, dtype_name(x.dtype))
+            return View(x, fw, x.data_ptr(), tuple(x.shape), x.stride(), dname, dev.type,
+                        (dev.index or 0) if dev.type == "cuda" else 0, False)
     src, label = x, None
     if fw == "torch":
         src = x.detach()
