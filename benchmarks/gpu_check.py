@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             tail = (args.out / "pytest.log").read_text().strip().splitlines()[-1:]
             print(f"[gpu_check] pytest: {tail}", flush=True)
             if res.returncode != 0:
-                raise RuntimeError(f"pytest exited {res.returncode}")
+                raise RuntimeError(f"pytest exited {res.returncode}: {tail}")
         run_stage("tests", tests, stages)
         failed |= not stages["tests"]["ok"]
 
@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                 res = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
                                      timeout=args.bench_timeout)
             if res.returncode != 0:
-                raise RuntimeError(f"benchmarks exited {res.returncode}")
+                tail = (args.out / "bench.log").read_text().strip().splitlines()[-5:]
+                raise RuntimeError(f"benchmarks exited {res.returncode}: {tail}")
             subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), str(args.out / "bench.json"),
                             "--out", str(args.out)], cwd=ROOT, env=env, check=True, timeout=60)
         run_stage("bench", bench, stages)
