@@ -404,7 +404,7 @@ def train_one(strategy: str, init: dict[str, torch.Tensor], data: Batches, cfg: 
         _sync(cfg.device)
         times.append(time.perf_counter() - t0)
         hist["train_loss_step"].append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{hist['val_loss'][-1]:.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{hist['val_loss'][-1]:.3f}", refresh=False)
     bar.close()
     hist["step"].append(cfg.steps)
     hist["val_loss"].append(evaluate(model, evals["val"]))
