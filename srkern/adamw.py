@@ -104,20 +104,47 @@ def _scalars(step: int, lr: float, betas: tuple[float, float], eps: float,
     bc1 = 1.0 - b1 ** step
     bc2 = 1.0 - b2 ** step
     f = lambda x: float(np.float32(x))  # noqa: E731
-    return {"b1": f(b1), "omb1": f(1.0 - b1), "b2": f(b2), "omb2": f(1.0 - b2),
-            "step_size": f(lr / bc1), "inv_sqrt_bc2": f(1.0 / math.sqrt(bc2)), "eps": f(eps),
-            "decay": f(1.0 - lr * weight_decay), "lrwd": f(lr * weight_decay)}
+    with np.errstate(over="ignore"):
+        sc = {"b1": f(b1), "omb1": f(1.0 - b1), "b2": f(b2), "omb2": f(1.0 - b2),
+              "step_size": f(lr / bc1), "inv_sqrt_bc2": f(1.0 / math.sqrt(bc2)), "eps": f(eps),
+              "decay": f(1.0 - lr * weight_decay), "lrwd": f(lr * weight_decay)}
+    bad = [k for k, v in sc.items() if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"lr={lr!r}, weight_decay={weight_decay!r} at step {step} give kernel scalars "
+                         f"{bad} that overflow FP32")
+    return sc
 
 
 def _check_float(name: str, value: Any, lo: float, lo_open: bool = False, hi: float | None = None) -> float:
+    """``value`` as a float that is finite also in FP32 (the kernels' precision) and in range."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     v = float(value)
-    bad = not math.isfinite(v) or v < lo or (lo_open and v == lo) or (hi is not None and v >= hi)
+    with np.errstate(over="ignore"):
+        finite32 = math.isfinite(v) and math.isfinite(float(np.float32(v)))
+    bad = not finite32 or v < lo or (lo_open and v == lo) or (hi is not None and v >= hi)
     if bad:
         rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'})"
-        raise ValueError(f"{name} must be finite and in {rng}, got {value!r}")
+        raise ValueError(f"{name} must be finite (in FP32) and in {rng}, got {value!r}")
     return v
+
+
+def check_hyperparameters(lr: Any, betas: Any, eps: Any, weight_decay: Any,
+                          grad_scale: Any = 1.0) -> tuple[float, tuple[float, float], float, float, float]:
+    """Validate AdamW hyper-parameters (the one check used by every optimizer front end).
+
+    lr >= 0, 0 <= beta < 1, eps > 0, weight_decay >= 0, grad_scale any real; all finite in FP32.
+    Returns them as floats; raises ``ValueError``/``TypeError`` naming the bad argument.
+    """
+    lr = _check_float("lr", lr, 0.0)
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    b1 = _check_float("betas[0]", betas[0], 0.0, hi=1.0)
+    b2 = _check_float("betas[1]", betas[1], 0.0, hi=1.0)
+    eps = _check_float("eps", eps, 0.0, lo_open=True)
+    weight_decay = _check_float("weight_decay", weight_decay, 0.0)
+    grad_scale = _check_float("grad_scale", grad_scale, -math.inf)
+    return lr, (b1, b2), eps, weight_decay, grad_scale
 
 
 # ---- validation ---------------------------------------------------------------------------------
@@ -308,16 +335,7 @@ def adamw_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[A
     step = _contract.check_u64("step", step, _contract.U32)
     if step < 1:
         raise ValueError("step must be >= 1 (the first AdamW step is step 1)")
-    lr = _check_float("lr", lr, 0.0)
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    b1 = _check_float("betas[0]", betas[0], 0.0, hi=1.0)
-    b2 = _check_float("betas[1]", betas[1], 0.0, hi=1.0)
-    eps = _check_float("eps", eps, 0.0, lo_open=True)
-    weight_decay = _check_float("weight_decay", weight_decay, 0.0)
-    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float, np.floating, np.integer)) \
-            or not math.isfinite(float(grad_scale)):
-        raise ValueError(f"grad_scale must be a finite number, got {grad_scale!r}")
+    lr, (b1, b2), eps, weight_decay, grad_scale = check_hyperparameters(lr, betas, eps, weight_decay, grad_scale)
 
     pv = _views("params", params, None)
     n = len(pv)
