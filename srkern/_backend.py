@@ -21,8 +21,7 @@ _NUMPY = {"p": np.uint64, "q": np.int64, "Q": np.uint64, "I": np.uint32, "i": np
 
 # 256 threads per block, grids capped at 32 blocks per SM (grid-stride over the rest): a common
 # starting point for memory-bound grid-stride kernels, NOT yet tuned by measurement, since no GPU
-# has been available to this project so far; the GPU benchmarks of benchmarks/gpu_check.py are
-# where a sweep belongs.
+# has been available to this project so far (a block-size sweep on a GPU is still to do).
 GPU_BLOCK = 256
 GPU_BLOCKS_PER_SM = 32
 

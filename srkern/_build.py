@@ -181,7 +181,10 @@ def nvrtc_include_dirs() -> list[str]:
 
 @functools.lru_cache(maxsize=None)
 def gpu_module(name: str, device_id: int):
-    """The CuPy RawModule of ``kernels/<name>.cu`` for one device (compiled lazily, cached by CuPy)."""
+    """The CuPy RawModule of ``kernels/<name>.cu`` for one device, compiled now (CuPy caches it).
+
+    RawModule compiles lazily; compiling here makes an NVRTC error a BuildError at this call.
+    """
     try:
         import cupy
     except ImportError as e:
@@ -192,7 +195,9 @@ def gpu_module(name: str, device_id: int):
         options += ["-I", d]
     with cupy.cuda.Device(device_id):
         try:
-            return cupy.RawModule(code=expand_source(name), options=tuple(options))
+            module = cupy.RawModule(code=expand_source(name), options=tuple(options))
+            module.compile()
+            return module
         except Exception as e:  # NVRTC missing or a compile error: say which
             raise BuildError(f"compiling kernels/{name}.cu through NVRTC failed: {e}. "
                              "NVRTC comes with pip install 'nvidia-cuda-nvrtc==13.0.*'") from e
@@ -216,11 +221,13 @@ def nvrtc_compile(name: str, arch: str, extra: tuple[str, ...] = ()) -> tuple[bo
     opts = [*NVRTC_FLAGS, f"--gpu-architecture={arch}", "--ptxas-options=-v", *extra]
     for d in nvrtc_include_dirs():
         opts.append(f"-I{d}")
-    res = nvrtc.nvrtcCompileProgram(prog, len(opts), [o.encode() for o in opts])
-    size = check(nvrtc.nvrtcGetProgramLogSize(prog))
-    buf = b" " * size
-    check(nvrtc.nvrtcGetProgramLog(prog, buf))
-    nvrtc.nvrtcDestroyProgram(prog)
+    try:
+        res = nvrtc.nvrtcCompileProgram(prog, len(opts), [o.encode() for o in opts])
+        size = check(nvrtc.nvrtcGetProgramLogSize(prog))
+        buf = b" " * size
+        check(nvrtc.nvrtcGetProgramLog(prog, buf))
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
     return res[0] == nvrtc.nvrtcResult.NVRTC_SUCCESS, buf.decode(errors="replace").rstrip("\0 \n")
 
 

@@ -1,7 +1,8 @@
 """Bit contract v1 constants and the library seed generator.
 
-The random-stream ids live once, in ``kernels/srk_round.h``; this module reads them from there so
-the kernels, the NumPy reference and the docs cannot disagree.
+The random-stream ids live once, in ``kernels/srk_round.h``; this module reads them from there.
+The NumPy reference (``srkern.reference``) lists them independently, as an oracle should, and a
+test checks that the two lists agree.
 """
 from __future__ import annotations
 

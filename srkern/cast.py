@@ -56,6 +56,8 @@ def cast(x: Any, dtype: Any, *, rounding: str = "stochastic", seed: int | None =
     offset = _contract.check_u64("offset", offset, _contract.U64 - xv.numel + 1)
     if not xv.contiguous:
         xv = as_view(contiguous(x, xv.framework), "x")
+        if not xv.contiguous:  # a producer with no copy-to-C-order we know how to ask for
+            raise ValueError(f"x is a strided {xv.framework} tensor; pass a C-contiguous copy")
     outv = _check_out(out, xv, target) if out is not None else None
     result = out if out is not None else empty_like(xv, target)
     if outv is None:

@@ -127,6 +127,10 @@ def test_generic_dlpack_producer():
     got = srkern.cast(Producer(x32), "bfloat16", seed=SEED)
     assert type(got) is np.ndarray and got.dtype == np.dtype(ml_dtypes.bfloat16)
     assert_same_bits(got, _ref(x32, FORMATS[0]), x32, "generic producer")
+    # A strided tensor from such a producer cannot be copied to C order by srkern: refused, not
+    # misread as dense.
+    with pytest.raises(ValueError, match="strided dlpack tensor"):
+        srkern.cast(Producer(x32[::2]), "bfloat16", seed=SEED)
 
 
 # ---- JAX (CPU) -------------------------------------------------------------------------------------------

@@ -85,3 +85,11 @@ def test_step_and_stream_change_the_bits():
     assert not np.array_equal(base, kernel_blocks(5, 1, 0, 0, 4))
     assert not np.array_equal(base, kernel_blocks(5, 0, 1, 0, 4))
     assert not np.array_equal(base, kernel_blocks(5 + (1 << 32), 0, 0, 0, 4))
+
+
+def test_reference_streams_match_the_kernel_header():
+    # The oracle lists the stream ids on its own; they must be the ids the kernels use.
+    from srkern import STREAMS, reference
+    ref = {name.removeprefix("STREAM_").lower(): getattr(reference, name)
+           for name in dir(reference) if name.startswith("STREAM_")}
+    assert ref == STREAMS
