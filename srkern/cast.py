@@ -4,7 +4,8 @@ from __future__ import annotations
 from typing import Any
 
 from . import _backend, _contract
-from ._tensor import FLOAT_DTYPES, View, as_view, contiguous, dtype_name, empty_like, finish
+from ._tensor import (FLOAT_DTYPES, View, as_view, contiguous, current_stream_ptr, dtype_name, empty_like,
+                      finish)
 
 _KERNEL_SUFFIX = {"bfloat16": "bf16", "float16": "f16", "float8_e4m3fn": "e4m3",
                   "float8_e5m2": "e5m2"}
@@ -35,7 +36,9 @@ def cast(x: Any, dtype: Any, *, rounding: str = "stochastic", seed: int | None =
             +-Inf (NaN for float8_e4m3fn).
         out: optional contiguous tensor of the target dtype, shape and device to write into.
         cuda_stream: CUDA stream (pointer or object with ``.ptr`` / ``.cuda_stream``) for GPU
-            work; default the producing framework's current stream.
+            work; default the producing framework's current stream (asynchronous). Another
+            stream is fenced: the call synchronises the current stream before and ``cuda_stream``
+            after its launches.
 
     Returns:
         ``out`` if given, else a new tensor in ``x``'s framework and device.
@@ -63,6 +66,11 @@ def cast(x: Any, dtype: Any, *, rounding: str = "stochastic", seed: int | None =
     if outv is None:
         outv = as_view(result, "out")
     cs = _cuda_stream(cuda_stream, xv)
+    # Buffers made here were allocated on the framework's current stream and temporaries are
+    # freed on return: a different cuda_stream is therefore fenced on both sides (synchronised).
+    foreign = xv.device == "cuda" and cs != current_stream_ptr(xv.obj, xv.framework)
+    if foreign:
+        _backend.cupy_stream(current_stream_ptr(xv.obj, xv.framework), xv.device_id).synchronize()
 
     if xv.dtype != "float32" and target != "float32":  # 16/8-bit -> other format: via exact FP32
         tmp = empty_like(xv, "float32")
@@ -77,6 +85,8 @@ def cast(x: Any, dtype: Any, *, rounding: str = "stochastic", seed: int | None =
             ("p", xv.ptr), ("p", outv.ptr), ("q", n), ("Q", offset), ("Q", seed), ("Q", step),
             ("I", stream), ("i", int(bool(saturate)))],
             device=xv.device, device_id=xv.device_id, units=-(-n // BLOCK[target]) + 2, stream=cs)
+    if foreign:
+        _backend.cupy_stream(cs, xv.device_id).synchronize()
     return out if out is not None else finish(result, xv)
 
 
@@ -109,7 +119,6 @@ def _cuda_stream(cuda_stream: Any, xv: View) -> int:
     if xv.device != "cuda":
         return 0
     if cuda_stream is None:
-        from ._tensor import current_stream_ptr
         return current_stream_ptr(xv.obj, xv.framework)
     for attr in ("ptr", "cuda_stream"):
         if hasattr(cuda_stream, attr):
