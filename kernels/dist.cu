@@ -68,7 +68,7 @@ SRK_HD void dist_bf16_body(const In* SRK_RESTRICT chunks, i64 stride, int world,
     dist_bf16_block<In, SR>(chunks, stride, world, div, out, n, offset, seed, step, stream,
                             bl.q_full0 + (u64)i, true);
   }
-  SRK_LOOP(i, bl.nedge) {
+  SRK_LOOP_TILES(i, bl.nedge) {  // at most two: on CPU the calling thread runs them
     dist_bf16_block<In, SR>(chunks, stride, world, div, out, n, offset, seed, step, stream,
                             bl.q_edge[i], false);
   }

@@ -30,6 +30,11 @@ Failure. A rank that raises inside :func:`abort_on_error` (used by the example a
 prints its traceback and calls ``MPI_Abort``; the launcher then ends every rank at once, so no
 rank waits forever in a collective. Against a rank that hangs without raising, run under a
 launcher timeout: MPICH's ``MPIEXEC_TIMEOUT=<seconds> mpirun ...`` (the tests use 120 s).
+Invalid arguments are checked on every rank before any exchange; if any rank's check fails,
+every rank raises (the first failing rank's message), so bad input never leaves ranks waiting.
+
+Limit (not lifted yet): MPI counts and displacements are 32-bit, so on the MPI path a single
+message of more than 2**31 - 1 elements (one rank's part of a reduce-scatter, or ``n``) is not supported.
 """
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ import numpy as np
 
 from . import _backend, _contract
 from .adamw import PRECISIONS as _ADAMW_PRECISIONS
+from .adamw import bytes_per_param, check_hyperparameters, default_state_dtype
 from ._files import atomic_write
 from ._tensor import NP_DTYPES, View, as_view, contiguous, current_stream_ptr, empty_like, finish
 
@@ -117,9 +123,13 @@ class Communicator:
         return int(buf[0])
 
     def all_agree(self, values: Sequence[int]) -> bool:
-        """Whether every rank passed the same integers (one MIN and one MAX allreduce)."""
+        """Whether every rank passed the same integers (one MIN and one MAX allreduce).
+
+        Each value is taken modulo 2**64 and compared as its two 32-bit halves, so values that
+        differ in any of the 64 bits (bit 63 included) disagree."""
         MPI = _mpi()
-        a = np.array([int(v) % (1 << 63) for v in values], dtype=np.int64)
+        a = np.array([h for v in values for h in ((int(v) >> 32) & 0xFFFFFFFF, int(v) & 0xFFFFFFFF)],
+                     dtype=np.int64)
         lo, hi = np.empty_like(a), np.empty_like(a)
         self.mpi.Allreduce(a, lo, op=MPI.MIN)
         self.mpi.Allreduce(a, hi, op=MPI.MAX)
@@ -129,6 +139,19 @@ class Communicator:
         """Logical AND of ``ok`` over ranks."""
         MPI = _mpi()
         return bool(self.mpi.allreduce(int(bool(ok)), op=MPI.MIN))
+
+    def raise_together(self, err: BaseException | None) -> None:
+        """Collective: if ``err`` is set on any rank, raise on every rank.
+
+        Every rank raises the first failing rank's error, as ``TypeError`` if that was one and
+        else ``ValueError``, with the message ``"rank R: <message>"``. One allreduce when no rank
+        failed (plus one allgather of the messages when one did).
+        """
+        if self.all_ok(err is None):
+            return
+        mine = None if err is None else (type(err).__name__, str(err))
+        r, (kind, msg) = next((r, m) for r, m in enumerate(self.mpi.allgather(mine)) if m is not None)
+        raise (TypeError if kind == "TypeError" else ValueError)(f"rank {r}: {msg}") from err
 
     def abort(self, code: int = 1) -> None:
         """End every rank of the job now (NCCL communicators first, then ``MPI_Abort``)."""
@@ -258,18 +281,15 @@ def abort_on_error(comm: "Communicator | Any" = None) -> Iterator[None]:
         traceback.print_exc(file=sys.stderr)
         sys.stderr.flush()
         if c is not None:
-            c.abort(1)
-        mpi.Abort(1)
+            c.abort(1)  # NCCL communicators first, then MPI_Abort
+        else:
+            mpi.Abort(1)
 
 
 # ---- reduce-scatter and all-gather ---------------------------------------------------------------
 
 def _stream_of(v: View) -> int:
     return current_stream_ptr(v.obj, v.framework) if v.device == "cuda" else 0
-
-
-def _contiguous(v: View) -> bool:
-    return v.numel == 0 or v.contiguous  # an empty view may report stride 0
 
 
 def _check_out(out: Any, name: str, dtype: str, n: int, ref: View) -> View:
@@ -282,7 +302,7 @@ def _check_out(out: Any, name: str, dtype: str, n: int, ref: View) -> View:
         raise ValueError(f"{name} has {ov.numel} elements, expected {n}")
     if (ov.device, ov.device_id) != (ref.device, ref.device_id):
         raise ValueError(f"{name} is on {ov.device}:{ov.device_id}, input on {ref.device}:{ref.device_id}")
-    if not _contiguous(ov):
+    if not ov.contiguous:
         raise ValueError(f"{name} must be contiguous (it is written in place)")
     return ov
 
@@ -308,35 +328,41 @@ def reduce_scatter(x: Any, comm: Communicator, *, op: str = "avg", out: Any = No
 
     Returns:
         The shard ``[start, stop) = shard_range(n, world, rank)``, in ``x``'s framework.
-        All ranks must call it with the same arguments (checked: a mismatch raises everywhere).
+        All ranks must call it with the same arguments (checked: a mismatch raises everywhere,
+        and so does a bad argument on any one rank).
     """
-    if op not in OPS:
-        raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    if out_dtype not in _WIRE_DTYPES:
-        raise ValueError(f"out_dtype must be 'bfloat16' or 'float32', got {out_dtype!r}")
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-    xv = as_view(x, "x")
-    if xv.dtype not in _WIRE_DTYPES:
-        raise TypeError(f"x must be float32 or bfloat16, got {xv.dtype}")
-    wire = xv.dtype if wire_dtype is None else str(wire_dtype)
-    if wire not in _WIRE_DTYPES or (xv.dtype == "bfloat16" and wire != "bfloat16"):
-        raise ValueError(f"wire_dtype must be None or 'bfloat16' (for float32 x), got {wire_dtype!r}")
-    needs_seed = (out_dtype == "bfloat16" and rounding == "stochastic") or wire != xv.dtype
-    if needs_seed and seed is None:
-        raise ValueError("seed is required for stochastic rounding and must be the same on every rank")
-    seed = _contract.check_u64("seed", seed or 0)
-    step = _contract.check_u64("step", step, _contract.U32)
-    stream = _contract.check_u64("stream", stream, _contract.U32)
-    n = xv.numel
-    start, stop = shard_range(n, comm.size, comm.rank)
-    outv = _check_out(out, "out", out_dtype, stop - start, xv) if out is not None else None
+    err: Exception | None = None
+    try:  # local checks first; every rank then learns whether any rank failed, before any exchange
+        if op not in OPS:
+            raise ValueError(f"op must be one of {OPS}, got {op!r}")
+        if out_dtype not in _WIRE_DTYPES:
+            raise ValueError(f"out_dtype must be 'bfloat16' or 'float32', got {out_dtype!r}")
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+        xv = as_view(x, "x")
+        if xv.dtype not in _WIRE_DTYPES:
+            raise TypeError(f"x must be float32 or bfloat16, got {xv.dtype}")
+        wire = xv.dtype if wire_dtype is None else str(wire_dtype)
+        if wire not in _WIRE_DTYPES or (xv.dtype == "bfloat16" and wire != "bfloat16"):
+            raise ValueError(f"wire_dtype must be None or 'bfloat16' (for float32 x), got {wire_dtype!r}")
+        needs_seed = (out_dtype == "bfloat16" and rounding == "stochastic") or wire != xv.dtype
+        if needs_seed and seed is None:
+            raise ValueError("seed is required for stochastic rounding and must be the same on every rank")
+        seed = _contract.check_u64("seed", seed or 0)
+        step = _contract.check_u64("step", step, _contract.U32)
+        stream = _contract.check_u64("stream", stream, _contract.U32)
+        n = xv.numel
+        start, stop = shard_range(n, comm.size, comm.rank)
+        outv = _check_out(out, "out", out_dtype, stop - start, xv) if out is not None else None
+    except (ValueError, TypeError) as e:
+        err = e
+    comm.raise_together(err)
     codes = [n, _WIRE_DTYPES.index(xv.dtype), OPS.index(op), _WIRE_DTYPES.index(out_dtype),
              ROUNDINGS.index(rounding), _WIRE_DTYPES.index(wire), seed, step, stream]
     if not comm.all_agree(codes):
         raise ValueError("reduce_scatter called with different arguments on different ranks "
                          "(length, dtype, op, out_dtype, rounding, wire_dtype, seed, step or stream)")
-    if not _contiguous(xv):
+    if not xv.contiguous:
         xv = as_view(contiguous(x, xv.framework), "x")
     result = out if out is not None else empty_like(xv, out_dtype, (stop - start,))
     if outv is None:
@@ -385,23 +411,33 @@ def all_gather(shard: Any, comm: Communicator, *, n: int | None = None, out: Any
         n: the full length (taken from ``out`` if given, else summed over ranks).
         out: optional contiguous 1-D tensor of ``n`` elements and ``shard``'s dtype.
 
-    Returns ``out`` or a new 1-D tensor in ``shard``'s framework.
+    Returns ``out`` or a new 1-D tensor in ``shard``'s framework. Collective; a bad argument
+    on any rank raises on every rank.
     """
-    sv = as_view(shard, "shard")
-    if not _contiguous(sv):
-        sv = as_view(contiguous(shard, sv.framework), "shard")
-    if out is not None:
-        n = as_view(out, "out").numel
+    err: Exception | None = None
+    try:  # local checks first; every rank then learns whether any rank failed, before any exchange
+        sv = as_view(shard, "shard")
+        if not sv.contiguous:
+            sv = as_view(contiguous(shard, sv.framework), "shard")
+        ov = None
+        if out is not None:
+            n = as_view(out, "out").numel
+            ov = _check_out(out, "out", sv.dtype, n, sv)
+        if n is not None:
+            n = _contract.check_u64("n", n)
+    except (ValueError, TypeError) as e:
+        err = e
+    comm.raise_together(err)
     if n is None:
         n = int(comm.mpi.allreduce(sv.numel))
-    n = _contract.check_u64("n", n)
     start, stop = shard_range(n, comm.size, comm.rank)
     ok = sv.numel == stop - start
     if not comm.all_agree([n, sv.itemsize]) or not comm.all_ok(ok):
         raise ValueError(f"all_gather: shard lengths or dtypes do not match the layout of n={n} "
                          f"over {comm.size} ranks (rank {comm.rank}: {sv.numel}, expected {stop - start})")
     result = out if out is not None else empty_like(sv, sv.dtype, (n,))
-    ov = _check_out(result, "out", sv.dtype, n, sv)
+    if ov is None:
+        ov = as_view(result, "out")
     _all_gather(sv, ov, comm)
     return out if out is not None else finish(result, sv)
 
@@ -424,7 +460,9 @@ class CheckpointError(RuntimeError):
 
 def param_dtype(precision: str) -> str:
     """dtype of the flat parameter buffer in ``precision``: FP32 for "fp32", else BF16."""
-    return "float32" if precision == "fp32" else "bfloat16"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return _ADAMW_PRECISIONS[precision].param_dtype
 
 
 def _zeros(like: View, dtype: str, n: int) -> Any:
@@ -470,16 +508,12 @@ def _write_host_bytes(x: Any, data: bytes | memoryview) -> None:
         ctypes.memmove(v.ptr, src.ctypes.data, v.nbytes)
 
 
-def _check_hyper(h: dict) -> None:
-    b1, b2 = h["betas"]
-    if not h["lr"] >= 0:
-        raise ValueError(f"lr must be >= 0, got {h['lr']}")
-    if not (0 <= b1 < 1 and 0 <= b2 < 1):
-        raise ValueError(f"betas must lie in [0, 1), got {h['betas']}")
-    if not h["eps"] > 0:
-        raise ValueError(f"eps must be > 0, got {h['eps']}")
-    if not h["weight_decay"] >= 0:
-        raise ValueError(f"weight_decay must be >= 0, got {h['weight_decay']}")
+def _check_hyper(h: dict, grad_scale: Any = 1.0) -> None:
+    """One group's hyper-parameters (and ``grad_scale``): srkern.adamw's check, finite in FP32."""
+    missing = [k for k in ("lr", "betas", "eps", "weight_decay") if k not in h]
+    if missing:
+        raise ValueError(f"hyper-parameters {missing} missing")
+    check_hyperparameters(h["lr"], h["betas"], h["eps"], h["weight_decay"], grad_scale)
 
 
 @dataclass
@@ -525,36 +559,42 @@ class ShardedAdamWCore:
                  groups: Sequence[tuple[int, int]] | None = None, state_dtype: str | None = None,
                  seed: int | None = None, grad_dtype: str | None = None, reduce_dtype: str | None = None,
                  wire_dtype: str | None = None, op: str = "avg") -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        if op not in OPS:
-            raise ValueError(f"op must be one of {OPS}, got {op!r}")
-        pv = as_view(flat_params, "flat_params")
-        if pv.dtype != param_dtype(precision) or len(pv.shape) != 1 or not _contiguous(pv):
-            raise ValueError(f"flat_params must be a contiguous 1-D {param_dtype(precision)} tensor "
-                             f"for precision {precision!r}, got {pv.dtype} of shape {pv.shape}")
-        if state_dtype is None or precision in ("fp32-master", "fp32"):
-            state_dtype = "bfloat16" if precision.startswith("bf16") else "float32"
-        if state_dtype not in _WIRE_DTYPES:
-            raise ValueError(f"state_dtype must be 'bfloat16' or 'float32', got {state_dtype!r}")
-        grad_dtype = grad_dtype or pv.dtype
-        reduce_dtype = reduce_dtype or ("float32" if precision == "fp32" else "bfloat16")
-        if grad_dtype not in _WIRE_DTYPES or reduce_dtype not in _WIRE_DTYPES:
-            raise ValueError("grad_dtype and reduce_dtype must be 'bfloat16' or 'float32'")
-        if wire_dtype not in (None, grad_dtype, "bfloat16"):
-            raise ValueError(f"wire_dtype must be None or 'bfloat16', got {wire_dtype!r}")
-        n = pv.numel
-        groups = [(0, n)] if groups is None else [(int(a), int(b)) for a, b in groups]
-        if groups and (groups[0][0] != 0 or groups[-1][1] != n
-                       or any(a > b for a, b in groups)
-                       or any(groups[i][1] != groups[i + 1][0] for i in range(len(groups) - 1))):
-            raise ValueError(f"groups must be consecutive flat slices covering [0, {n}), got {groups}")
+        err: Exception | None = None
+        try:  # local checks first; every rank then learns whether any rank failed
+            if precision not in PRECISIONS:
+                raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+            if op not in OPS:
+                raise ValueError(f"op must be one of {OPS}, got {op!r}")
+            pv = as_view(flat_params, "flat_params")
+            if pv.dtype != param_dtype(precision) or len(pv.shape) != 1 or not pv.contiguous:
+                raise ValueError(f"flat_params must be a contiguous 1-D {param_dtype(precision)} tensor "
+                                 f"for precision {precision!r}, got {pv.dtype} of shape {pv.shape}")
+            state_dtype = state_dtype or default_state_dtype(precision)
+            bytes_per_param(precision, state_dtype)  # raises if the mode does not allow state_dtype
+            grad_dtype = grad_dtype or pv.dtype
+            reduce_dtype = reduce_dtype or ("float32" if precision == "fp32" else "bfloat16")
+            if grad_dtype not in _WIRE_DTYPES or reduce_dtype not in _WIRE_DTYPES:
+                raise ValueError("grad_dtype and reduce_dtype must be 'bfloat16' or 'float32'")
+            if wire_dtype not in (None, grad_dtype, "bfloat16"):
+                raise ValueError(f"wire_dtype must be None or 'bfloat16', got {wire_dtype!r}")
+            n = pv.numel
+            groups = [(0, n)] if groups is None else [(int(a), int(b)) for a, b in groups]
+            if groups and (groups[0][0] != 0 or groups[-1][1] != n
+                           or any(a > b for a, b in groups)
+                           or any(groups[i][1] != groups[i + 1][0] for i in range(len(groups) - 1))):
+                raise ValueError(f"groups must be consecutive flat slices covering [0, {n}), got {groups}")
+        except (ValueError, TypeError) as e:
+            err = e
+        comm.raise_together(err)
         self.comm, self.precision, self.op = comm, precision, op
         self.n = n
         self.state_dtype, self.grad_dtype, self.reduce_dtype = state_dtype, grad_dtype, reduce_dtype
         self.wire_dtype = wire_dtype or grad_dtype
         self.groups = [GroupRange(a, b) for a, b in groups]
-        if not comm.all_agree([n, PRECISIONS.index(precision), len(groups), OPS.index(op)]):
+        dts = list(_WIRE_DTYPES)
+        if not comm.all_agree([n, PRECISIONS.index(precision), len(groups), OPS.index(op),
+                               dts.index(state_dtype), dts.index(grad_dtype), dts.index(reduce_dtype),
+                               dts.index(self.wire_dtype)]):
             raise ValueError("ShardedAdamW built with different sizes or settings on different ranks")
         seed = _contract.resolve_seed(seed) if comm.rank == 0 else 0
         self.seed = comm.bcast_int(seed)
@@ -612,10 +652,17 @@ class ShardedAdamWCore:
         ``hypers[i]`` holds group i's ``lr``, ``betas``, ``eps``, ``weight_decay``. Collective.
         """
         from . import adamw_step
-        if len(hypers) != len(self.groups):
-            raise ValueError(f"hypers: expected {len(self.groups)} groups, got {len(hypers)}")
-        for h in hypers:  # on every rank, before any collective: a rank with an empty shard
-            _check_hyper(h)  # would otherwise not notice and wait for the others forever
+        # On every rank, before any exchange: a rank with an empty shard never calls adamw_step,
+        # so it would not notice bad values and would wait for the others forever.
+        err: Exception | None = None
+        try:
+            if len(hypers) != len(self.groups):
+                raise ValueError(f"hypers: expected {len(self.groups)} groups, got {len(hypers)}")
+            for h in hypers:
+                _check_hyper(h, grad_scale)
+        except (ValueError, TypeError) as e:
+            err = e
+        self.comm.raise_together(err)
         t = self.step_count + 1
         gv = as_view(self.flat_grads, "flat_grads")
         _reduce_scatter(gv, as_view(self.grad_shard, "grad_shard"), self.comm, op=self.op,
@@ -650,11 +697,17 @@ class ShardedAdamWCore:
         comm = self.comm
         folder = Path(path)
         name = f"step-{self.step_count:010d}-rank-{comm.rank:05d}-of-{comm.size:05d}.bin"
-        info, err = None, ""
-        try:
-            if comm.rank == 0:
+        err = ""
+        if comm.rank == 0:  # every rank takes part in the bcast, whether or not the mkdir worked
+            try:
                 folder.mkdir(parents=True, exist_ok=True)
-            comm.barrier()
+            except Exception as e:
+                err = f"rank 0: {type(e).__name__}: {e}"
+        err = comm.mpi.bcast(err, root=0)  # also: nobody writes before the folder exists
+        if err:
+            raise CheckpointError(f"saving checkpoint to {folder} failed: {err}")
+        info = None
+        try:
             data = b"".join(_host_bytes(t) for _, t in self.state_sections())
             atomic_write(folder / name, data)
             info = {"rank": comm.rank, "start": self.start, "stop": self.stop, "file": name,

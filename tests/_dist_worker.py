@@ -6,7 +6,7 @@ one failing check does not leave the other ranks waiting in a collective; rank 0
 files, which the pytest side reads. Anything that raises aborts the whole job
 (srkern.dist.abort_on_error), so a bug shows as a non-zero exit, never as a hang.
 
-Scenarios: ``all`` (collectives, numerics, invariance, corrupt, train), ``train`` (optionally
+Scenarios: ``all`` (collectives, numerics, invariance, corrupt, errors, train), ``train`` (optionally
 ``--ckpt-at k [--die]`` or ``--resume DIR``), ``raise`` (rank 1 raises in step 2).
 """
 from __future__ import annotations
@@ -254,6 +254,71 @@ def check_corrupt(comm: dist.Communicator, ck: Checks, folder: Path) -> None:
     ck.expect(all(np.array_equal(p, q) for p, q in zip(snap, after)), "good checkpoint round trip")
 
 
+# ---- bad arguments on some ranks: every rank raises, none hangs ---------------------------------
+
+def check_errors(comm: dist.Communicator, ck: Checks, folder: Path) -> int:
+    """Each case must raise on every rank (same type and message), never hang: a hang would run
+    into MPIEXEC_TIMEOUT and fail the launch. Returns the number of cases run."""
+    W, r = comm.size, comm.rank
+    cases = 0
+
+    def expect_raise(what: str, exc: type, words: str, fn) -> None:
+        nonlocal cases
+        cases += 1
+        try:
+            fn()
+            msg = None
+        except exc as e:
+            msg = f"{type(e).__name__}: {e}"
+        msgs = comm.mpi.allgather(msg)
+        ck.expect(msg is not None, f"errors: {what}: accepted (no {exc.__name__}) on this rank")
+        ck.expect(msg is None or words in msg, f"errors: {what}: message {msg!r} lacks {words!r}")
+        ck.expect(len(set(msgs)) == 1, f"errors: {what}: ranks raised different errors {msgs}")
+
+    # Seeds that differ only in bit 63 (a modulo-2**63 comparison would call them equal).
+    x = np.ones(29, dtype=BF16)
+    if W > 1:
+        expect_raise("seeds differing in bit 63", ValueError, "different arguments",
+                     lambda: dist.reduce_scatter(x, comm, seed=5 + ((r == W - 1) << 63)))
+    # A bad out= on one rank only (wrong length, then wrong dtype for all_gather).
+    a, b = dist.shard_range(29, W, r)
+    bad_len = np.zeros(b - a + (r == W - 1), dtype=BF16)
+    expect_raise("reduce_scatter out of the wrong length on one rank", ValueError, "elements",
+                 lambda: dist.reduce_scatter(x, comm, seed=1, out=bad_len))
+    bad_dt = np.zeros(29, dtype=np.float32 if r == W - 1 else BF16)
+    expect_raise("all_gather out of the wrong dtype on one rank", TypeError, "dtype",
+                 lambda: dist.all_gather(x[a:b], comm, out=bad_dt))
+    # Non-finite hyper-parameters / grad_scale with a model so small that ranks 2 and 3 of 4 own
+    # nothing (they never run adamw_step): all raise before the reduce-scatter; nothing changes.
+    core = dist.ShardedAdamWCore(inv_initial("bf16-sr")[:10].copy(), comm, precision="bf16-sr", seed=SEED)
+    core.flat_grads[...] = 1
+    w0 = bits(core.flat_params).copy()
+    bad_lr = dict(INV_HYPER[0], lr=float("inf"))
+    expect_raise("lr=inf", ValueError, "lr", lambda: core.step([bad_lr]))
+    expect_raise("grad_scale=inf", ValueError, "grad_scale",
+                 lambda: core.step([INV_HYPER[0]], grad_scale=float("inf")))
+    expect_raise("lr=nan on one rank", ValueError, "lr",
+                 lambda: core.step([dict(INV_HYPER[0], lr=float("nan") if r == W - 1 else 1e-3)]))
+    ck.expect(np.array_equal(bits(core.flat_params), w0) and core.step_count == 0,
+              "errors: rejected steps changed the weights or the step count")
+    core.step([INV_HYPER[0]])  # and the job still works afterwards
+    ck.expect(core.step_count == 1 and not np.array_equal(bits(core.flat_params), w0),
+              "errors: a good step after the rejected ones did not update")
+    # An invalid state_dtype is refused (fp32-master used to override it silently).
+    expect_raise("state_dtype bfloat16 for fp32-master", ValueError, "state_dtype",
+                 lambda: dist.ShardedAdamWCore(inv_initial("fp32-master")[:10].copy(), comm,
+                                               precision="fp32-master", state_dtype="bfloat16"))
+    # save() into a folder rank 0 cannot create (a file is in the way): CheckpointError everywhere.
+    blocker = folder / "a-file"
+    if r == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        blocker.write_text("not a folder")
+    comm.barrier()
+    expect_raise("save where mkdir fails on rank 0", dist.CheckpointError, "failed",
+                 lambda: core.save(blocker / "ckpt"))
+    return cases
+
+
 # ---- a small PyTorch model with ShardedAdamW: the example's loop in miniature ------------------
 
 def torch_model():
@@ -333,6 +398,7 @@ def main() -> None:
                 bits(w).tofile(args.out / f"inv-bf16-sr-f32state-w{W}.bin")
             folder = args.out / f"ckpt-w{W}"
             check_corrupt(comm, ck, folder)
+            result["error_cases"] = check_errors(comm, ck, args.out / f"errors-w{W}")
             w = run_train(comm, args.steps)
             if comm.rank == 0:
                 w.tofile(args.out / f"train-w{W}.bin")

@@ -211,6 +211,18 @@ def test_corrupted_and_mismatched_checkpoints_refused(runs, k):
     assert not bad, "\n".join(bad)
 
 
+@pytest.mark.parametrize("k", WORLDS, ids=lambda k: f"world={k}")
+def test_bad_arguments_raise_on_every_rank(runs, k):
+    # Seeds differing only in bit 63, a bad out= on one rank (reduce_scatter, all_gather),
+    # lr / grad_scale = inf (world 4: a 10-element model leaves ranks 2 and 3 without a shard),
+    # lr = nan on one rank, an invalid state_dtype, save() where rank 0 cannot mkdir: every rank
+    # raises the same error and the launch finishes (a hang would hit MPIEXEC_TIMEOUT).
+    folder, res = runs[k]
+    assert res["error_cases"] == (8 if k > 1 else 7), res["error_cases"]
+    bad = failures(res, "errors:")
+    assert not bad, "\n".join(bad)
+
+
 def test_rank_raising_mid_step_aborts_the_job(tmp_path):
     # Rank 1 raises in step 2 while ranks 0 and 2 wait in the reduce-scatter: abort_on_error calls
     # MPI_Abort, so mpirun exits non-zero within seconds (not at the 120 s timeout), naming the rank.
