@@ -425,8 +425,9 @@ SRK_ADAMW_KERNEL(adamw_fp32_gf32_sf32, MODE_FP32, float, float, float)
 // table's b0 column counts chunks here). Each chunk's sum of squares is formed in FP64 by one
 // thread in a fixed order (8 lane accumulators over k % 8, then a fixed tree) and written to
 // partial[chunk]; the host adds the partials in index order. The result therefore does not
-// depend on thread count or backend. Squares of finite FP32 values cannot overflow FP64, so the
-// sum is finite iff every gradient element is.
+// depend on thread count or backend. Each element is multiplied by grad_scale in FP32 first (that
+// product can overflow to Inf); squares of finite FP32 values cannot overflow FP64, so the sum is
+// finite iff every element, multiplied by grad_scale in FP32, is finite (not Inf or NaN).
 #define ADAMW_NORM_CHUNK 2048
 
 template <class G>

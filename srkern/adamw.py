@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -177,7 +177,7 @@ def _check_list(name: str, views: Sequence[View], params: Sequence[View], dtypes
         if (v.device, v.device_id) != (params[0].device, params[0].device_id):
             raise ValueError(f"{name}[{i}] is on {v.device}:{v.device_id}, params[0] on "
                              f"{params[0].device}:{params[0].device_id}: one call runs on one device")
-        if not _contiguous(v):
+        if not v.contiguous:
             raise ValueError(f"{name}[{i}] must be contiguous (it is read/written in place)")
         if written and v.readonly:
             raise ValueError(f"{name}[{i}] is read-only")
@@ -185,26 +185,9 @@ def _check_list(name: str, views: Sequence[View], params: Sequence[View], dtypes
         raise TypeError(f"{name} mixes dtypes {sorted({v.dtype for v in views})}: one dtype per call")
 
 
-def _numel(v: View) -> int:
-    # math.prod: View.numel's np.prod costs ~10 us a call, which adds up over many tensors.
-    return math.prod(v.shape)
-
-
-def _contiguous(v: View) -> bool:
-    """C-contiguous (View.contiguous without its np.prod calls); size-0 tensors count as such."""
-    expect = 1
-    for size, stride in zip(reversed(v.shape), reversed(v.strides)):
-        if size == 0:
-            return True
-        if size != 1 and stride != expect:
-            return False
-        expect *= size
-    return True
-
-
 def _check_no_alias(named: list[tuple[str, View]]) -> None:
     """No two buffers may share memory (a sweep over address intervals)."""
-    spans = sorted((v.ptr, v.ptr + _numel(v) * _ITEMSIZE[v.dtype], name) for name, v in named if _numel(v) > 0)
+    spans = sorted((v.ptr, v.ptr + v.numel * _ITEMSIZE[v.dtype], name) for name, v in named if v.numel > 0)
     end, owner = -1, ""
     for lo, hi, name in spans:
         if lo < end:
@@ -221,13 +204,13 @@ def _layout(params: Sequence[View], offsets: Sequence[int] | None) -> list[int]:
         out, acc = [], 0
         for p in params:
             out.append(acc)
-            acc += _numel(p)
+            acc += p.numel
         return out
     if isinstance(offsets, (str, bytes)) or not hasattr(offsets, "__len__") or len(offsets) != n:
         raise ValueError(f"offsets must be a sequence of {n} integers (one per parameter)")
-    out = [_contract.check_u64(f"offsets[{i}]", o, _contract.U64 - _numel(params[i]) + 1)
+    out = [_contract.check_u64(f"offsets[{i}]", o, _contract.U64 - params[i].numel + 1)
            for i, o in enumerate(offsets)]
-    spans = sorted((o, o + _numel(p), i) for i, (o, p) in enumerate(zip(out, params)) if _numel(p))
+    spans = sorted((o, o + p.numel, i) for i, (o, p) in enumerate(zip(out, params)) if p.numel)
     for (a0, a1, i), (b0, b1, j) in zip(spans, spans[1:]):
         if b0 < a1:
             raise ValueError(f"offsets give overlapping logical ranges to params[{i}] and "
@@ -246,7 +229,7 @@ def _table(params: Sequence[View], cols: Sequence[Sequence[int]], offsets: Seque
     table = np.zeros((len(params), _TABLE_COLS), dtype=np.uint64)
     b0 = 0
     for t, p in enumerate(params):
-        n = _numel(p)
+        n = p.numel
         row = [c[t] for c in cols]
         if elements_per_unit_aligned:
             units = 0 if n == 0 else (offsets[t] + n - 1) // unit - offsets[t] // unit + 1
@@ -330,6 +313,25 @@ def adamw_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[A
     Every argument is checked before anything is written: a bad call raises ``ValueError`` or
     ``TypeError`` naming the argument and changes no buffer.
     """
+    launch = _plan_step(params, grads, exp_avgs, exp_avg_sqs, step=step, lr=lr, betas=betas, eps=eps,
+                        weight_decay=weight_decay, precision=precision, master_params=master_params,
+                        compensation=compensation, grad_scale=grad_scale, found_inf=found_inf,
+                        seed=seed, offsets=offsets)
+    if launch is not None:
+        launch()
+
+
+def _plan_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[Any],
+               exp_avg_sqs: Sequence[Any], *, step: int, lr: float,
+               betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+               weight_decay: float = 0.0, precision: str = "bf16-sr",
+               master_params: Sequence[Any] | None = None,
+               compensation: Sequence[Any] | None = None, grad_scale: float = 1.0,
+               found_inf: Any = None, seed: int,
+               offsets: Sequence[int] | None = None) -> Callable[[], None] | None:
+    """:func:`adamw_step`'s checks, all of them: returns the launch to run (None when there is
+    nothing to update) or raises having written nothing. ``srkern.torch.AdamW`` plans every
+    bucket before launching any, so that a bad call changes no buffer."""
     prec = _precision(precision)
     seed = _contract.check_u64("seed", seed)
     step = _contract.check_u64("step", step, _contract.U32)
@@ -353,11 +355,11 @@ def adamw_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[A
     wv = _views("master_params", master_params, n) if prec.master else []
     cv = _views("compensation", compensation, n) if prec.compensation else []
     if n == 0:
-        return
+        return None
 
-    _check_list("params", pv, pv, (prec.param_dtype,), True)
     if any(p.framework == "jax" for p in pv):
         raise TypeError("params: JAX arrays are immutable; adamw_step works in place")
+    _check_list("params", pv, pv, (prec.param_dtype,), True)
     _check_list("grads", gv, pv, _GRAD_DTYPES, False)
     _check_list("exp_avgs", mv, pv, prec.state_dtypes, True)
     _check_list("exp_avg_sqs", vv, pv, prec.state_dtypes, True)
@@ -370,7 +372,7 @@ def adamw_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[A
     fi = None
     if found_inf is not None:
         fi = as_view(found_inf, "found_inf")
-        if fi.dtype != "float32" or _numel(fi) != 1:
+        if fi.dtype != "float32" or fi.numel != 1:
             raise TypeError(f"found_inf must be a 1-element float32 tensor, got {fi.dtype} {fi.shape}")
         if (fi.device, fi.device_id) != (pv[0].device, pv[0].device_id):
             raise ValueError(f"found_inf is on {fi.device}:{fi.device_id}, params on "
@@ -378,27 +380,32 @@ def adamw_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[A
     named = [(f"{name}[{i}]", v) for name, vs in (("params", pv), ("grads", gv), ("exp_avgs", mv),
                                                    ("exp_avg_sqs", vv), ("master_params", wv),
                                                    ("compensation", cv)) for i, v in enumerate(vs)]
+    if fi is not None:
+        named.append(("found_inf", fi))
     _check_no_alias(named)
     offs = _layout(pv, offsets)
-
-    # All checks passed: from here on buffers are written.
     sc = _scalars(step, lr, (b1, b2), eps, weight_decay)
     zero = [0] * n
     cols = [[p.ptr for p in pv], [g.ptr for g in gv], [m.ptr for m in mv], [v.ptr for v in vv],
             [w.ptr for w in wv] if wv else zero, [c.ptr for c in cv] if cv else zero]
     table, npairs = _table(pv, cols, offs, 8, True)
     if npairs == 0:
-        return
-    stream = _stream_of(pv[0])
-    keep, tptr = _device_table(table, pv[0], stream)
+        return None
     kernel = f"adamw_{prec.kernel}_g{_SUFFIX[gv[0].dtype]}_s{_SUFFIX[mv[0].dtype]}"
-    _backend.launch("adamw", kernel, [
-        ("p", tptr), ("q", n), ("q", npairs), ("Q", seed), ("Q", step),
-        ("f", sc["b1"]), ("f", sc["omb1"]), ("f", sc["b2"]), ("f", sc["omb2"]),
-        ("f", sc["step_size"]), ("f", sc["inv_sqrt_bc2"]), ("f", sc["eps"]), ("f", sc["decay"]),
-        ("f", sc["lrwd"]), ("f", float(np.float32(grad_scale))), ("p", fi.ptr if fi else 0)],
-        device=pv[0].device, device_id=pv[0].device_id, units=npairs, stream=stream)
-    del keep  # CuPy frees it stream-ordered; the CPU launch has returned
+
+    def launch() -> None:
+        # All checks passed: from here on buffers are written.
+        stream = _stream_of(pv[0])
+        keep, tptr = _device_table(table, pv[0], stream)
+        _backend.launch("adamw", kernel, [
+            ("p", tptr), ("q", n), ("q", npairs), ("Q", seed), ("Q", step),
+            ("f", sc["b1"]), ("f", sc["omb1"]), ("f", sc["b2"]), ("f", sc["omb2"]),
+            ("f", sc["step_size"]), ("f", sc["inv_sqrt_bc2"]), ("f", sc["eps"]), ("f", sc["decay"]),
+            ("f", sc["lrwd"]), ("f", float(np.float32(grad_scale))), ("p", fi.ptr if fi else 0)],
+            device=pv[0].device, device_id=pv[0].device_id, units=npairs, stream=stream)
+        del keep  # CuPy frees it stream-ordered; the CPU launch has returned
+
+    return launch
 
 
 class GradNorm(NamedTuple):
@@ -414,8 +421,8 @@ def grad_norm(grads: Sequence[Any], *, grad_scale: float = 1.0) -> GradNorm:
     is multiplied by ``grad_scale`` in FP32 (as :func:`adamw_step` does), squared and summed in
     FP64: per chunk of 2048 elements of one tensor in a fixed order by the kernel, then the chunk
     sums in index order on the host. The result is deterministic: it does not depend on the
-    thread count or the backend. ``finite`` is False iff some element is Inf or NaN (then
-    ``norm`` is Inf or NaN). For clipping to ``max_norm``, pass
+    thread count or the backend. ``finite`` is False iff some element, multiplied by ``grad_scale`` in
+    FP32, is Inf or NaN (then ``norm`` is Inf or NaN). For clipping to ``max_norm``, pass
     ``grad_scale = min(1, max_norm / (norm + 1e-6))`` to :func:`adamw_step`.
     """
     if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float, np.floating, np.integer)) \

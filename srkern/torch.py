@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from . import _contract
-from .adamw import PRECISIONS, adamw_step, bytes_per_param, default_state_dtype
+from .adamw import PRECISIONS, _plan_step, bytes_per_param, check_hyperparameters, default_state_dtype
 
 __all__ = ["AdamW"]
 
@@ -27,7 +27,8 @@ class AdamW(torch.optim.Optimizer):
     Args:
         params: parameters or parameter groups (dicts), as for any torch optimizer. Their dtype
             must match ``precision``: BF16 for the BF16 modes and ``fp32-master``, FP32 for
-            ``fp32``. CPU and CUDA tensors (one launch per device and gradient dtype).
+            ``fp32``. CPU and CUDA tensors (one launch per parameter group, device and gradient
+            dtype).
         lr, betas, eps, weight_decay: the usual AdamW hyper-parameters, per group.
         precision: ``"bf16-sr"`` (BF16 weights and moments, SR on every write),
             ``"bf16-nearest"``, ``"bf16-kahan"``, ``"fp32-master"`` (FP32 master weights kept
@@ -57,7 +58,7 @@ class AdamW(torch.optim.Optimizer):
         bytes_per_param(precision, self.state_dtype)  # validates state_dtype for the mode
         self.seed = _contract.resolve_seed(seed)
         self._step = 0
-        _check_hyper(lr, betas, eps, weight_decay)
+        check_hyperparameters(lr, betas, eps, weight_decay)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     # ---- construction checks ----------------------------------------------------------------
@@ -65,7 +66,7 @@ class AdamW(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         want = _TORCH_DTYPES[PRECISIONS[self.precision].param_dtype]
         for i, p in enumerate(group["params"]):
             if p.dtype != want:
@@ -87,8 +88,10 @@ class AdamW(torch.optim.Optimizer):
         return out
 
     def _init_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
-        state = self.state[p]
+        """``p``'s state; a new one (zero moments) is returned without being stored yet."""
+        state = self.state.get(p)
         if not state:
+            state = {}
             sd = _TORCH_DTYPES[self.state_dtype]
             state["exp_avg"] = torch.zeros_like(p, dtype=sd, memory_format=torch.contiguous_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=sd, memory_format=torch.contiguous_format)
@@ -114,13 +117,29 @@ class AdamW(torch.optim.Optimizer):
         ``grad_scale`` multiplies every gradient inside the kernel (unscaling, clipping);
         ``found_inf`` (1-element float32 tensor) makes the step write nothing when non-zero,
         read on the device without a host sync. The step count advances either way.
+
+        Everything (every group's hyper-parameters, ``grad_scale``, ``found_inf``, every buffer)
+        is checked before the first launch: a bad call raises and changes no buffer, no state
+        and not the step count.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._step += 1
+        step = self._step + 1
+        for gi, group in enumerate(self.param_groups):
+            try:
+                check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"],
+                                      grad_scale)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"param_groups[{gi}]: {e}") from None
+        if found_inf is not None and (not isinstance(found_inf, torch.Tensor)
+                                      or found_inf.dtype != torch.float32 or found_inf.numel() != 1):
+            raise TypeError(f"found_inf must be a 1-element torch.float32 tensor, got "
+                            f"{getattr(found_inf, 'dtype', type(found_inf).__name__)} "
+                            f"{tuple(getattr(found_inf, 'shape', ()))}")
         offsets = self.layout()
+        new_states: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
         k = 0
         buckets: dict[tuple, dict[str, list]] = {}
         for gi, group in enumerate(self.param_groups):
@@ -132,6 +151,8 @@ class AdamW(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise TypeError("srkern.torch.AdamW does not support sparse gradients")
                 state = self._init_state(p)
+                if not self.state.get(p):
+                    new_states[p] = state
                 key = (gi, p.device, p.grad.dtype)
                 b = buckets.setdefault(key, {"p": [], "g": [], "m": [], "v": [], "w": [], "c": [], "o": []})
                 b["p"].append(p)
@@ -144,16 +165,27 @@ class AdamW(torch.optim.Optimizer):
                     b["c"].append(state["compensation"])
                 b["o"].append(off)
         prec = PRECISIONS[self.precision]
+        launches = []
         for (gi, device, _), b in buckets.items():
             group = self.param_groups[gi]
             fi = found_inf
             if fi is not None and fi.device != device:
-                fi = fi.to(device=device, dtype=torch.float32)
-            adamw_step(b["p"], b["g"], b["m"], b["v"], step=self._step, lr=group["lr"],
-                       betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
-                       precision=self.precision, master_params=b["w"] if prec.master else None,
-                       compensation=b["c"] if prec.compensation else None, grad_scale=grad_scale,
-                       found_inf=fi, seed=self.seed, offsets=b["o"])
+                fi = fi.to(device=device)
+            try:
+                launches.append(_plan_step(
+                    b["p"], b["g"], b["m"], b["v"], step=step, lr=group["lr"], betas=group["betas"],
+                    eps=group["eps"], weight_decay=group["weight_decay"], precision=self.precision,
+                    master_params=b["w"] if prec.master else None,
+                    compensation=b["c"] if prec.compensation else None, grad_scale=grad_scale,
+                    found_inf=fi, seed=self.seed, offsets=b["o"]))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"param_groups[{gi}]: {e}") from None
+        # All checks passed: from here on buffers are written.
+        self.state.update(new_states)
+        for launch in launches:
+            if launch is not None:
+                launch()
+        self._step = step
         return loss
 
     # ---- checkpoints ------------------------------------------------------------------------
@@ -196,13 +228,3 @@ class AdamW(torch.optim.Optimizer):
         self._step = int(meta["step"])
         self.seed = int(meta["seed"])
 
-
-def _check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
-    if not 0.0 <= float(lr):
-        raise ValueError(f"lr must be >= 0, got {lr!r}")
-    if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
-        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-    if not float(eps) > 0.0:
-        raise ValueError(f"eps must be > 0, got {eps!r}")
-    if not float(weight_decay) >= 0.0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")

@@ -281,6 +281,30 @@ def test_bad_input_raises_and_changes_nothing(mutate, exc, frag):
                 assert_same_bits(b, a, what=f"{k}[{i}] after a refused call")
 
 
+def test_found_inf_aliasing_a_buffer_refused():
+    # found_inf (FP32) as a view into exp_avgs[0] (FP32 moments): the kernel would read it while
+    # writing that buffer, so it is refused like any other overlap and nothing is written. It is
+    # 0.0, so without the check the step would run and change the buffers.
+    st = make_state("bf16-sr", "bfloat16", "float32", [10, 20], seed=16)
+    st["exp_avgs"][0][0] = 0.0
+    before = snapshot(st)
+    with pytest.raises(ValueError, match=r"found_inf overlaps exp_avgs\[0\]|exp_avgs\[0\] overlaps found_inf"):
+        run_kernel(st, step=1, seed=1, precision="bf16-sr", found_inf=st["exp_avgs"][0][:1], **HYPER)
+    for k in before:
+        if before[k] is not None:
+            for i, (a, b) in enumerate(zip(before[k], st[k])):
+                assert_same_bits(b, a, what=f"{k}[{i}] after a refused call")
+
+
+def test_jax_params_refused_with_a_clear_message():
+    # JAX arrays are immutable: the error says so (not just "read-only").
+    jnp = pytest.importorskip("jax.numpy")
+    p = jnp.zeros(8, dtype=jnp.bfloat16)
+    with pytest.raises(TypeError, match="JAX arrays are immutable"):
+        srkern.adamw_step([p], [np.zeros(8, BF16)], [np.zeros(8, BF16)], [np.zeros(8, BF16)],
+                          step=1, seed=0, **HYPER)
+
+
 def test_bytes_per_param():
     # Memory per parameter (weights + optimizer state, gradient excluded), as the paper counts.
     assert srkern.bytes_per_param("bf16-sr") == 6

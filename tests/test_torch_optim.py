@@ -209,3 +209,57 @@ def test_found_inf_and_grad_scale_through_the_optimizer():
     ob.step()
     for p, q in zip(a.parameters(), b.parameters()):
         assert_same_bits(p, q, what="grad_scale vs pre-scaled gradients")
+
+
+def _snapshot(opt: srt.AdamW) -> tuple[int, list[torch.Tensor], dict]:
+    params = opt._params()
+    return (opt._step, [p.detach().clone() for p in params],
+            {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(params) if p in opt.state})
+
+
+def _assert_unchanged(opt: srt.AdamW, before: tuple[int, list[torch.Tensor], dict], what: str) -> None:
+    step, weights, state = before
+    assert opt._step == step, f"{what}: step count moved from {step} to {opt._step}"
+    params = opt._params()
+    for i, (p, q) in enumerate(zip(params, weights)):
+        assert_same_bits(p, q, what=f"{what}: param {i}")
+    now = {i: opt.state[p] for i, p in enumerate(params) if p in opt.state and opt.state[p]}
+    assert sorted(now) == sorted(i for i, st in state.items() if st), f"{what}: state entries changed"
+    for i, st in state.items():
+        for k, v in st.items():
+            assert_same_bits(now[i][k], v, what=f"{what}: state[{i}][{k!r}]")
+
+
+def test_bad_group_changes_nothing():
+    # A bad hyper-parameter in group 1, or a bad buffer in group 1's bucket, must raise before
+    # group 0 is launched: no weight, no state entry or value and not the step count changes
+    # (neither on the first step, when the state does not exist yet, nor later).
+    model = small_model(torch.bfloat16)
+    layers = [model[0], model[2]]
+    opt = srt.AdamW([{"params": layers[0].parameters()}, {"params": layers[1].parameters(), "lr": 1e-3}],
+                    seed=4, **HYPER)
+    loss_of(model, 0).backward()
+    for when in ("first step", "after a good step"):
+        opt.param_groups[1]["lr"] = float("nan")
+        before = _snapshot(opt)
+        with pytest.raises(ValueError, match=r"param_groups\[1\].*lr"):
+            opt.step()
+        _assert_unchanged(opt, before, f"lr=nan in group 1, {when}")
+        opt.param_groups[1]["lr"] = 1e-3
+        opt.step()
+    assert opt._step == 2
+    # A wrong-dtype moment in group 1's bucket: caught before group 0's launch.
+    p1 = layers[1].weight
+    opt.state[p1]["exp_avg"] = opt.state[p1]["exp_avg"].to(torch.float16)
+    before = _snapshot(opt)
+    with pytest.raises(TypeError, match=r"param_groups\[1\].*exp_avgs\[0\]"):
+        opt.step()
+    _assert_unchanged(opt, before, "float16 exp_avg in group 1")
+    # A bad grad_scale or found_inf: nothing changes either.
+    opt.state[p1]["exp_avg"] = opt.state[p1]["exp_avg"].to(torch.bfloat16)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match="grad_scale"):
+        opt.step(grad_scale=float("inf"))
+    with pytest.raises(TypeError, match="found_inf"):
+        opt.step(found_inf=torch.zeros(1, dtype=torch.float64))
+    _assert_unchanged(opt, before, "bad grad_scale / found_inf")
