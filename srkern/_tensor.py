@@ -185,6 +185,12 @@ def current_stream_ptr(x: Any, fw: str) -> int:
     return 0
 
 
+def stream_of(v: View) -> int:
+    """The CUDA stream GPU work on ``v`` runs on by default: its framework's current stream
+    (0 on CPU, where there are no streams)."""
+    return current_stream_ptr(v.obj, v.framework) if v.device == "cuda" else 0
+
+
 def contiguous(x: Any, fw: str) -> Any:
     """A C-contiguous version of ``x`` in its own framework (a copy only when needed)."""
     if fw == "torch":

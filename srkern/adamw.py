@@ -15,7 +15,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 
 from . import _backend, _contract
-from ._tensor import View, as_view
+from ._tensor import View, as_view, stream_of
 
 # ---- the precision modes --------------------------------------------------------------------
 
@@ -253,13 +253,6 @@ def _device_table(table: np.ndarray, v: View, stream: int) -> tuple[Any, int]:
     return d, d.data.ptr
 
 
-def _stream_of(v: View) -> int:
-    if v.device != "cuda":
-        return 0
-    from ._tensor import current_stream_ptr
-    return current_stream_ptr(v.obj, v.framework)
-
-
 # ---- public functions ---------------------------------------------------------------------------
 
 
@@ -395,7 +388,7 @@ def _plan_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[A
 
     def launch() -> None:
         # All checks passed: from here on buffers are written.
-        stream = _stream_of(pv[0])
+        stream = stream_of(pv[0])
         keep, tptr = _device_table(table, pv[0], stream)
         _backend.launch("adamw", kernel, [
             ("p", tptr), ("q", n), ("q", npairs), ("Q", seed), ("Q", step),
@@ -438,7 +431,7 @@ def grad_norm(grads: Sequence[Any], *, grad_scale: float = 1.0) -> GradNorm:
     if nchunks == 0:
         return GradNorm(0.0, True)
     g0 = gv[0]
-    stream = _stream_of(g0)
+    stream = stream_of(g0)
     keep, tptr = _device_table(table, g0, stream)
     if g0.device == "cpu":
         partial = np.empty(nchunks, dtype=np.float64)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import _backend, _contract
-from ._tensor import (FLOAT_DTYPES, View, as_view, contiguous, current_stream_ptr, dtype_name, empty_like,
+from ._tensor import (FLOAT_DTYPES, View, as_view, contiguous, dtype_name, stream_of, empty_like,
                       finish)
 
 _KERNEL_SUFFIX = {"bfloat16": "bf16", "float16": "f16", "float8_e4m3fn": "e4m3",
@@ -65,12 +65,13 @@ def cast(x: Any, dtype: Any, *, rounding: str = "stochastic", seed: int | None =
     result = out if out is not None else empty_like(xv, target)
     if outv is None:
         outv = as_view(result, "out")
-    cs = _cuda_stream(cuda_stream, xv)
+    current = stream_of(xv)
+    cs = current if cuda_stream is None or xv.device != "cuda" else _stream_ptr(cuda_stream)
     # Buffers made here were allocated on the framework's current stream and temporaries are
     # freed on return: a different cuda_stream is therefore fenced on both sides (synchronised).
-    foreign = xv.device == "cuda" and cs != current_stream_ptr(xv.obj, xv.framework)
+    foreign = cs != current
     if foreign:
-        _backend.cupy_stream(current_stream_ptr(xv.obj, xv.framework), xv.device_id).synchronize()
+        _backend.cupy_stream(current, xv.device_id).synchronize()
 
     if xv.dtype != "float32" and target != "float32":  # 16/8-bit -> other format: via exact FP32
         tmp = empty_like(xv, "float32")
@@ -115,11 +116,8 @@ def _check_out(out: Any, xv: View, target: str) -> View:
     return ov
 
 
-def _cuda_stream(cuda_stream: Any, xv: View) -> int:
-    if xv.device != "cuda":
-        return 0
-    if cuda_stream is None:
-        return current_stream_ptr(xv.obj, xv.framework)
+def _stream_ptr(cuda_stream: Any) -> int:
+    """A stream given as a pointer or as an object with ``.ptr`` (CuPy) / ``.cuda_stream`` (torch)."""
     for attr in ("ptr", "cuda_stream"):
         if hasattr(cuda_stream, attr):
             return int(getattr(cuda_stream, attr))

@@ -55,7 +55,7 @@ from . import _backend, _contract
 from .adamw import PRECISIONS as _ADAMW_PRECISIONS
 from .adamw import bytes_per_param, check_hyperparameters, default_state_dtype
 from ._files import atomic_write
-from ._tensor import NP_DTYPES, View, as_view, contiguous, current_stream_ptr, empty_like, finish
+from ._tensor import NP_DTYPES, View, as_view, contiguous, empty_like, finish, stream_of
 
 # Shards are a whole number of Philox blocks of 16-bit draws (8 elements): a block never
 # straddles two ranks, so each rank computes each of its blocks once.
@@ -288,10 +288,6 @@ def abort_on_error(comm: "Communicator | Any" = None) -> Iterator[None]:
 
 # ---- reduce-scatter and all-gather ---------------------------------------------------------------
 
-def _stream_of(v: View) -> int:
-    return current_stream_ptr(v.obj, v.framework) if v.device == "cuda" else 0
-
-
 def _check_out(out: Any, name: str, dtype: str, n: int, ref: View) -> View:
     ov = as_view(out, name)
     if ov.framework == "jax" or ov.readonly:
@@ -380,7 +376,7 @@ def _reduce_scatter(xv: View, outv: View, comm: Communicator, *, op: str, roundi
     bounds = [shard_range(n, world, r) for r in range(world)]
     start, stop = bounds[rank]
     m = stop - start
-    cs = _stream_of(xv)
+    cs = stream_of(xv)
     if wire != xv.dtype:  # FP32 -> BF16 on the wire, each rank with its own indices
         tmp = empty_like(xv, wire, (n,))
         if n:
@@ -444,7 +440,7 @@ def all_gather(shard: Any, comm: Communicator, *, n: int | None = None, out: Any
 
 def _all_gather(sv: View, ov: View, comm: Communicator) -> None:
     bounds = [shard_range(ov.numel, comm.size, r) for r in range(comm.size)]
-    comm.allgatherv(sv, ov, [b - a for a, b in bounds], [a for a, _ in bounds], stream=_stream_of(ov))
+    comm.allgatherv(sv, ov, [b - a for a, b in bounds], [a for a, _ in bounds], stream=stream_of(ov))
 
 
 # ---- sharded AdamW: the framework-neutral core ---------------------------------------------------
@@ -627,7 +623,7 @@ class ShardedAdamWCore:
             data = self.comm.mpi.bcast(data, root=0)
             _write_host_bytes(self.flat_params, data)
             return
-        self.comm._sync(v, _stream_of(v))
+        self.comm._sync(v, stream_of(v))
         self.comm.mpi.Bcast([_mpi_buf(v), v.nbytes, _mpi().BYTE], root=0)
 
     def state_sections(self) -> list[tuple[str, Any]]:
