@@ -382,7 +382,10 @@ SRK_HD void adamw_body(const u64* table, i64 ntensors, i64 npairs, const AdamwHy
     i64 t = adamw_find(table, ntensors, b);
     AdamwRow row = adamw_row(table, t);
     u64 q = adamw_q_first(row) + (u64)(b - row.b0);
-    if (q * 8 >= row.off && q * 8 + 8 <= row.off + (u64)row.n) adamw_block_full<MODE, P, G, S>(h, row, q);
+    // The tensor element at lane 0 of block q, in [-7, n): exact modulo 2^64, so nothing here
+    // wraps for a tensor that ends in the last block of the index space (q * 8 + 8 would).
+    i64 j = (i64)(q * 8 - row.off);
+    if (j >= 0 && j + 8 <= row.n) adamw_block_full<MODE, P, G, S>(h, row, q);
     else adamw_block_scalar<E>(h, row, q);
   }
 }

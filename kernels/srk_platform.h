@@ -1,7 +1,7 @@
 // srk_platform.h: the portability layer that lets one kernel source build for GPU and CPU.
 //
-// GPU (NVRTC through CuPy RawModule): kernels are ordinary __global__ functions and SRK_LOOP is a
-// grid-stride loop. CPU (g++ -O3 -fopenmp -ffp-contract=off): __global__/__device__ vanish,
+// GPU (NVRTC; or g++ after srk_cuda_shim.h, the gpu-emu backend): kernels are ordinary
+// __global__ functions and SRK_LOOP is a grid-stride loop. CPU (g++ -O3 -fopenmp -ffp-contract=off): __global__/__device__ vanish,
 // kernels become extern "C" functions called through ctypes, and SRK_LOOP is an OpenMP
 // parallel loop over the same index space. A kernel body therefore must not depend on which
 // thread runs an index, which the bit contract (random bits are a function of the element's
@@ -10,7 +10,7 @@
 // Nothing here includes a system header on the GPU side: NVRTC compiles the file as is.
 #pragma once
 
-#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__) || defined(SRK_EMU)
 #define SRK_GPU 1
 #define SRK_HD __host__ __device__ __forceinline__
 #define SRK_KERNEL extern "C" __global__

@@ -1,7 +1,14 @@
-"""Compile-and-cache for ``kernels/*.cu``: one source, two compilers.
+"""Compile-and-cache for ``kernels/*.cu``: one source, every backend.
 
-* CPU: the source (with its ``#include "..."`` headers expanded) is compiled by the system C++
-  compiler into a shared library, cached on disk and loaded through ctypes.
+* ``cpu``: the source (with its ``#include "..."`` headers expanded) is compiled by the system
+  C++ compiler for this CPU (``-march=native``: the SIMD paths of ``kernels/``), cached on disk
+  and loaded through ctypes.
+* ``cpu-portable``: the same without ``-march=native``, so the portable fallbacks that stand in
+  for the AVX2 / AVX-512 / F16C paths are what runs.
+* ``gpu-emu``: the GPU side of the same source (``SRK_GPU``, the text NVRTC compiles) built by the
+  host compiler after ``kernels/srk_cuda_shim.h``, plus one ``srk_emu_<kernel>`` entry per kernel
+  that runs it for every (block, thread) of a CUDA grid (``kernels/srk_emu_run.h``).
+  ``SRKERN_EMU_SANITIZE=1`` builds it with AddressSanitizer and UndefinedBehaviorSanitizer.
 * GPU: the same expanded text goes to CuPy ``RawModule`` (NVRTC). CuPy's own cache is keyed on
   the text it is given, so expanding the headers here makes a header edit a new key.
 
@@ -35,6 +42,13 @@ if not KERNEL_DIR.is_dir():  # running from a source tree: srkern/ and kernels/ 
 # results agree bit for bit. -march=native is safe because the cache key includes the CPU.
 CPU_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-march=native",
              "-std=c++17", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas")
+# gpu-emu: no -march=native (the GPU side has no host SIMD paths to pick), -O2 is plenty for a
+# verification backend; with SRKERN_EMU_SANITIZE=1 the sanitizer flags below are appended.
+EMU_FLAGS = ("-O2", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-std=c++17", "-fPIC",
+             "-shared", "-Wall", "-Wno-unknown-pragmas")
+EMU_SANITIZE_FLAGS = ("-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+                      "-fno-sanitize-recover=all")
+BACKENDS = ("cpu", "cpu-portable", "gpu-emu")
 NVRTC_FLAGS = ("--std=c++17", "--fmad=false", "--prec-div=true", "--prec-sqrt=true")
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
@@ -45,11 +59,12 @@ class BuildError(RuntimeError):
     """A kernel could not be compiled, or a tool it needs is missing."""
 
 
-def expand_source(name: str) -> str:
-    """The text of ``kernels/<name>.cu`` with every quoted include expanded once, in order."""
+def expand_source(name: str, prelude: str = "") -> str:
+    """The text of ``kernels/<name>.cu`` with every quoted include expanded once, in order
+    (``prelude``, for example an include of the CUDA shim, goes first)."""
     seen: set[str] = set()
 
-    def expand(path: Path) -> str:
+    def expand(text: str, where: str) -> str:
         def repl(m: re.Match) -> str:
             inc = m.group(1)
             if inc in seen:
@@ -57,17 +72,17 @@ def expand_source(name: str) -> str:
             seen.add(inc)
             target = KERNEL_DIR / inc
             if not target.is_file():
-                raise BuildError(f"{path.name} includes {inc!r}, which is not in {KERNEL_DIR}")
-            return f"// ---- begin {inc}\n{expand(target)}\n// ---- end {inc}"
+                raise BuildError(f"{where} includes {inc!r}, which is not in {KERNEL_DIR}")
+            return f"// ---- begin {inc}\n{expand(target.read_text(), inc)}\n// ---- end {inc}"
         # Headers are spliced in once each, so their include guards are not needed (and
         # `#pragma once` would warn in the single expanded file).
-        text = re.sub(r"^\s*#\s*pragma\s+once\s*$", "", path.read_text(), flags=re.M)
+        text = re.sub(r"^\s*#\s*pragma\s+once\s*$", "", text, flags=re.M)
         return _INCLUDE.sub(repl, text)
 
     src = KERNEL_DIR / f"{name}.cu"
     if not src.is_file():
         raise BuildError(f"no kernel source {src}")
-    return expand(src)
+    return expand(prelude + src.read_text(), src.name)
 
 
 def cache_dir() -> Path:
@@ -134,23 +149,61 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def cpu_library_path(name: str) -> Path:
-    """Compile ``kernels/<name>.cu`` for the CPU if needed; return the cached shared library."""
-    source = expand_source(name)
+def emu_sanitized() -> bool:
+    """Whether gpu-emu is built with ASan and UBSan (``SRKERN_EMU_SANITIZE=1``)."""
+    return os.environ.get("SRKERN_EMU_SANITIZE", "") not in ("", "0")
+
+
+def compile_flags(backend: str) -> tuple[str, ...]:
+    """The host compiler's flags for one of :data:`BACKENDS`."""
+    if backend == "cpu":
+        return CPU_FLAGS
+    if backend == "cpu-portable":
+        return tuple(f for f in CPU_FLAGS if not f.startswith(("-march=", "-mtune=")))
+    if backend == "gpu-emu":
+        return EMU_FLAGS + (EMU_SANITIZE_FLAGS if emu_sanitized() else ())
+    raise BuildError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
+
+
+_EMU_KERNEL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(')
+
+
+def emu_source(name: str, cxx: str) -> str:
+    """The gpu-emu translation unit of ``kernels/<name>.cu``: the CUDA shim, the kernel source
+    exactly as NVRTC sees it (headers expanded), the grid runner and one entry per kernel.
+
+    The kernels are listed by running the preprocessor with ``__global__`` kept as a marker, so
+    kernels defined through macros are found too."""
+    body = expand_source(name, prelude='#include "srk_cuda_shim.h"\n')
+    res = subprocess.run([cxx, "-E", "-P", "-x", "c++", "-std=c++17", "-D__global__=__global__", "-"],
+                         input=body, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise BuildError(f"preprocessing kernels/{name}.cu for gpu-emu failed:\n{res.stderr}")
+    kernels = _EMU_KERNEL.findall(res.stdout)
+    runner = (KERNEL_DIR / "srk_emu_run.h").read_text()
+    entries = "".join(f"SRK_EMU_ENTRY({k})\n" for k in kernels)
+    return f"{body}\n// ---- begin srk_emu_run.h\n{runner}\n// ---- end srk_emu_run.h\n{entries}"
+
+
+def cpu_library_path(name: str, backend: str = "cpu") -> Path:
+    """Compile ``kernels/<name>.cu`` for a CPU backend if needed; return the cached shared library."""
+    flags = compile_flags(backend)
     cxx, version = cxx_compiler()
-    key_text = "\0".join([source, cxx, version, " ".join(CPU_FLAGS), _machine_id()])
+    source = emu_source(name, cxx) if backend == "gpu-emu" else expand_source(name)
+    key_text = "\0".join([source, cxx, version, " ".join(flags), _machine_id()])
     key = hashlib.sha256(key_text.encode()).hexdigest()[:32]
     folder = cache_dir()
-    lib = folder / f"{name}-{key}.so"
-    digest = folder / f"{name}-{key}.sha256"
+    stem = name if backend == "cpu" else f"{name}-{backend}"
+    lib = folder / f"{stem}-{key}.so"
+    digest = folder / f"{stem}-{key}.sha256"
     if _trusted(lib) and _trusted(digest) and digest.read_text().strip() == _sha256_file(lib):
         return lib
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         out = Path(tmp) / "k.so"
-        cmd = [cxx, *CPU_FLAGS, "-x", "c++", "-", "-o", str(out)]
+        cmd = [cxx, *flags, "-x", "c++", "-", "-o", str(out)]
         res = subprocess.run(cmd, input=source, capture_output=True, text=True)
         if res.returncode != 0:
-            raise BuildError(f"compiling kernels/{name}.cu for CPU failed:\n{' '.join(cmd)}\n{res.stderr}")
+            raise BuildError(f"compiling kernels/{name}.cu for {backend} failed:\n{' '.join(cmd)}\n{res.stderr}")
         data = out.read_bytes()
     # Library first, digest second: a reader that sees the new digest also sees the new library.
     atomic_write(lib, data)
@@ -159,9 +212,14 @@ def cpu_library_path(name: str) -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_library(name: str) -> ctypes.CDLL:
+def _load(path: str) -> ctypes.CDLL:
     with _lock:
-        return ctypes.CDLL(str(cpu_library_path(name)))
+        return ctypes.CDLL(path)
+
+
+def cpu_library(name: str, backend: str = "cpu") -> ctypes.CDLL:
+    """The loaded library of ``kernels/<name>.cu`` for a CPU backend (compiled on first use)."""
+    return _load(str(cpu_library_path(name, backend)))
 
 
 def nvrtc_include_dirs() -> list[str]:

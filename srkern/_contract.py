@@ -55,5 +55,11 @@ def check_u64(name: str, value, limit: int = U64) -> int:
     return value
 
 
+def check_offset(name: str, value, n: int) -> int:
+    """A logical offset for ``n`` elements: an integer with ``offset + n <= 2**64``, and below
+    2**64 even when ``n`` is 0 (the same bound on every backend; the kernels take a uint64)."""
+    return check_u64(name, value, U64 - max(n, 1) + 1)
+
+
 def resolve_seed(seed) -> int:
     return next_seed() if seed is None else check_u64("seed", seed)

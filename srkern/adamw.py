@@ -208,7 +208,7 @@ def _layout(params: Sequence[View], offsets: Sequence[int] | None) -> list[int]:
         return out
     if isinstance(offsets, (str, bytes)) or not hasattr(offsets, "__len__") or len(offsets) != n:
         raise ValueError(f"offsets must be a sequence of {n} integers (one per parameter)")
-    out = [_contract.check_u64(f"offsets[{i}]", o, _contract.U64 - params[i].numel + 1)
+    out = [_contract.check_offset(f"offsets[{i}]", o, params[i].numel)
            for i, o in enumerate(offsets)]
     spans = sorted((o, o + p.numel, i) for i, (o, p) in enumerate(zip(out, params)) if p.numel)
     for (a0, a1, i), (b0, b1, j) in zip(spans, spans[1:]):

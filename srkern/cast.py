@@ -56,7 +56,7 @@ def cast(x: Any, dtype: Any, *, rounding: str = "stochastic", seed: int | None =
         raise TypeError(f"x must be float32 or one of {FLOAT_DTYPES[1:]}, got {xv.dtype}")
     if xv.dtype == "float32" and target == "float32":
         raise ValueError("x is already float32: choose a 16/8-bit dtype to round to")
-    offset = _contract.check_u64("offset", offset, _contract.U64 - xv.numel + 1)
+    offset = _contract.check_offset("offset", offset, xv.numel)
     if not xv.contiguous:
         xv = as_view(contiguous(x, xv.framework), "x")
         if not xv.contiguous:  # a producer with no copy-to-C-order we know how to ask for

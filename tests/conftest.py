@@ -1,7 +1,15 @@
-"""Shared test helpers: the formats under test, input generators and a bit-level mismatch report.
+"""Shared test helpers: the backend fixture, the formats under test, input generators and a
+bit-level mismatch report.
 
 The NumPy oracle itself lives in ``srkern.reference`` (shared with the benchmarks); this file only
 holds what several test files need to *drive* it.
+
+One test body, every backend (CuPy's ``numpy_cupy_array_equal`` idea): a test that takes the
+``backend`` fixture runs once per backend, ``cpu``, ``cpu-portable``, ``gpu-emu`` and, where a
+CUDA device is present, ``cuda``. It moves its NumPy inputs with ``backend.put`` (a guarded copy:
+CPU memory for the CPU backends, a torch CUDA tensor for ``cuda``) and reads results back with
+``backend.get``; every buffer ``put`` made is checked at teardown for writes past either end.
+``SRKERN_TEST_BACKENDS=gpu-emu,cuda`` restricts the list (the sanitizer job and the GPU check use it).
 """
 from __future__ import annotations
 
@@ -17,6 +25,119 @@ import pytest
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: long-running test (minutes); deselect with -m 'not slow'")
+    config.addinivalue_line("markers", "backend: runs once per backend (the `backend` fixture)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    for item in items:
+        if "backend" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.backend)
+
+
+# ---- backends -------------------------------------------------------------------------------------
+
+CPU_BACKENDS = ("cpu", "cpu-portable", "gpu-emu")
+GUARD = 64  # guard bytes on each side of every buffer a test hands to a kernel (keeps 64-byte alignment)
+
+
+def cuda_available() -> bool:
+    """Whether a CUDA device and torch's CUDA build are here (then the ``cuda`` backend runs)."""
+    try:
+        import torch
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+def backend_names() -> list[str]:
+    names = list(CPU_BACKENDS) + (["cuda"] if cuda_available() else [])
+    want = os.environ.get("SRKERN_TEST_BACKENDS")
+    if want:
+        chosen = [w.strip() for w in want.split(",") if w.strip()]
+        unknown = [w for w in chosen if w not in CPU_BACKENDS + ("cuda",)]
+        if unknown:
+            raise pytest.UsageError(f"SRKERN_TEST_BACKENDS names unknown backends {unknown}")
+        names = [n for n in chosen if n != "cuda" or cuda_available()]
+    return names
+
+
+class Backend:
+    """What a test body needs to run on one backend: inputs in, results out, guards checked."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.device = "cuda" if name == "cuda" else "cpu"
+        self._guarded: list[tuple[Any, np.ndarray, str]] = []
+        self._rng = np.random.default_rng(0x5EED)
+
+    def __repr__(self) -> str:
+        return f"Backend({self.name!r})"
+
+    def put(self, a: Any, lead: int = 0) -> Any:
+        """A copy of NumPy array ``a`` on this backend, with guard bytes around it.
+
+        ``lead`` shifts the data by that many elements from the buffer's 64-byte-aligned start
+        (a misaligned tensor). On ``cuda`` the result is a torch CUDA tensor (torch has every
+        dtype srkern uses; CuPy has no FP8).
+        """
+        a = np.ascontiguousarray(a)
+        nbytes, isz = a.nbytes, a.itemsize
+        pre = GUARD + lead * isz
+        guard = self._rng.integers(0, 256, pre + nbytes + GUARD, dtype=np.uint8)
+        if self.device == "cpu":
+            raw = np.empty(pre + nbytes + GUARD + 64, dtype=np.uint8)
+            start = (-raw.ctypes.data) % 64
+            buf = raw[start:start + guard.size]
+            buf[:] = guard
+            buf[pre:pre + nbytes] = a.reshape(-1).view(np.uint8)
+            out = buf[pre:pre + nbytes].view(a.dtype).reshape(a.shape)
+            self._guarded.append((buf, guard, f"buffer of shape {a.shape} dtype {a.dtype}"))
+            return out
+        import torch
+        host = guard.copy()
+        host[pre:pre + nbytes] = a.reshape(-1).view(np.uint8)
+        buf = torch.from_numpy(host).cuda()
+        data = buf[pre:pre + nbytes]
+        tdt = getattr(torch, a.dtype.name) if a.dtype.name != "float32" else torch.float32
+        out = data.view(tdt).reshape(a.shape)
+        self._guarded.append((buf, guard, f"buffer of shape {a.shape} dtype {a.dtype}"))
+        return out
+
+    def get(self, t: Any) -> np.ndarray:
+        """A NumPy copy of a result (torch tensors through their bits, BF16/FP8 as ml_dtypes)."""
+        if type(t).__module__.split(".")[0] == "torch":
+            import torch
+            name = str(t.dtype).removeprefix("torch.")
+            c = t.detach().cpu().contiguous()
+            width = c.element_size()
+            raw = c.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[width]).numpy()
+            npdt = {"bfloat16": ml_dtypes.bfloat16, "float8_e4m3fn": ml_dtypes.float8_e4m3fn,
+                    "float8_e5m2": ml_dtypes.float8_e5m2}.get(name, np.dtype(name) if name != "bool" else np.bool_)
+            return raw.view(npdt).copy()
+        if type(t).__module__.split(".")[0] == "cupy":
+            import cupy
+            return cupy.asnumpy(t)
+        return np.array(t, copy=True)
+
+    def check_guards(self) -> None:
+        for buf, guard, what in self._guarded:
+            host = self.get(buf).view(np.uint8)
+            size = guard.size
+            bad = np.nonzero(host[:size] != guard)[0]
+            if bad.size:
+                pytest.fail(f"[{self.name}] a kernel wrote outside its {what}: {bad.size} guard bytes "
+                            f"changed, first at buffer byte {int(bad[0])}", pytrace=False)
+        self._guarded.clear()
+
+
+@pytest.fixture(params=backend_names(), ids=lambda n: f"be={n}")
+def backend(request, monkeypatch) -> Backend:
+    """One backend per test instance; CPU tensors run on it through ``SRKERN_BACKEND``."""
+    name = request.param
+    monkeypatch.setenv("SRKERN_BACKEND", name if name in CPU_BACKENDS else "cpu")
+    be = Backend(name)
+    yield be
+    be.check_guards()
 
 
 @dataclass(frozen=True)

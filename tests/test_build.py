@@ -141,7 +141,7 @@ def test_missing_compiler(cache, tmp_path, monkeypatch, cxx):
 def test_compile_error_is_reported(cache, kernels):
     with open(kernels / "philox.cu", "a") as f:
         f.write("\nthis is not C++;\n")
-    with pytest.raises(BuildError, match=r"compiling kernels/philox.cu for CPU failed(.|\n)*error"):
+    with pytest.raises(BuildError, match=r"compiling kernels/philox.cu for cpu failed(.|\n)*error"):
         _build.cpu_library_path("philox")
 
 
