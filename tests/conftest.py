@@ -30,7 +30,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     for item in items:
-        if "backend" in getattr(item, "fixturenames", ()):
+        if {"backend", "mpi_backend"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.backend)
 
 
@@ -67,7 +67,7 @@ class Backend:
     def __init__(self, name: str) -> None:
         self.name = name
         self.device = "cuda" if name == "cuda" else "cpu"
-        self._guarded: list[tuple[Any, np.ndarray, str]] = []
+        self._guarded: list[tuple[Any, np.ndarray, int, int, str]] = []
         self._rng = np.random.default_rng(0x5EED)
 
     def __repr__(self) -> str:
@@ -91,7 +91,7 @@ class Backend:
             buf[:] = guard
             buf[pre:pre + nbytes] = a.reshape(-1).view(np.uint8)
             out = buf[pre:pre + nbytes].view(a.dtype).reshape(a.shape)
-            self._guarded.append((buf, guard, f"buffer of shape {a.shape} dtype {a.dtype}"))
+            self._guarded.append((buf, guard, pre, nbytes, f"buffer of shape {a.shape} dtype {a.dtype}"))
             return out
         import torch
         host = guard.copy()
@@ -100,7 +100,7 @@ class Backend:
         data = buf[pre:pre + nbytes]
         tdt = getattr(torch, a.dtype.name) if a.dtype.name != "float32" else torch.float32
         out = data.view(tdt).reshape(a.shape)
-        self._guarded.append((buf, guard, f"buffer of shape {a.shape} dtype {a.dtype}"))
+        self._guarded.append((buf, guard, pre, nbytes, f"buffer of shape {a.shape} dtype {a.dtype}"))
         return out
 
     def get(self, t: Any) -> np.ndarray:
@@ -120,13 +120,16 @@ class Backend:
         return np.array(t, copy=True)
 
     def check_guards(self) -> None:
-        for buf, guard, what in self._guarded:
+        for buf, guard, pre, nbytes, what in self._guarded:
             host = self.get(buf).view(np.uint8)
-            size = guard.size
-            bad = np.nonzero(host[:size] != guard)[0]
+            changed = host != guard
+            changed[pre:pre + nbytes] = False  # the data itself may change
+            bad = np.nonzero(changed)[0]
             if bad.size:
+                side = "before" if bad[0] < pre else "after"
+                where = pre - int(bad[0]) if side == "before" else int(bad[0]) - (pre + nbytes) + 1
                 pytest.fail(f"[{self.name}] a kernel wrote outside its {what}: {bad.size} guard bytes "
-                            f"changed, first at buffer byte {int(bad[0])}", pytrace=False)
+                            f"changed, the first {where} byte(s) {side} the data", pytrace=False)
         self._guarded.clear()
 
 

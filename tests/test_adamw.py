@@ -1,6 +1,8 @@
-"""srkern.adamw_step (kernels/adamw.cu) on the CPU backend: bit-exact against the NumPy reference
+"""srkern.adamw_step (kernels/adamw.cu) on every backend: bit-exact against the NumPy reference
 in every mode, grouping invariance, unbiasedness, the end-to-end stall of round-to-nearest,
-found_inf / grad_scale, bad input, and the gradient norm."""
+found_inf / grad_scale, bad input, tensors at the top of the 2^64 index space, and the gradient
+norm. Tests taking ``backend`` run once per backend (tests/conftest.py); every buffer they hand
+to a kernel has guard bytes on both sides, checked after the test."""
 from __future__ import annotations
 
 import math
@@ -54,6 +56,16 @@ def run_kernel(st: dict, **kw) -> None:
                       master_params=st["master_params"], compensation=st["compensation"], **kw)
 
 
+def put_state(be, st: dict) -> dict:
+    """The buffers of ``st`` on backend ``be`` (guarded copies)."""
+    return {k: None if v is None else [be.put(a) for a in v] for k, v in st.items()}
+
+
+def get_state(be, st: dict) -> dict:
+    """NumPy copies of a backend state."""
+    return {k: None if v is None else [be.get(a) for a in v] for k, v in st.items()}
+
+
 def run_reference(st: dict, **kw) -> dict:
     return R.adamw_step(st["params"], st["grads"], st["exp_avgs"], st["exp_avg_sqs"],
                         master_params=st["master_params"], compensation=st["compensation"], **kw)
@@ -66,12 +78,13 @@ def assert_state_equal(got: dict, want: dict, what: str) -> None:
     for key in BUFFERS:
         if want[key] is None:
             continue
-        for i, (a, b) in enumerate(zip(got[key], want[key])):
+        for i, (a, b) in enumerate(zip(got[key], want[key], strict=True)):
             assert_same_bits(a, b, what=f"{what}: {key}[{i}] (size {np.size(a)})")
 
 
-def snapshot(st: dict) -> dict:
-    return {k: None if v is None else [bits_of(x).copy() for x in v] for k, v in st.items()}
+def snapshot(st: dict, be=None) -> dict:
+    get = be.get if be is not None else (lambda x: x)
+    return {k: None if v is None else [bits_of(get(x)).copy() for x in v] for k, v in st.items()}
 
 
 CASES = [(p, g, s) for p, mode in srkern.PRECISIONS.items()
@@ -81,26 +94,28 @@ SHORT = {"bfloat16": "bf16", "float32": "f32"}
 
 @pytest.mark.parametrize("precision,grad_dtype,state_dtype", CASES,
                          ids=[f"mode={p}-grad={SHORT[g]}-state={SHORT[s]}" for p, g, s in CASES])
-def test_bit_exact_against_reference(precision, grad_dtype, state_dtype):
-    # Two steps with different hyper-parameters on 52 tensors of mixed, odd sizes: every buffer
+def test_bit_exact_against_reference(backend, precision, grad_dtype, state_dtype):
+    # Two steps with different hyper-parameters on 53 tensors of mixed, odd sizes: every buffer
     # must equal the NumPy oracle bit for bit (rounding, draws, order of operations).
     st = make_state(precision, grad_dtype, state_dtype, mixed_sizes(1))
+    dev = put_state(backend, st)
     for step, lr, gs in ((1, 3e-2, 1.0), (2, 1e-3, 0.5)):
         kw = dict(HYPER, lr=lr, step=step, precision=precision, seed=0x1234_5678_9ABC, grad_scale=gs)
         want = run_reference(st, **kw)
-        run_kernel(st, **kw)
+        run_kernel(dev, **kw)
+        st = dict(get_state(backend, dev), grads=st["grads"])
         assert_state_equal(st, want, f"{precision} step {step}")
 
 
 @pytest.mark.parametrize("precision", ["bf16-sr", "bf16-kahan", "fp32-master"])
-def test_grouping_invariance(precision):
+def test_grouping_invariance(backend, precision):
     # One launch for all tensors, one launch per tensor, and a random split into groups (each
     # with the tensors' global offsets) give identical bits: draws depend on the index only.
     sizes = mixed_sizes(2, 20)
     results = []
     rng = np.random.default_rng(3)
     for grouping in ("all", "each", "random"):
-        st = make_state(precision, "bfloat16", srkern.PRECISIONS[precision].state_dtypes[0], sizes, seed=4)
+        st = put_state(backend, make_state(precision, "bfloat16", srkern.PRECISIONS[precision].state_dtypes[0], sizes, seed=4))
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
         n = len(sizes)
         if grouping == "all":
@@ -114,24 +129,25 @@ def test_grouping_invariance(precision):
             for idx in groups:
                 sub = {k: None if v is None else [v[i] for i in idx] for k, v in st.items()}
                 run_kernel(sub, step=step, precision=precision, seed=77, offsets=[offsets[i] for i in idx], **HYPER)
-        results.append(st)
-    for other, name in zip(results[1:], ("each", "random")):
+        results.append(get_state(backend, st))
+    for other, name in zip(results[1:], ("each", "random"), strict=True):
         assert_state_equal(other, results[0], f"{precision}: grouping {name} vs all")
 
 
-def test_shard_offsets_equal_whole():
+def test_shard_offsets_equal_whole(backend):
     # A tensor updated as two slices with their offsets equals the whole tensor in one call:
-    # the property the sharded optimizer relies on.
-    whole = make_state("bf16-sr", "float32", "bfloat16", [1001], seed=5)
-    parts = make_state("bf16-sr", "float32", "bfloat16", [1001], seed=5)
+    # the property the sharded optimizer relies on. The second slice starts mid-block and on an
+    # address that is not 16-byte aligned (the GPU's scalar fallback of its vector accesses).
+    whole = put_state(backend, make_state("bf16-sr", "float32", "bfloat16", [1001], seed=5))
+    parts = put_state(backend, make_state("bf16-sr", "float32", "bfloat16", [1001], seed=5))
     run_kernel(whole, step=3, precision="bf16-sr", seed=9, offsets=[500], **HYPER)
     for a, b in ((0, 333), (333, 1001)):
         sub = {k: None if v is None else [v[0][a:b]] for k, v in parts.items()}
         run_kernel(sub, step=3, precision="bf16-sr", seed=9, offsets=[500 + a], **HYPER)
-    assert_state_equal(parts, whole, "two shards vs whole")
+    assert_state_equal(get_state(backend, parts), get_state(backend, whole), "two shards vs whole")
 
 
-def _mean_over_draws(precision: str, seeds: int, tiles: int, n: int = 64):
+def _mean_over_draws(be, precision: str, seeds: int, tiles: int, n: int = 64):
     """Mean result of one step on ``n`` elements over ``seeds`` seeds x ``tiles`` copies.
 
     Each copy of the 64-element problem sits at other logical indices, so every (seed, index)
@@ -144,20 +160,20 @@ def _mean_over_draws(precision: str, seeds: int, tiles: int, n: int = 64):
     hyper = dict(step=5, lr=3e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)  # updates ~0.05-1 ulp
     acc = np.zeros(n)
     for s in range(seeds):
-        p, m, v = np.tile(p0, tiles), np.tile(m0, tiles), np.tile(v0, tiles)
-        srkern.adamw_step([p], [np.tile(g, tiles)], [m], [v], precision=precision, seed=s, **hyper)
-        acc += p.astype(np.float64).reshape(tiles, n).sum(axis=0)
+        p, m, v = (be.put(np.tile(a, tiles)) for a in (p0, m0, v0))
+        srkern.adamw_step([p], [be.put(np.tile(g, tiles))], [m], [v], precision=precision, seed=s, **hyper)
+        acc += be.get(p).astype(np.float64).reshape(tiles, n).sum(axis=0)
     exact = R.adamw_float64(p0, g, m0, v0, **hyper)
     return acc / (seeds * tiles), exact
 
 
-def test_unbiased_over_seeds():
+def test_unbiased_over_seeds(backend):
     # The mean over N = 40 seeds x 50 index copies of one bf16-sr step equals the float64 AdamW
     # update. Each result is one of the two BF16 neighbours lo, lo + ulp of the target, with the
     # binomial standard error sqrt(f (1 - f) / N) ulp, f = (target - lo) / ulp; allow 5 standard
     # errors, plus 1e-3 ulp for the kernel's FP32 arithmetic (~1e-7 relative, far below that).
     N = 40 * 50
-    mean, exact = _mean_over_draws("bf16-sr", 40, 50)
+    mean, exact = _mean_over_draws(backend, "bf16-sr", 40, 50)
     ulp = 2.0 ** -7
     lo = np.floor(exact / ulp) * ulp
     f = (exact - lo) / ulp
@@ -166,11 +182,11 @@ def test_unbiased_over_seeds():
     bad = err > 5 * se + 1e-3 * ulp
     assert not bad.any(), f"bias beyond 5 SE at {np.nonzero(bad)[0][:5]}: err {err[bad][:5]}, se {se[bad][:5]}"
     # Power check: round-to-nearest is biased far beyond that bound on the same data.
-    near, _ = _mean_over_draws("bf16-nearest", 1, 1)
+    near, _ = _mean_over_draws(backend, "bf16-nearest", 1, 1)
     assert (np.abs(near - exact) > 5 * se + 1e-3 * ulp).mean() > 0.5
 
 
-def test_small_updates_stall_with_nearest_but_not_with_sr():
+def test_small_updates_stall_with_nearest_but_not_with_sr(backend):
     # Minimise 0.5 |w - target|^2 from w ~ 1.5 (BF16 ulp 2^-7 = 0.0078) with lr = 1e-3: every
     # update (~lr) is below half an ulp. Round-to-nearest writes the weights back unchanged, so
     # bf16-nearest stalls; bf16-sr (unbiased) and bf16-kahan (compensated) track fp32, which
@@ -182,15 +198,15 @@ def test_small_updates_stall_with_nearest_but_not_with_sr():
     finals = {}
     for prec in ("fp32", "bf16-nearest", "bf16-sr", "bf16-kahan"):
         mode = srkern.PRECISIONS[prec]
-        w = w0.astype(NP[mode.param_dtype])
+        w = backend.put(w0.astype(NP[mode.param_dtype]))
         sd = NP[mode.state_dtypes[0]]
-        m, v = np.zeros(n, sd), np.zeros(n, sd)
-        comp = [np.zeros(n, BF16)] if mode.compensation else None
+        m, v = backend.put(np.zeros(n, sd)), backend.put(np.zeros(n, sd))
+        comp = [backend.put(np.zeros(n, BF16))] if mode.compensation else None
         for t in range(1, steps + 1):
-            g = (w.astype(np.float32) - target).astype(np.float32)
+            g = backend.put((backend.get(w).astype(np.float32) - target).astype(np.float32))
             srkern.adamw_step([w], [g], [m], [v], step=t, lr=1e-3, precision=prec, seed=5,
                               compensation=comp)
-        finals[prec] = w.astype(np.float32)
+        finals[prec] = backend.get(w).astype(np.float32)
     moved = np.abs(finals["fp32"] - w0).mean()
     assert moved > 0.09, f"fp32 moved only {moved}: the problem is not testing anything"
     assert np.array_equal(finals["bf16-nearest"], w0), "bf16-nearest should stall (updates < ulp/2)"
@@ -201,98 +217,107 @@ def test_small_updates_stall_with_nearest_but_not_with_sr():
 
 
 @pytest.mark.parametrize("precision", ["bf16-sr", "bf16-kahan", "fp32-master", "fp32"])
-def test_found_inf_changes_nothing(precision):
+def test_found_inf_changes_nothing(backend, precision):
     # A set flag skips the step without touching any buffer; a clear flag equals no flag.
-    st = make_state(precision, "bfloat16", srkern.PRECISIONS[precision].state_dtypes[0], [5, 100], seed=6)
-    before = snapshot(st)
-    run_kernel(st, step=1, precision=precision, seed=1, found_inf=np.ones(1, np.float32), **HYPER)
-    after = snapshot(st)
+    sdt = srkern.PRECISIONS[precision].state_dtypes[0]
+    st = put_state(backend, make_state(precision, "bfloat16", sdt, [5, 100], seed=6))
+    before = snapshot(st, backend)
+    run_kernel(st, step=1, precision=precision, seed=1, found_inf=backend.put(np.ones(1, np.float32)), **HYPER)
+    after = snapshot(st, backend)
     for k in before:
         if before[k] is not None:
-            for i, (a, b) in enumerate(zip(before[k], after[k])):
+            for i, (a, b) in enumerate(zip(before[k], after[k], strict=True)):
                 assert_same_bits(b, a, what=f"{k}[{i}] after a skipped step")
-    ref = make_state(precision, "bfloat16", srkern.PRECISIONS[precision].state_dtypes[0], [5, 100], seed=6)
-    run_kernel(st, step=1, precision=precision, seed=1, found_inf=np.zeros(1, np.float32), **HYPER)
+    ref = put_state(backend, make_state(precision, "bfloat16", sdt, [5, 100], seed=6))
+    run_kernel(st, step=1, precision=precision, seed=1, found_inf=backend.put(np.zeros(1, np.float32)), **HYPER)
     run_kernel(ref, step=1, precision=precision, seed=1, **HYPER)
-    assert_state_equal(st, ref, "found_inf = 0 vs none")
+    assert_state_equal(get_state(backend, st), get_state(backend, ref), "found_inf = 0 vs none")
 
 
 @pytest.mark.parametrize("grad_dtype,scale", [("float32", 0.37), ("bfloat16", 0.25)],
                          ids=["grad=f32-scale=0.37", "grad=bf16-scale=0.25"])
-def test_grad_scale_equals_prescaled_grads(grad_dtype, scale):
+def test_grad_scale_equals_prescaled_grads(backend, grad_dtype, scale):
     # grad_scale multiplies in FP32 inside the kernel: bit-identical to FP32 gradients multiplied
     # beforehand (for BF16 gradients a power of two keeps the pre-scaled BF16 exact).
     a = make_state("bf16-sr", grad_dtype, "bfloat16", mixed_sizes(7, 5), seed=8)
     b = make_state("bf16-sr", grad_dtype, "bfloat16", mixed_sizes(7, 5), seed=8)
     b["grads"] = [(g.astype(np.float32) * np.float32(scale)).astype(g.dtype) for g in b["grads"]]
+    a, b = put_state(backend, a), put_state(backend, b)
     run_kernel(a, step=2, precision="bf16-sr", seed=3, grad_scale=scale, **HYPER)
     run_kernel(b, step=2, precision="bf16-sr", seed=3, **HYPER)
-    assert_state_equal(a, b, "grad_scale vs pre-scaled")
+    assert_state_equal(get_state(backend, a), get_state(backend, b), "grad_scale vs pre-scaled")
 
 
 def _bad_cases():
-    """(id, mutate(state) -> kwargs overrides, expected error type, message fragment)."""
+    """(id, mutate(host state, backend state, put) -> kwargs overrides, error type, message fragment)."""
     def c(name, fn, exc, frag):
         return pytest.param(fn, exc, frag, id=name)
     return [
-        c("lists-differ", lambda s: dict(grads=s["grads"][:-1]), ValueError, "grads has"),
-        c("shape-mismatch", lambda s: dict(exp_avgs=[s["exp_avgs"][0], s["exp_avgs"][1][:-1]]), ValueError, "shape"),
-        c("param-dtype", lambda s: dict(params=[p.astype(np.float32) for p in s["params"]]), TypeError, "params[0]"),
-        c("state-dtype", lambda s: dict(exp_avgs=[m.astype(np.float16) for m in s["exp_avgs"]]), TypeError, "exp_avgs[0]"),
-        c("mixed-state", lambda s: dict(exp_avg_sqs=[v.astype(np.float32) for v in s["exp_avg_sqs"]]), TypeError, "exp_avg_sqs"),
-        c("lr<0", lambda s: dict(lr=-1e-3), ValueError, "lr"),
-        c("lr-nan", lambda s: dict(lr=float("nan")), ValueError, "lr"),
-        c("beta1=1", lambda s: dict(betas=(1.0, 0.999)), ValueError, "betas[0]"),
-        c("beta2<0", lambda s: dict(betas=(0.9, -0.1)), ValueError, "betas[1]"),
-        c("eps=0", lambda s: dict(eps=0.0), ValueError, "eps"),
-        c("wd<0", lambda s: dict(weight_decay=-0.1), ValueError, "weight_decay"),
-        c("step=0", lambda s: dict(step=0), ValueError, "step"),
-        c("no-grad", lambda s: dict(grads=[s["grads"][0], None]), ValueError, "grads[1] is None"),
-        c("aliased-moments", lambda s: dict(exp_avg_sqs=[s["exp_avgs"][0], s["exp_avg_sqs"][1]]), ValueError, "overlaps"),
-        c("grad-aliases-param", lambda s: dict(grads=[s["params"][0], s["grads"][1]]), ValueError, "overlaps"),
-        c("non-contiguous", lambda s: dict(grads=[s["grads"][0], np.repeat(s["grads"][1], 2)[::2]]), ValueError, "contiguous"),
-        c("master-in-sr", lambda s: dict(master_params=[p.astype(np.float32) for p in s["params"]]), ValueError, "master_params"),
-        c("found_inf-dtype", lambda s: dict(found_inf=np.zeros(1, np.float64)), TypeError, "found_inf"),
-        c("offsets-overlap", lambda s: dict(offsets=[0, 3]), ValueError, "overlapping"),
-        c("precision", lambda s: dict(precision="bf16"), ValueError, "precision"),
-        c("read-only", lambda s: dict(params=[s["params"][0], _readonly(s["params"][1])]), ValueError, "read-only"),
+        c("lists-differ", lambda s, d, put: dict(grads=d["grads"][:-1]), ValueError, "grads has"),
+        c("shape-mismatch", lambda s, d, put: dict(exp_avgs=[d["exp_avgs"][0], d["exp_avgs"][1][:-1]]), ValueError, "shape"),
+        c("param-dtype", lambda s, d, put: dict(params=[put(p.astype(np.float32)) for p in s["params"]]), TypeError, "params[0]"),
+        c("state-dtype", lambda s, d, put: dict(exp_avgs=[put(m.astype(np.float16)) for m in s["exp_avgs"]]), TypeError, "exp_avgs[0]"),
+        c("mixed-state", lambda s, d, put: dict(exp_avg_sqs=[put(v.astype(np.float32)) for v in s["exp_avg_sqs"]]), TypeError, "exp_avg_sqs"),
+        c("lr<0", lambda s, d, put: dict(lr=-1e-3), ValueError, "lr"),
+        c("lr-nan", lambda s, d, put: dict(lr=float("nan")), ValueError, "lr"),
+        c("beta1=1", lambda s, d, put: dict(betas=(1.0, 0.999)), ValueError, "betas[0]"),
+        c("beta2<0", lambda s, d, put: dict(betas=(0.9, -0.1)), ValueError, "betas[1]"),
+        c("eps=0", lambda s, d, put: dict(eps=0.0), ValueError, "eps"),
+        c("wd<0", lambda s, d, put: dict(weight_decay=-0.1), ValueError, "weight_decay"),
+        c("step=0", lambda s, d, put: dict(step=0), ValueError, "step"),
+        c("no-grad", lambda s, d, put: dict(grads=[d["grads"][0], None]), ValueError, "grads[1] is None"),
+        c("aliased-moments", lambda s, d, put: dict(exp_avg_sqs=[d["exp_avgs"][0], d["exp_avg_sqs"][1]]), ValueError, "overlaps"),
+        c("grad-aliases-param", lambda s, d, put: dict(grads=[d["params"][0], d["grads"][1]]), ValueError, "overlaps"),
+        c("non-contiguous", lambda s, d, put: dict(grads=[d["grads"][0], put(np.repeat(s["grads"][1], 2))[::2]]), ValueError, "contiguous"),
+        c("master-in-sr", lambda s, d, put: dict(master_params=[put(p.astype(np.float32)) for p in s["params"]]), ValueError, "master_params"),
+        c("found_inf-dtype", lambda s, d, put: dict(found_inf=put(np.zeros(1, np.float64))), TypeError, "found_inf"),
+        c("offsets-overlap", lambda s, d, put: dict(offsets=[0, 3]), ValueError, "overlapping"),
+        c("offset=2**64", lambda s, d, put: dict(offsets=[0, 2 ** 64]), ValueError, "offsets[1]"),
+        c("offset-past-2**64", lambda s, d, put: dict(offsets=[0, 2 ** 64 - 19]), ValueError, "offsets[1]"),
+        c("precision", lambda s, d, put: dict(precision="bf16"), ValueError, "precision"),
+        c("read-only", lambda s, d, put: dict(params=[d["params"][0], _readonly(d["params"][1])]), ValueError, "read-only"),
     ]
 
 
 def _readonly(a):
+    if not isinstance(a, np.ndarray):
+        pytest.skip("only NumPy arrays can be read-only")
     a = a.view()
     a.flags.writeable = False
     return a
 
 
 @pytest.mark.parametrize("mutate,exc,frag", _bad_cases())
-def test_bad_input_raises_and_changes_nothing(mutate, exc, frag):
-    st = make_state("bf16-sr", "bfloat16", "bfloat16", [10, 20], seed=9)
-    before = snapshot(st)
+def test_bad_input_raises_and_changes_nothing(backend, mutate, exc, frag):
+    host = make_state("bf16-sr", "bfloat16", "bfloat16", [10, 20], seed=9)
+    st = put_state(backend, host)
+    before = snapshot(st, backend)
     kw = dict(params=st["params"], grads=st["grads"], exp_avgs=st["exp_avgs"], exp_avg_sqs=st["exp_avg_sqs"],
               step=1, seed=1, precision="bf16-sr", **HYPER)
-    kw.update(mutate(st))
+    kw.update(mutate(host, st, backend.put))
     with pytest.raises(exc, match=re.escape(frag)):
         srkern.adamw_step(**kw)
-    after = snapshot(st)
+    after = snapshot(st, backend)
     for k in before:
         if before[k] is not None:
-            for i, (a, b) in enumerate(zip(before[k], after[k])):
+            for i, (a, b) in enumerate(zip(before[k], after[k], strict=True)):
                 assert_same_bits(b, a, what=f"{k}[{i}] after a refused call")
 
 
-def test_found_inf_aliasing_a_buffer_refused():
+def test_found_inf_aliasing_a_buffer_refused(backend):
     # found_inf (FP32) as a view into exp_avgs[0] (FP32 moments): the kernel would read it while
     # writing that buffer, so it is refused like any other overlap and nothing is written. It is
     # 0.0, so without the check the step would run and change the buffers.
-    st = make_state("bf16-sr", "bfloat16", "float32", [10, 20], seed=16)
-    st["exp_avgs"][0][0] = 0.0
-    before = snapshot(st)
+    host = make_state("bf16-sr", "bfloat16", "float32", [10, 20], seed=16)
+    host["exp_avgs"][0][0] = 0.0
+    st = put_state(backend, host)
+    before = snapshot(st, backend)
     with pytest.raises(ValueError, match=r"found_inf overlaps exp_avgs\[0\]|exp_avgs\[0\] overlaps found_inf"):
         run_kernel(st, step=1, seed=1, precision="bf16-sr", found_inf=st["exp_avgs"][0][:1], **HYPER)
+    after = snapshot(st, backend)
     for k in before:
         if before[k] is not None:
-            for i, (a, b) in enumerate(zip(before[k], st[k])):
+            for i, (a, b) in enumerate(zip(before[k], after[k], strict=True)):
                 assert_same_bits(b, a, what=f"{k}[{i}] after a refused call")
 
 
@@ -315,21 +340,22 @@ def test_bytes_per_param():
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_grad_norm(dtype):
+def test_grad_norm(backend, dtype):
     # The global L2 norm (FP64 sums) matches NumPy's float64 norm, scaled by grad_scale, and
     # flags non-finite gradients; the value is the same however often it is computed.
     rng = np.random.default_rng(12)
-    grads = [(rng.standard_normal(n) * 3).astype(NP[dtype]) for n in mixed_sizes(13, 10) + [5000]]
-    want = math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads))
+    host = [(rng.standard_normal(n) * 3).astype(NP[dtype]) for n in mixed_sizes(13, 10) + [5000, 70001]]
+    grads = [backend.put(g) for g in host]
+    want = math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in host))
     got = srkern.grad_norm(grads)
     assert got.finite and abs(got.norm - want) <= 1e-12 * want
     assert srkern.grad_norm(grads) == got
     half = srkern.grad_norm(grads, grad_scale=0.5)
     assert abs(half.norm - want / 2) <= 1e-12 * want
-    grads[3][0] = np.inf
-    assert not srkern.grad_norm(grads).finite
-    grads[3][0] = np.nan
-    assert not srkern.grad_norm(grads).finite
+    for bad in (np.inf, np.nan):
+        host[3][0] = bad
+        grads[3] = backend.put(host[3])
+        assert not srkern.grad_norm(grads).finite
 
 
 def test_torch_tensors_work_in_place():
@@ -348,7 +374,7 @@ def test_torch_tensors_work_in_place():
             assert_same_bits(a, b, what=key)
 
 
-def test_large_offsets_and_counter_wrap():
+def test_large_offsets_and_counter_wrap(backend):
     # Logical indices past 2^32 * 8: the Philox block counter's low word wraps inside a group
     # of 8 blocks (the CPU path's scalar fallback) and the high word is used; bits still equal
     # the reference.
@@ -357,5 +383,29 @@ def test_large_offsets_and_counter_wrap():
     st = make_state("bf16-sr", "bfloat16", "bfloat16", sizes, seed=15)
     kw = dict(HYPER, step=1, precision="bf16-sr", seed=99, offsets=offsets)
     want = run_reference(st, **kw)
-    run_kernel(st, **kw)
-    assert_state_equal(st, want, "offsets near 2^35 and 2^40")
+    dev = put_state(backend, st)
+    run_kernel(dev, **kw)
+    assert_state_equal(get_state(backend, dev), want, "offsets near 2^35 and 2^40")
+
+
+# Tensors that end inside the last Philox block of the 2^64 index space, where q * 8 + 8 wraps to
+# 0: the GPU's full-block test once took such a block as full and read and wrote up to 7
+# elements past the tensor's end (caught by the guard bytes on gpu-emu).
+TOP_LAYOUTS = {
+    "one-tensor-11-at-2**64-16": ([11], [2 ** 64 - 16]),
+    "ends-at-2**64": ([13, 4], [2 ** 64 - 13, 0]),
+    "three-in-the-last-blocks": ([5, 2, 9], [2 ** 64 - 8, 2 ** 64 - 19, 2 ** 64 - 30]),
+}
+
+
+@pytest.mark.parametrize("layout", list(TOP_LAYOUTS), ids=[f"layout={k}" for k in TOP_LAYOUTS])
+@pytest.mark.parametrize("precision,grad_dtype,state_dtype", CASES,
+                         ids=[f"mode={p}-grad={SHORT[g]}-state={SHORT[s]}" for p, g, s in CASES])
+def test_tensors_at_the_top_of_the_index_space(backend, precision, grad_dtype, state_dtype, layout):
+    sizes, offsets = TOP_LAYOUTS[layout]
+    st = make_state(precision, grad_dtype, state_dtype, sizes, seed=17)
+    kw = dict(HYPER, step=2, precision=precision, seed=0xFEED, offsets=offsets)
+    want = run_reference(st, **kw)
+    dev = put_state(backend, st)
+    run_kernel(dev, **kw)
+    assert_state_equal(get_state(backend, dev), want, f"{layout}")

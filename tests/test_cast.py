@@ -1,4 +1,4 @@
-"""srkern.cast on the CPU backend: bit-exact against srkern.reference, properties, statistics, bad input.
+"""srkern.cast on every backend: bit-exact against srkern.reference, properties, statistics, bad input.
 
 Layers (DESIGN.md section 6): the compiled kernel equals the NumPy oracle bit for bit on every
 format, rounding, saturate flag, size and offset; results are one of the two grid neighbours and
@@ -7,6 +7,9 @@ stated binomial bounds; bad calls raise an error naming the argument and write n
 
 Non-contiguous inputs are handled, not refused: they are copied to C order first, and the
 logical index of an element is ``offset`` plus its C-order position (tested below).
+
+Tests taking ``backend`` run once per backend (tests/conftest.py): inputs go through
+``backend.put`` (guarded, possibly misaligned copies), results come back through ``backend.get``.
 """
 from __future__ import annotations
 
@@ -61,12 +64,12 @@ def ref(x, fmt: Fmt, rounding: str = "stochastic", **kw) -> np.ndarray:
 # ---- bit-exact against the reference -------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt,rounding,saturate,n,off", _cases())
-def test_bit_exact(fmt, rounding, saturate, n, off):
+def test_bit_exact(backend, fmt, rounding, saturate, n, off):
     # Every element, every lane of the partial and full blocks, against the NumPy oracle.
     offset = offset_value(off, fmt)
     x = mixed_input(n, fmt, seed=n)
-    got = srkern.cast(x, fmt.name, rounding=rounding, seed=SEED, offset=offset, step=STEP,
-                      stream=STREAM, saturate=saturate)
+    got = backend.get(srkern.cast(backend.put(x), fmt.name, rounding=rounding, seed=SEED, offset=offset,
+                                  step=STEP, stream=STREAM, saturate=saturate))
     assert got.dtype == np.dtype(fmt.np_dtype) and got.shape == x.shape
     want = ref(x, fmt, rounding, offset=offset, step=STEP, stream=STREAM, saturate=saturate)
     assert_same_bits(got, want, x, f"cast to {fmt.name} offset={offset}")
@@ -76,19 +79,24 @@ _CHILD = r"""
 import json, sys
 import numpy as np
 import srkern
-cases = json.loads(sys.argv[1])
+cases, cuda = json.loads(sys.argv[1]), sys.argv[3] == "cuda"
 out = {}
 for case in cases:
     print(case["id"], flush=True)  # the parent names the last case started if this process dies
     x = np.load(case["x"])
+    if cuda:
+        import torch
+        x = torch.from_numpy(x).cuda()
     y = srkern.cast(x, case["fmt"], rounding=case["rounding"], seed=case["seed"], offset=case["offset"])
+    if cuda:
+        y = y.cpu().view(torch.int16 if y.element_size() == 2 else torch.uint8).numpy()
     out[case["id"]] = np.asarray(y).view(np.uint16 if y.itemsize == 2 else np.uint8)
 np.savez(sys.argv[2], **out)
 """
 
 
 @pytest.mark.parametrize("fmt", fmt_params())
-def test_bit_exact_offsets_near_2_64(fmt, tmp_path):
+def test_bit_exact_offsets_near_2_64(backend, fmt, tmp_path):
     # Offsets up to the last legal one (offset + n == 2**64). Run in a child process, so a kernel
     # that writes out of bounds fails this test instead of killing the whole session.
     cases = []
@@ -99,8 +107,9 @@ def test_bit_exact_offsets_near_2_64(fmt, tmp_path):
             for rnd in ("stochastic", "nearest"):
                 cases.append({"id": f"n={n}-offset=2**64-n-{k}-{rnd}", "x": str(tmp_path / f"x{n}.npy"),
                               "fmt": fmt.name, "rounding": rnd, "seed": SEED, "offset": 2 ** 64 - n - k})
-    res = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cases), str(tmp_path / "y.npz")],
-                         capture_output=True, text=True, timeout=300, env=child_env())
+    env = dict(child_env(), SRKERN_BACKEND=backend.name if backend.device == "cpu" else "cpu")
+    res = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cases), str(tmp_path / "y.npz"), backend.name],
+                         capture_output=True, text=True, timeout=300, env=env)
     if res.returncode != 0:
         started = res.stdout.split()
         pytest.fail(f"child died with return code {res.returncode} in case "
@@ -119,29 +128,33 @@ def test_bit_exact_offsets_near_2_64(fmt, tmp_path):
 
 @pytest.mark.parametrize("fmt", fmt_params())
 @pytest.mark.parametrize("start", [1, 3, 5], ids=lambda s: f"start={s}")
-def test_numpy_slices(fmt, start):
-    # A slice at an odd element offset: input and out= pointers are not 16-byte aligned.
+def test_slices(backend, fmt, start):
+    # A slice at an odd element offset: input and out= pointers are not 16-byte aligned (the
+    # GPU's scalar fallback of its vector accesses).
     n = 1023
-    base = mixed_input(n + 8, fmt, seed=start)
-    x = base[start:start + n]
-    want = ref(x, fmt, offset=77)
-    assert_same_bits(srkern.cast(x, fmt.name, seed=SEED, offset=77), want, x, "numpy slice")
-    out_base = _sentinel_out(n + 8, fmt.np_dtype)
-    before = bits_of(out_base).copy()
+    host = mixed_input(n + 8, fmt, seed=start)
+    x = backend.put(host)[start:start + n]
+    want = ref(host[start:start + n], fmt, offset=77)
+    assert_same_bits(backend.get(srkern.cast(x, fmt.name, seed=SEED, offset=77)), want, host[start:start + n], "slice")
+    sentinel = _sentinel_out(n + 8, fmt.np_dtype)
+    out_base = backend.put(sentinel)
     out = out_base[start:start + n]
     res = srkern.cast(x, fmt.name, seed=SEED, offset=77, out=out)
     assert res is out
-    assert_same_bits(out, want, x, "numpy slice out=")
+    assert_same_bits(backend.get(out), want, host[start:start + n], "slice out=")
     # nothing outside the slice was written
     outside = np.ones(n + 8, dtype=bool)
     outside[start:start + n] = False
-    assert np.array_equal(bits_of(out_base)[outside], before[outside])
+    assert np.array_equal(bits_of(backend.get(out_base))[outside], bits_of(sentinel)[outside])
 
 
 @pytest.mark.parametrize("fmt", fmt_params())
 @pytest.mark.parametrize("byte_shift", [1, 2], ids=lambda s: f"byte_shift={s}")
-def test_pointer_not_element_aligned(fmt, byte_shift):
-    # Input whose address is not a multiple of 4 bytes (NumPy allows such views).
+def test_pointer_not_element_aligned(backend, fmt, byte_shift):
+    # Input whose address is not a multiple of 4 bytes (NumPy allows such views; on a GPU no
+    # framework makes them, so the cuda backend has nothing to test).
+    if backend.device != "cpu":
+        pytest.skip("no GPU framework makes tensors that are not element-aligned")
     n = 257
     buf = np.zeros(4 * n + 8, dtype=np.uint8)
     x = buf[byte_shift:byte_shift + 4 * n].view(np.float32)
@@ -170,12 +183,14 @@ def test_torch_slices(fmt):
 
 
 @pytest.mark.parametrize("fmt", fmt_params())
-def test_slice_with_offset_equals_whole(fmt):
+def test_slice_with_offset_equals_whole(backend, fmt):
     # Contract v1: casting a piece with its logical offset draws exactly the whole tensor's bits.
-    x = mixed_input(1000, fmt, seed=4)
-    whole = srkern.cast(x, fmt.name, seed=SEED, offset=10)
+    host = mixed_input(1000, fmt, seed=4)
+    x = backend.put(host)
+    whole = backend.get(srkern.cast(x, fmt.name, seed=SEED, offset=10))
     for a, b in ((0, 13), (13, 500), (500, 1000)):
-        assert_same_bits(srkern.cast(x[a:b], fmt.name, seed=SEED, offset=10 + a), whole[a:b], x[a:b], f"piece {a}:{b}")
+        piece = backend.get(srkern.cast(x[a:b], fmt.name, seed=SEED, offset=10 + a))
+        assert_same_bits(piece, whole[a:b], host[a:b], f"piece {a}:{b}")
 
 
 NONCONTIG = {
@@ -188,13 +203,16 @@ NONCONTIG = {
 
 @pytest.mark.parametrize("fmt", fmt_params())
 @pytest.mark.parametrize("layout", list(NONCONTIG), ids=lambda s: f"layout={s}")
-def test_non_contiguous_numpy(fmt, layout):
+def test_non_contiguous(backend, fmt, layout):
     # Documented: non-contiguous inputs are copied to C order; logical index = C-order position.
-    x = NONCONTIG[layout](mixed_input(1000, fmt, seed=8))
-    assert not x.flags.c_contiguous
+    if layout == "reversed" and backend.device != "cpu":
+        pytest.skip("torch has no negative strides")
+    host = NONCONTIG[layout](mixed_input(1000, fmt, seed=8))
+    x = NONCONTIG[layout](backend.put(mixed_input(1000, fmt, seed=8)))
+    assert not host.flags.c_contiguous
     got = srkern.cast(x, fmt.name, seed=SEED, offset=9)
-    assert got.shape == x.shape and got.flags.c_contiguous
-    assert_same_bits(got, ref(np.ascontiguousarray(x), fmt, offset=9), x, f"layout {layout}")
+    assert tuple(got.shape) == host.shape
+    assert_same_bits(backend.get(got), ref(np.ascontiguousarray(host), fmt, offset=9), host, f"layout {layout}")
 
 
 @pytest.mark.parametrize("fmt", fmt_params())
@@ -214,11 +232,11 @@ def test_non_contiguous_torch(fmt):
 @pytest.mark.parametrize("fmt", fmt_params())
 @pytest.mark.parametrize("shape", [(3, 5), (0, 4), (1, 1), (17, 9), (2, 3, 4)],
                          ids=lambda s: "shape=" + "x".join(map(str, s)))
-def test_nd_shapes(fmt, shape):
+def test_nd_shapes(backend, fmt, shape):
     n = int(np.prod(shape))
     x = mixed_input(n, fmt, seed=n).reshape(shape)
     for rounding in ("stochastic", "nearest"):
-        got = srkern.cast(x, fmt.name, rounding=rounding, seed=SEED)
+        got = backend.get(srkern.cast(backend.put(x), fmt.name, rounding=rounding, seed=SEED))
         assert got.shape == shape
         assert_same_bits(got, ref(x, fmt, rounding), x, f"shape {shape}")
 
@@ -238,11 +256,11 @@ def test_dtype_spellings():
 
 @pytest.mark.parametrize("src", fmt_params())
 @pytest.mark.parametrize("dst", [pytest.param(f, id=f"to={f.short}") for f in FORMATS])
-def test_between_low_precision_formats(src, dst):
+def test_between_low_precision_formats(backend, src, dst):
     # A 16/8-bit input rounds to another format through its exact FP32 value.
     with np.errstate(over="ignore", invalid="ignore"):
         x = mixed_input(999, src, seed=3).astype(src.np_dtype)
-    got = srkern.cast(x, dst.name, seed=SEED, offset=1)
+    got = backend.get(srkern.cast(backend.put(x), dst.name, seed=SEED, offset=1))
     assert_same_bits(got, ref(x.astype(np.float32), dst, offset=1), x.astype(np.float32), f"{src.name}->{dst.name}")
 
 
@@ -257,21 +275,21 @@ def test_seed_none_uses_manual_seed():
 
 
 @pytest.mark.parametrize("fmt", fmt_params())
-def test_seed_step_stream_select_the_bits(fmt):
+def test_seed_step_stream_select_the_bits(backend, fmt):
     # Each of seed, step and stream enters the draw (an ignored word would make two results equal;
     # with 4096 values that each round up with p = 1/2, that happens by chance with p = 2**-4096).
     grid = fmt.grid()
     k = int(np.searchsorted(grid, 1.0))
-    x = np.full(4096, (grid[k] + grid[k + 1]) / 2, dtype=np.float32)  # rounds up with p = 1/2
-    base = bits_of(srkern.cast(x, fmt.name, seed=1))
+    x = backend.put(np.full(4096, (grid[k] + grid[k + 1]) / 2, dtype=np.float32))  # rounds up with p = 1/2
+    base = bits_of(backend.get(srkern.cast(x, fmt.name, seed=1)))
     for kw in ({"seed": 2}, {"seed": 1 + 2 ** 32}, {"seed": 1, "step": 1}, {"seed": 1, "stream": 1}):
-        assert not np.array_equal(bits_of(srkern.cast(x, fmt.name, **kw)), base), kw
+        assert not np.array_equal(bits_of(backend.get(srkern.cast(x, fmt.name, **kw))), base), kw
 
 
 # ---- properties ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", fmt_params())
-def test_sr_result_is_a_neighbour(fmt):
+def test_sr_result_is_a_neighbour(backend, fmt):
     # Independent of the oracle: the grid is every finite value of the format (ml_dtypes), and
     # each SR result must be the value just below or just above |x| on it.
     grid = fmt.grid()
@@ -280,7 +298,7 @@ def test_sr_result_is_a_neighbour(fmt):
     e = rng.uniform(np.log2(fmt.smallest_subnormal) - 1, np.log2(fmt.max), n)
     x = (np.where(rng.integers(0, 2, n) == 1, -1, 1) * np.exp2(e)).astype(np.float32)
     x = x[np.abs(x) <= fmt.max]
-    y = np.asarray(srkern.cast(x, fmt.name, seed=SEED)).astype(np.float64)
+    y = backend.get(srkern.cast(backend.put(x), fmt.name, seed=SEED)).astype(np.float64)
     a = np.abs(x.astype(np.float64))
     k = np.searchsorted(grid, a, side="right") - 1
     lo, hi = grid[k], grid[np.minimum(k + 1, grid.size - 1)]
@@ -294,11 +312,12 @@ def test_sr_result_is_a_neighbour(fmt):
 @pytest.mark.parametrize("fmt", fmt_params())
 @pytest.mark.parametrize("rounding", ROUNDINGS)
 @pytest.mark.parametrize("saturate", SATURATE)
-def test_representable_values_pass_unchanged(fmt, rounding, saturate):
+def test_representable_values_pass_unchanged(backend, fmt, rounding, saturate):
     # Every finite value of the format (both zeros, all subnormals, max) comes back bit for bit.
     pats = fmt.all_patterns()
     vals = pats[np.isfinite(pats.astype(np.float32))]
-    got = srkern.cast(vals.astype(np.float32), fmt.name, rounding=rounding, seed=SEED, saturate=saturate)
+    got = backend.get(srkern.cast(backend.put(vals.astype(np.float32)), fmt.name, rounding=rounding,
+                                  seed=SEED, saturate=saturate))
     assert_same_bits(got, vals, vals.astype(np.float32), "representable values")
 
 
@@ -308,14 +327,15 @@ def _pattern(fmt: Fmt, value: float) -> int:
 
 @pytest.mark.parametrize("fmt", fmt_params())
 @pytest.mark.parametrize("rounding", ROUNDINGS)
-def test_edge_values(fmt, rounding):
+def test_edge_values(backend, fmt, rounding):
     sign_bit = 1 << (fmt.nbits - 1)
     max_p = _pattern(fmt, fmt.max)
     inf_p = _pattern(fmt, np.inf) if fmt.has_inf else None
 
     def cast1(v, saturate=False):
-        return int(bits_of(srkern.cast(np.array([v], dtype=np.float32), fmt.name, rounding=rounding,
-                                       seed=SEED, saturate=saturate))[0])
+        x = backend.put(np.array([v], dtype=np.float32))
+        return int(bits_of(backend.get(srkern.cast(x, fmt.name, rounding=rounding, seed=SEED,
+                                                   saturate=saturate)))[0])
 
     def is_nan(p):
         return bool(np.isnan(np.array([p], dtype=fmt.uint).view(fmt.np_dtype).astype(np.float32))[0])
@@ -398,14 +418,14 @@ def _stat_values(fmt: Fmt) -> list[tuple[float, float, float]]:
 
 
 @pytest.mark.parametrize("fmt", fmt_params())
-def test_sr_is_unbiased(fmt):
+def test_sr_is_unbiased(backend, fmt):
     # The mean of N SR casts of one value (N distinct indices, hence N independent draws) is
     # within 5 binomial standard errors of the value: |mean - x| <= 5 * (U - T) * sqrt(p(1-p)/N).
     # Under a correct kernel each check fails with probability ~6e-7; 50 values per format.
     n = 1 << 14
     triples = _stat_values(fmt)
     x = np.repeat(np.array([t[0] for t in triples], dtype=np.float32), n)
-    y = np.asarray(srkern.cast(x, fmt.name, seed=SEED)).astype(np.float64).reshape(len(triples), n)
+    y = backend.get(srkern.cast(backend.put(x), fmt.name, seed=SEED)).astype(np.float64).reshape(len(triples), n)
     report = []
     for i, (v, lo, hi) in enumerate(triples):
         gap = hi - lo
@@ -429,7 +449,7 @@ def _chi2(up: np.ndarray, m: int, p: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("fmt", fmt_params())
-def test_round_up_frequencies_chi_square(fmt):
+def test_round_up_frequencies_chi_square(backend, fmt):
     # 32 values with random distances D from their lower neighbour, each cast N = 4096 times at
     # consecutive indices. Under contract v1 every round-up count below is binomial, and the sum
     # of squared standardised counts is ~chi-square(df); reject at p < 1e-6 (critical values
@@ -446,7 +466,7 @@ def test_round_up_frequencies_chi_square(fmt):
     x = (lo + rng.uniform(0.02, 0.98, k_vals) * (hi - lo)).astype(np.float32)
     d = (x.astype(np.float64) - lo) / (hi - lo)
     p = np.floor(d * 2.0 ** fmt.draw_bits) / 2.0 ** fmt.draw_bits
-    y = np.asarray(srkern.cast(np.repeat(x, n), fmt.name, seed=SEED)).astype(np.float64).reshape(k_vals, n)
+    y = backend.get(srkern.cast(backend.put(np.repeat(x, n)), fmt.name, seed=SEED)).astype(np.float64).reshape(k_vals, n)
     up = y == hi[:, None]
     assert np.all(up | (y == lo[:, None]))
     by_lane = up.reshape(k_vals, n // fmt.block, fmt.block).sum(axis=1)
@@ -462,10 +482,10 @@ def test_round_up_frequencies_chi_square(fmt):
 # ---- exact upcasts ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", fmt_params())
-def test_upcast_all_patterns(fmt):
+def test_upcast_all_patterns(backend, fmt):
     # Every 16/8-bit pattern widens exactly, as ml_dtypes' astype(float32); NaN -> NaN with its sign.
     x = fmt.all_patterns()
-    got = np.asarray(srkern.cast(x, "float32"))
+    got = backend.get(srkern.cast(backend.put(x), "float32"))
     want = x.astype(np.float32)
     nan = np.isnan(want)
     assert np.array_equal(np.isnan(got), nan)
@@ -495,16 +515,26 @@ BAD_CALLS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_CALLS), ids=lambda s: f"bad={s}")
-def test_bad_arguments(case):
+def test_bad_arguments(backend, case):
     kw, exc, word = BAD_CALLS[case]
-    x = np.arange(16, dtype=np.float32)
-    out = _sentinel_out()
-    before = bits_of(out).copy()
+    x = backend.put(np.arange(16, dtype=np.float32))
+    out = backend.put(_sentinel_out())
+    before = bits_of(backend.get(out)).copy()
     kw = {"dtype": "bfloat16", **kw}
     with pytest.raises(exc, match=word):
         srkern.cast(x, kw.pop("dtype"), out=out, **kw)
-    assert np.array_equal(bits_of(out), before), "out= changed by a call that failed"
-    assert np.array_equal(x, np.arange(16, dtype=np.float32))
+    assert np.array_equal(bits_of(backend.get(out)), before), "out= changed by a call that failed"
+    assert np.array_equal(backend.get(x), np.arange(16, dtype=np.float32))
+
+
+@pytest.mark.parametrize("offset", [2 ** 64, 2 ** 64 + 5], ids=lambda o: f"offset={o}")
+def test_offset_bound_for_empty_tensors(backend, offset):
+    # The same bound on every backend: offset + n <= 2**64 and offset < 2**64, also when n == 0
+    # (a uint64 kernel argument cannot hold 2**64; the CUDA launch would raise OverflowError).
+    with pytest.raises(ValueError, match="offset"):
+        srkern.cast(backend.put(np.zeros(0, np.float32)), "bfloat16", seed=1, offset=offset)
+    empty = backend.get(srkern.cast(backend.put(np.zeros(0, np.float32)), "bfloat16", seed=1, offset=2 ** 64 - 1))
+    assert empty.size == 0
 
 
 def test_non_float_input():

@@ -31,13 +31,14 @@ WORLDS = (1, 2, 3, 4)
 
 sys.path.insert(0, str(ROOT / "tests"))
 import _dist_worker as worker  # noqa: E402
+from conftest import CPU_BACKENDS, backend_names  # noqa: E402
 
 if shutil.which("mpirun") is None:  # pragma: no cover
     pytest.skip("mpirun not found (pip install mpich)", allow_module_level=True)
 
 
-def mpirun(k: int, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, MPIEXEC_TIMEOUT=str(TIMEOUT_S), OMP_NUM_THREADS="1",
+def mpirun(k: int, *args: str, check: bool = True, backend: str = "cpu") -> subprocess.CompletedProcess:
+    env = dict(os.environ, MPIEXEC_TIMEOUT=str(TIMEOUT_S), OMP_NUM_THREADS="1", SRKERN_BACKEND=backend,
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = ["mpirun", "-n", str(k), sys.executable, str(WORKER), *args]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S + 30)
@@ -47,13 +48,20 @@ def mpirun(k: int, *args: str, check: bool = True) -> subprocess.CompletedProces
     return res
 
 
+@pytest.fixture(scope="module", params=[b for b in backend_names() if b in CPU_BACKENDS],
+                ids=lambda b: f"be={b}")
+def mpi_backend(request) -> str:
+    """The CPU backend every rank of the launches below uses (SRKERN_BACKEND in their environment)."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
+def runs(tmp_path_factory, mpi_backend) -> dict:
     """Run scenario ``all`` once per world size; {K: (out folder, result JSON)}."""
     out = {}
     for k in WORLDS:
         folder = tmp_path_factory.mktemp(f"w{k}")
-        mpirun(k, "all", "--out", str(folder))
+        mpirun(k, "all", "--out", str(folder), backend=mpi_backend)
         out[k] = (folder, json.loads((folder / f"all-w{k}.json").read_text()))
     return out
 
@@ -187,15 +195,17 @@ def test_sharded_adamw_torch_class_matches_single_process(runs):
     assert_bits(got[1], ref, "torch ShardedAdamW (world 1) vs srkern.torch.AdamW")
 
 
-def test_kill_and_resume_on_another_world_size(runs, tmp_path):
+def test_kill_and_resume_on_another_world_size(runs, mpi_backend, tmp_path):
     # World 3 trains, checkpoints after step 3 and is killed there (SIGKILL on rank 0); world 2
     # resumes from the checkpoint to step 6: bit-identical to the uninterrupted runs.
-    res = mpirun(3, "train", "--out", str(tmp_path), "--steps", "6", "--ckpt-at", "3", "--die", check=False)
+    res = mpirun(3, "train", "--out", str(tmp_path), "--steps", "6", "--ckpt-at", "3", "--die", check=False,
+                 backend=mpi_backend)
     assert res.returncode != 0, "the killed run exited cleanly: it was not killed"
     assert (tmp_path / "ckpt" / "manifest.json").is_file()
     man = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
     assert man["world_size"] == 3 and man["step"] == 3
-    mpirun(2, "train", "--out", str(tmp_path), "--steps", "6", "--resume", str(tmp_path / "ckpt"), "--tag=-resumed")
+    mpirun(2, "train", "--out", str(tmp_path), "--steps", "6", "--resume", str(tmp_path / "ckpt"), "--tag=-resumed",
+           backend=mpi_backend)
     resumed = read_bits(tmp_path / "train-resumed-w2.bin", np.uint16)
     assert_bits(resumed, read_bits(runs[4][0] / "train-w4.bin", np.uint16), "resumed (3 -> 2 ranks) vs uninterrupted")
 

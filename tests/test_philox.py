@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from srkern import _backend, reference
+from srkern._tensor import as_view, stream_of
 
 from conftest import assert_same_bits
 
@@ -31,12 +32,16 @@ def contract_args(ctr: tuple[int, ...], key: tuple[int, int]) -> tuple[int, int,
     return seed, ctr[2], ctr[3], q
 
 
-def kernel_blocks(seed: int, step: int, stream: int, q0: int, n: int) -> np.ndarray:
-    """Blocks q0 .. q0+n-1 (mod 2**64) from the compiled CPU kernel, as an (n, 4) uint32 array."""
-    out = np.full((n, 4), 0xDEADBEEF, dtype=np.uint32)
+def kernel_blocks(seed: int, step: int, stream: int, q0: int, n: int, be=None) -> np.ndarray:
+    """Blocks q0 .. q0+n-1 (mod 2**64) from the compiled kernel on backend ``be`` (default: the
+    current CPU backend), as an (n, 4) uint32 array."""
+    host = np.full((n, 4), 0xDEADBEEF, dtype=np.uint32)
+    out = host if be is None else be.put(host)
+    v = as_view(out, "out")
     _backend.launch("philox", "philox_blocks", [("Q", seed), ("Q", step), ("I", stream),
-                                                 ("Q", q0), ("q", n), ("p", out.ctypes.data)])
-    return out
+                                                 ("Q", q0), ("q", n), ("p", v.ptr)],
+                    device=v.device, device_id=v.device_id, units=n, stream=stream_of(v))
+    return out if be is None else be.get(out)
 
 
 @pytest.mark.parametrize("ctr,key,want", KAT)
@@ -50,20 +55,20 @@ def test_reference_known_answers(ctr, key, want):
 
 
 @pytest.mark.parametrize("ctr,key,want", KAT)
-def test_kernel_known_answers(ctr, key, want):
-    # srk_draw_block, compiled by g++ from the same header NVRTC compiles, reproduces Random123.
+def test_kernel_known_answers(backend, ctr, key, want):
+    # srk_draw_block, compiled from the same header on every backend, reproduces Random123.
     seed, step, stream, q = contract_args(ctr, key)
-    got = kernel_blocks(seed, step, stream, q, 1)
+    got = kernel_blocks(seed, step, stream, q, 1, backend)
     assert_same_bits(got[0], np.array(want, dtype=np.uint32), what="kernel philox_blocks")
 
 
 @pytest.mark.parametrize("q0", [0, 2 ** 32 - 3, 2 ** 64 - 5], ids=["q0=0", "q0=2**32-3", "q0=2**64-5"])
-def test_kernel_matches_reference(q0):
+def test_kernel_matches_reference(backend, q0):
     # Many blocks, including a carry into the counter's high word and the wrap at 2**64.
     seed, step, stream, n = 0x0123456789ABCDEF, 0xFEDCBA98, 7, 1000
     q = (np.uint64(q0) + np.arange(n, dtype=np.uint64))  # wraps modulo 2**64 like the kernel
     want = reference.blocks(q, seed, step, stream)
-    assert_same_bits(kernel_blocks(seed, step, stream, q0, n), want, what=f"blocks from q0={q0}")
+    assert_same_bits(kernel_blocks(seed, step, stream, q0, n, backend), want, what=f"blocks from q0={q0}")
 
 
 def test_draw_layout():
@@ -78,13 +83,13 @@ def test_draw_layout():
     assert_same_bits(d32, w.reshape(-1), what="draws32")
 
 
-def test_step_and_stream_change_the_bits():
+def test_step_and_stream_change_the_bits(backend):
     # Distinct (step, stream) give unrelated blocks: a bug that dropped one counter word would
     # make these equal (chance of a false failure: 2**-128 per pair).
-    base = kernel_blocks(5, 0, 0, 0, 4)
-    assert not np.array_equal(base, kernel_blocks(5, 1, 0, 0, 4))
-    assert not np.array_equal(base, kernel_blocks(5, 0, 1, 0, 4))
-    assert not np.array_equal(base, kernel_blocks(5 + (1 << 32), 0, 0, 0, 4))
+    base = kernel_blocks(5, 0, 0, 0, 4, backend)
+    assert not np.array_equal(base, kernel_blocks(5, 1, 0, 0, 4, backend))
+    assert not np.array_equal(base, kernel_blocks(5, 0, 1, 0, 4, backend))
+    assert not np.array_equal(base, kernel_blocks(5 + (1 << 32), 0, 0, 0, 4, backend))
 
 
 def test_reference_streams_match_the_kernel_header():
