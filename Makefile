@@ -4,7 +4,7 @@
 PY ?= python
 PIP ?= $(PY) -m pip
 
-.PHONY: demo test bench install-test install-demo
+.PHONY: demo test test-sanitize bench install-test install-demo
 
 install-demo:
 	$(PIP) install -q torch==2.13.0
@@ -19,6 +19,15 @@ demo: install-demo
 
 test: install-test
 	$(PY) -m pytest -q tests
+
+# The backend tests once more, on gpu-emu built with AddressSanitizer and UndefinedBehaviorSanitizer
+# (CI runs this after `make test`). The ASan runtime must be loaded before Python; --capture=sys
+# leaves file descriptor 2 alone, so a sanitizer report reaches the terminal before the abort.
+CXX ?= g++
+test-sanitize: install-test
+	SRKERN_EMU_SANITIZE=1 SRKERN_TEST_BACKENDS=gpu-emu ASAN_OPTIONS=detect_leaks=0 \
+		UBSAN_OPTIONS=print_stacktrace=1 LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so)" \
+		$(PY) -m pytest -q --capture=sys -p no:cacheprovider -m "backend and not slow" tests
 
 # All CPU benchmarks (casts, AdamW, the distributed smoke run) into bench-out/cpu.json, then the
 # report: bench-out/report.md, bandwidth.png, optimizer_bytes.png. About 1.5-2 minutes on 2 cores.

@@ -1,20 +1,23 @@
-"""Command line: ``python -m srkern info`` and ``python -m srkern regs``.
+"""Command line: ``python -m srkern info``, ``python -m srkern regs`` and ``python -m srkern ptx``.
 
 ``info``  versions, which backends work here (and why not), the compiler, CUDA devices, the cache.
 ``regs``  registers, stack and spills per kernel function for every ``kernels/*.cu``, from NVRTC's
           ptxas log (no GPU needed): ``python -m srkern regs --arch sm_80``.
+``ptx``   the PTX of exactly what the CUDA backend loads for one kernel file and architecture
+          (the same NVRTC compile as its cubin, no GPU needed): ``python -m srkern ptx cast --arch sm_90``.
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
+import hashlib
 import os
 import re
 import sys
 import tempfile
 from importlib import metadata
 
-from . import _build, _contract
+from . import _backend, _build, _contract
 from . import __version__
 
 # Distribution names to try per module (CuPy ships as cupy-cudaXXx wheels).
@@ -120,6 +123,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"cache folder: UNUSABLE: {e}")
     ok, text = cpu_backend_status()
     print(f"CPU backend: {'yes' if ok else 'NO'}: {text}")
+    try:
+        chosen = _backend.cpu_backend()
+    except _build.BuildError as e:
+        chosen = f"UNUSABLE: {e}"
+    print(f"backend for CPU tensors: {chosen} (SRKERN_BACKEND; one of {', '.join(_backend.BACKENDS)}; "
+          f"gpu-emu runs the GPU code over the grid of {_backend.emu_sms()} SMs"
+          f"{', with ASan and UBSan' if _build.emu_sanitized() else ''})")
     ok, text, devices = gpu_backend_status()
     print(f"GPU backend: {'yes' if ok else 'NO'}: {text}")
     print("CUDA devices: " + ("none" if not devices else ""))
@@ -175,7 +185,7 @@ def cmd_regs(args: argparse.Namespace) -> int:
     wf = max([len("file")] + [len(f) for f, _ in rows])
     wn = max([len("function")] + [len(r["function"]) for _, r in rows])
     header = f"{'file':{wf}s}  {'function':{wn}s}  {'regs':>5s}  {'stack':>6s}  {'spill st':>9s}  {'spill ld':>9s}"
-    print(f"# {args.arch}, {text}, flags {' '.join(_build.NVRTC_FLAGS)}")
+    print(f"# {args.arch}, {text}, flags {' '.join(_shown_flags(args.arch))}")
     print(header)
     print("-" * len(header))
     for f, r in rows:
@@ -187,6 +197,32 @@ def cmd_regs(args: argparse.Namespace) -> int:
     return status
 
 
+def _shown_flags(arch: str) -> list[str]:
+    """srkern's NVRTC options for ``arch`` without the (long, machine-specific) header folders."""
+    return [f for f in _build.nvrtc_flags(arch) if not f.startswith("-I")]
+
+
+def cmd_ptx(args: argparse.Namespace) -> int:
+    ok, text = nvrtc_status()
+    if not ok:
+        print(f"cannot compile through NVRTC: {text}", file=sys.stderr)
+        return 2
+    try:
+        binary = _build.gpu_binary(args.kernel, args.arch)
+    except _build.BuildError as e:
+        print(f"{args.kernel}.cu: {e}", file=sys.stderr)
+        return 1
+    # What the backend loads is the cubin of this same compile; say which, on stderr, so that
+    # stdout is the PTX alone (ready for ptxas or a diff).
+    print(f"# kernels/{args.kernel}.cu for {args.arch}, {text}, flags {' '.join(_shown_flags(args.arch))}; "
+          f"cubin {len(binary.cubin)} bytes, sha256 {hashlib.sha256(binary.cubin).hexdigest()}",
+          file=sys.stderr)
+    sys.stdout.write(binary.ptx.decode())
+    if not binary.ptx.endswith(b"\n"):
+        sys.stdout.write("\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m srkern", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -196,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", default="sm_90", help="GPU architecture, e.g. sm_80 or sm_90 (default sm_90)")
     p.add_argument("kernels", nargs="*", help="kernel file stems (default: every kernels/*.cu)")
     p.set_defaults(func=cmd_regs)
+    p = sub.add_parser("ptx", help="PTX of exactly what the CUDA backend loads for one kernel file (no GPU needed)")
+    p.add_argument("kernel", help="kernel file stem, e.g. cast (see kernels/*.cu)")
+    p.add_argument("--arch", default="sm_90", help="GPU architecture, e.g. sm_80 or sm_90 (default sm_90)")
+    p.set_defaults(func=cmd_ptx)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -93,17 +92,48 @@ def _sm_count(device_id: int) -> int:
     return cupy.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"]
 
 
-def cupy_stream(ptr: int, device_id: int):
-    """A CuPy stream object for a raw ``cudaStream_t`` (0: the legacy default stream).
+class _RawStream:
+    """A raw ``cudaStream_t`` speaking the CUDA stream protocol (for ``Stream.from_external``)."""
+    __slots__ = ("ptr",)
 
-    ``cupy.cuda.ExternalStream`` is the form that works on CuPy 13 and 14 alike; CuPy 14 marks it
-    deprecated in favour of ``Stream.from_external``, which wants a stream-protocol object, so the
-    warning is silenced here, in the one place that wraps raw pointers.
-    """
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.ptr)
+
+
+# CuPy stream objects for raw stream pointers, made once per (pointer, device): a wrapper holds
+# no CUDA resource, only the pointer, so it stays valid as long as the stream does. Bounded,
+# because a program may create and destroy streams without end.
+_STREAMS: dict[tuple[int, int], Any] = {}
+_STREAMS_MAX = 1024
+
+
+def _wrap_stream(ptr: int, device_id: int):
     import cupy
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return cupy.cuda.ExternalStream(ptr, device_id)
+    stream_cls = cupy.cuda.Stream
+    if hasattr(stream_cls, "from_external"):  # CuPy 14: the CUDA stream protocol, no warning
+        with cupy.cuda.Device(device_id):  # from_external may record the current device
+            return stream_cls.from_external(_RawStream(ptr))
+    return cupy.cuda.ExternalStream(ptr, device_id)  # CuPy 13 (not deprecated there)
+
+
+def cupy_stream(ptr: int, device_id: int):
+    """A CuPy stream object for a raw ``cudaStream_t`` (0: the legacy default stream) on device
+    ``device_id``: for ``with``-blocks, ``synchronize()`` and CuPy calls that take ``stream=``.
+
+    Cached per (pointer, device), so a launch allocates nothing and touches no warning filters
+    (which are process-wide, hence not thread-safe to change around each call). CuPy 14 wraps
+    through ``Stream.from_external`` (the stream protocol), CuPy 13 through ``ExternalStream``.
+    """
+    key = (int(ptr), int(device_id))
+    s = _STREAMS.get(key)
+    if s is None:
+        if len(_STREAMS) >= _STREAMS_MAX:
+            _STREAMS.clear()
+        s = _STREAMS.setdefault(key, _wrap_stream(*key))
+    return s
 
 
 def convert_args(args: Sequence[tuple[str, Any]]) -> tuple:
@@ -141,6 +171,8 @@ def launch(module: str, kernel: str, args: Sequence[tuple[str, Any]], *, device:
     import cupy
     fn = _gpu_function(module, kernel, device_id)
     blocks = grid_blocks(units, _sm_count(device_id))
-    # RawKernel launches on CuPy's current stream: make the caller's stream current for the call.
-    with cupy.cuda.Device(device_id), cupy_stream(stream, device_id):
-        fn((blocks,), (GPU_BLOCK,), values)
+    # cupy.cuda.function.Function.__call__(grid, block, args, shared_mem=0, stream=None) launches
+    # on ``stream.ptr`` (None: CuPy's current stream), so the caller's stream is passed, not made
+    # current. The device is made current because the module belongs to its context.
+    with cupy.cuda.Device(device_id):
+        fn((blocks,), (GPU_BLOCK,), values, shared_mem=0, stream=cupy_stream(stream, device_id))

@@ -9,11 +9,15 @@
   host compiler after ``kernels/srk_cuda_shim.h``, plus one ``srk_emu_<kernel>`` entry per kernel
   that runs it for every (block, thread) of a CUDA grid (``kernels/srk_emu_run.h``).
   ``SRKERN_EMU_SANITIZE=1`` builds it with AddressSanitizer and UndefinedBehaviorSanitizer.
-* GPU: the same expanded text goes to CuPy ``RawModule`` (NVRTC). CuPy's own cache is keyed on
-  the text it is given, so expanding the headers here makes a header edit a new key.
+* GPU (``cuda``): the same expanded text is compiled here by NVRTC (``cuda.bindings.nvrtc``)
+  with srkern's flags only, PTX and cubin from one compile (:func:`nvrtc_program`); the cubin is
+  cached like the CPU builds and loaded into CuPy from the checked bytes (:func:`gpu_module`).
+  Not ``cupy.RawModule(code=...)``: CuPy appends ``-ftz=true`` to every NVRTC compile, so the
+  program it loads would flush subnormals and would not be the one ``regs``/``ptx`` check.
 
 Disk-cache rules: the folder is private to the user (0700); the key is a SHA-256 of the expanded
-source, the compiler's path and version, the flags and the machine; writes are atomic (write to
+source, the compiler's path and version (NVRTC's for GPUs), the flags and the machine (the GPU
+architecture); writes are atomic (write to
 a temporary file, fsync, rename), because several MPI ranks compile at once; an entry that is
 not owned by the user, is writable by group or others, or whose bytes do not match the hash
 recorded beside it, is rebuilt and never loaded.
@@ -27,9 +31,12 @@ import os
 import platform
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 from ._files import atomic_write
@@ -49,7 +56,8 @@ EMU_FLAGS = ("-O2", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-std=c++
 EMU_SANITIZE_FLAGS = ("-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
                       "-fno-sanitize-recover=all")
 BACKENDS = ("cpu", "cpu-portable", "gpu-emu")
-NVRTC_FLAGS = ("--std=c++17", "--fmad=false", "--prec-div=true", "--prec-sqrt=true")
+# No flush-to-zero (said explicitly), no contraction, correctly rounded division and sqrt.
+NVRTC_FLAGS = ("--std=c++17", "--fmad=false", "--ftz=false", "--prec-div=true", "--prec-sqrt=true")
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
 _lock = threading.Lock()
@@ -237,56 +245,232 @@ def nvrtc_include_dirs() -> list[str]:
     return dirs
 
 
-@functools.lru_cache(maxsize=None)
-def gpu_module(name: str, device_id: int):
-    """The CuPy RawModule of ``kernels/<name>.cu`` for one device, compiled now (CuPy caches it).
+def _nvrtc():
+    """``cuda.bindings.nvrtc``, or a BuildError that says what to install."""
+    try:
+        from cuda.bindings import nvrtc
+    except ImportError as e:
+        raise BuildError("srkern's GPU compile needs cuda.bindings.nvrtc: pip install 'srkern[cuda13]' "
+                         "(or [cuda12]), which brings NVRTC and the CUDA headers") from e
+    return nvrtc
 
-    RawModule compiles lazily; compiling here makes an NVRTC error a BuildError at this call.
-    """
+
+def nvrtc_version() -> str:
+    """NVRTC's version as this process loads it (``"13.0"``), plus its wheel's version when known."""
+    nvrtc = _nvrtc()
+    try:
+        err, major, minor = nvrtc.nvrtcVersion()
+    except Exception as e:  # the NVRTC shared library itself cannot be loaded
+        raise BuildError(f"NVRTC cannot be loaded ({e}): pip install 'nvidia-cuda-nvrtc==13.0.*'") from e
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        raise BuildError(f"nvrtcVersion failed: {err}")
+    text = f"{major}.{minor}"
+    for dist in ("nvidia-cuda-nvrtc", "nvidia-cuda-nvrtc-cu12"):
+        try:
+            return f"{text} ({dist} {metadata.version(dist)})"
+        except metadata.PackageNotFoundError:
+            continue
+    return text
+
+
+def nvrtc_supported_archs() -> list[str]:
+    """The real architectures this NVRTC compiles for (``["sm_75", ..., "sm_90", ...]``)."""
+    nvrtc = _nvrtc()
+    err, archs = nvrtc.nvrtcGetSupportedArchs()
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        raise BuildError(f"nvrtcGetSupportedArchs failed: {err}")
+    return [f"sm_{a}" for a in archs]
+
+
+def nvrtc_flags(arch: str) -> tuple[str, ...]:
+    """Every NVRTC option of srkern's GPU compile for ``arch`` (``sm_90``): :data:`NVRTC_FLAGS`,
+    the architecture, ``--ptxas-options=-v`` (it only adds ptxas' resource lines to the log, which
+    ``python -m srkern regs`` reads) and the CUDA header folders. Nothing else: no ``-ftz``."""
+    if not re.fullmatch(r"sm_\d+[a-z]?", arch):
+        raise BuildError(f"GPU architecture must look like sm_90, got {arch!r}")
+    return (*NVRTC_FLAGS, f"--gpu-architecture={arch}", "--ptxas-options=-v",
+            *(f"-I{d}" for d in nvrtc_include_dirs()))
+
+
+@dataclass(frozen=True)
+class NvrtcProgram:
+    """The result of one NVRTC compile: the PTX and the cubin come from the same compile."""
+    ok: bool
+    ptx: bytes  # without the trailing NUL; b"" when the compile failed
+    cubin: bytes  # b"" when the compile failed
+    log: str
+    flags: tuple[str, ...]
+
+
+def _nvrtc_run(source: str, filename: str, flags: tuple[str, ...]) -> NvrtcProgram:
+    """Compile ``source`` with exactly ``flags``; PTX and cubin of that one compile."""
+    nvrtc = _nvrtc()
+
+    def check(res):
+        err = res[0]
+        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            raise BuildError(f"NVRTC call failed for {filename}: {err}")
+        return res[1] if len(res) == 2 else None
+
+    try:
+        prog = check(nvrtc.nvrtcCreateProgram(source.encode(), filename.encode(), 0, [], []))
+    except BuildError:
+        raise
+    except Exception as e:  # cuda.bindings could not load the NVRTC library
+        raise BuildError(f"NVRTC cannot be loaded ({e}): pip install 'nvidia-cuda-nvrtc==13.0.*'") from e
+    try:
+        res = nvrtc.nvrtcCompileProgram(prog, len(flags), [f.encode() for f in flags])
+        ok = res[0] == nvrtc.nvrtcResult.NVRTC_SUCCESS
+        size = check(nvrtc.nvrtcGetProgramLogSize(prog))
+        buf = b" " * size
+        check(nvrtc.nvrtcGetProgramLog(prog, buf))
+        log = buf.decode(errors="replace").rstrip("\0 \n")
+        ptx = cubin = b""
+        if ok:
+            size = check(nvrtc.nvrtcGetPTXSize(prog))
+            ptx = b" " * size
+            check(nvrtc.nvrtcGetPTX(prog, ptx))
+            ptx = ptx.rstrip(b"\0")
+            size = check(nvrtc.nvrtcGetCUBINSize(prog))
+            cubin = b" " * size
+            check(nvrtc.nvrtcGetCUBIN(prog, cubin))
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+    return NvrtcProgram(ok, ptx, cubin, log, flags)
+
+
+def nvrtc_program(name: str, arch: str, source: str | None = None) -> NvrtcProgram:
+    """Compile ``kernels/<name>.cu`` (headers expanded) for ``arch`` with :func:`nvrtc_flags`.
+
+    The one NVRTC compile of srkern: the CUDA backend loads its cubin (through :func:`gpu_binary`),
+    ``python -m srkern ptx`` prints its PTX (the same), and ``python -m srkern regs`` and the
+    compile test read its log. Needs no GPU. ``source`` is the text of :func:`expand_source`
+    when the caller has already read it (the cache hashes the very text that is compiled)."""
+    text = expand_source(name) if source is None else source
+    return _nvrtc_run(text, f"{name}.cu", nvrtc_flags(arch))
+
+
+def nvrtc_compile(name: str, arch: str) -> tuple[bool, str]:
+    """(ok, log) of :func:`nvrtc_program` for ``kernels/<name>.cu``: the compile check of the
+    test suite and ``python -m srkern regs`` (compiled afresh, so the log is NVRTC's own)."""
+    prog = nvrtc_program(name, arch)
+    return prog.ok, prog.log
+
+
+@dataclass(frozen=True)
+class GpuBinary:
+    """What the CUDA backend loads for one kernel file and architecture (hash-checked bytes)."""
+    name: str
+    arch: str
+    cubin: bytes
+    ptx: bytes
+    key: str
+
+
+def _read_trusted(path: Path) -> bytes | None:
+    """The bytes of ``path`` if it is a regular file owned by this user and not writable by group
+    or others (checked on the open file itself), else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+            return None
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def gpu_binary(name: str, arch: str) -> GpuBinary:
+    """The cubin and PTX of :func:`nvrtc_program` for ``kernels/<name>.cu`` and ``arch``, from the
+    disk cache when a trusted entry matches, else compiled now and cached.
+
+    Cache rules as for the CPU build: the private :func:`cache_dir`; the key is a SHA-256 of the
+    expanded source, NVRTC's version, the flags and the architecture; the cubin, the PTX and then a
+    digest of both are written atomically; an entry that is not trusted or whose bytes do not match
+    its digest is rebuilt. The bytes returned are the very bytes that were checked."""
+    if not re.fullmatch(r"\w+", name):  # the name becomes part of a cache file name
+        raise BuildError(f"kernel name must be a file stem of kernels/*.cu, got {name!r}")
+    flags = nvrtc_flags(arch)
+    source = expand_source(name)
+    key_text = "\0".join([source, nvrtc_version(), " ".join(flags), arch])
+    key = hashlib.sha256(key_text.encode()).hexdigest()[:32]
+    folder = cache_dir()
+    stem = f"{name}-{arch}-{key}"
+    cubin_path, ptx_path, digest_path = (folder / f"{stem}.cubin", folder / f"{stem}.ptx",
+                                         folder / f"{stem}.sha256")
+    digest = _read_trusted(digest_path)
+    if digest is not None:
+        cubin, ptx = _read_trusted(cubin_path), _read_trusted(ptx_path)
+        if cubin is not None and ptx is not None and digest.decode(errors="replace").split() == [
+                hashlib.sha256(cubin).hexdigest(), hashlib.sha256(ptx).hexdigest()]:
+            return GpuBinary(name, arch, cubin, ptx, key)
+    prog = nvrtc_program(name, arch, source)
+    if not prog.ok:
+        hint = ""
+        try:
+            supported = nvrtc_supported_archs()
+            if arch not in supported:
+                hint = (f"\nNVRTC {nvrtc_version()} does not compile for {arch} (it knows "
+                        f"{', '.join(supported)}): install an NVRTC that does")
+        except BuildError:
+            pass
+        raise BuildError(f"compiling kernels/{name}.cu for {arch} through NVRTC failed "
+                         f"(flags: {' '.join(flags)}):\n{prog.log}{hint}")
+    # Binaries first, digest last: a reader that sees the new digest also sees the new files.
+    atomic_write(cubin_path, prog.cubin)
+    atomic_write(ptx_path, prog.ptx)
+    atomic_write(digest_path, f"{hashlib.sha256(prog.cubin).hexdigest()}\n"
+                              f"{hashlib.sha256(prog.ptx).hexdigest()}\n".encode())
+    return GpuBinary(name, arch, prog.cubin, prog.ptx, key)
+
+
+def gpu_arch(device_id: int) -> str:
+    """``sm_XY`` of a CUDA device (its compute capability)."""
+    import cupy
+    return f"sm_{cupy.cuda.Device(device_id).compute_capability}"
+
+
+class GpuModule:
+    """A kernel file loaded on one device (a CuPy ``Module``); its functions are fetched with that
+    device current, as the module belongs to the device's context."""
+
+    def __init__(self, module, device_id: int, binary: GpuBinary) -> None:
+        self.module = module
+        self.device_id = device_id
+        self.binary = binary
+
+    def get_function(self, kernel: str):
+        import cupy
+        with cupy.cuda.Device(self.device_id):
+            return self.module.get_function(kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_module(name: str, device_id: int) -> GpuModule:
+    """``kernels/<name>.cu`` loaded on device ``device_id``: the cubin of :func:`gpu_binary` for the
+    device's architecture, loaded by CuPy (``cuModuleLoadData``) from the bytes that were checked.
+
+    srkern compiles with NVRTC itself instead of through ``cupy.RawModule``, which appends
+    ``-ftz=true`` to every compile: the program that runs is the one ``regs``, ``ptx`` and the
+    compile test check."""
     try:
         import cupy
     except ImportError as e:
         raise BuildError("srkern's GPU backend needs CuPy: pip install 'srkern[cuda13]' "
                          "(or [cuda12]), which also brings NVRTC and the CUDA headers") from e
-    options = list(NVRTC_FLAGS)
-    for d in nvrtc_include_dirs():
-        options += ["-I", d]
     with cupy.cuda.Device(device_id):
+        binary = gpu_binary(name, gpu_arch(device_id))
+        module = cupy.cuda.function.Module()
         try:
-            module = cupy.RawModule(code=expand_source(name), options=tuple(options))
-            module.compile()
-            return module
-        except Exception as e:  # NVRTC missing or a compile error: say which
-            raise BuildError(f"compiling kernels/{name}.cu through NVRTC failed: {e}. "
-                             "NVRTC comes with pip install 'nvidia-cuda-nvrtc==13.0.*'") from e
-
-
-def nvrtc_compile(name: str, arch: str, extra: tuple[str, ...] = ()) -> tuple[bool, str]:
-    """Compile ``kernels/<name>.cu`` to a cubin for ``arch`` with NVRTC, no GPU needed.
-
-    Returns (ok, log). Used by the compile-check test and ``python -m srkern regs``.
-    """
-    from cuda.bindings import nvrtc
-
-    def check(res):
-        err = res[0]
-        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-            raise BuildError(f"NVRTC call failed: {err}")
-        return res[1:] if len(res) > 2 else (res[1] if len(res) == 2 else None)
-
-    src = expand_source(name).encode()
-    prog = check(nvrtc.nvrtcCreateProgram(src, f"{name}.cu".encode(), 0, [], []))
-    opts = [*NVRTC_FLAGS, f"--gpu-architecture={arch}", "--ptxas-options=-v", *extra]
-    for d in nvrtc_include_dirs():
-        opts.append(f"-I{d}")
-    try:
-        res = nvrtc.nvrtcCompileProgram(prog, len(opts), [o.encode() for o in opts])
-        size = check(nvrtc.nvrtcGetProgramLogSize(prog))
-        buf = b" " * size
-        check(nvrtc.nvrtcGetProgramLog(prog, buf))
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
-    return res[0] == nvrtc.nvrtcResult.NVRTC_SUCCESS, buf.decode(errors="replace").rstrip("\0 \n")
+            module.load(binary.cubin)
+        except Exception as e:  # e.g. a driver older than the cubin needs
+            raise BuildError(f"loading the cubin of kernels/{name}.cu ({binary.arch}) on device "
+                             f"{device_id} failed: {e}") from e
+    return GpuModule(module, device_id, binary)
 
 
 def kernel_names() -> list[str]:

@@ -8,7 +8,7 @@ reader does not know the FP8 type codes, so FP8 tensors are read as bytes and re
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ml_dtypes
@@ -150,7 +150,10 @@ def as_view(x: Any, name: str = "x") -> View:
         a = np.asarray(x)
         return View(a, fw, a.__array_interface__["data"][0], tuple(a.shape),
                     tuple(st // a.itemsize for st in a.strides), a.dtype.name, "cpu", 0, True)
-    stream_ptr = current_stream_ptr(x, fw) if on_gpu else -1
+    # The consumer's stream for the producer to order its work before (DLPack protocol): -1 for
+    # host memory (no synchronisation); on CUDA 0 is not allowed, 1 is the legacy default stream
+    # and 2 the per-thread default, so a current stream of 0 (legacy default) is passed as 1.
+    stream_ptr = dlpack_stream(current_stream_ptr(x, fw)) if on_gpu else -1
     try:
         v = StridedMemoryView.from_dlpack(src, stream_ptr=stream_ptr)
     except Exception as e:
@@ -185,6 +188,12 @@ def current_stream_ptr(x: Any, fw: str) -> int:
     return 0
 
 
+def dlpack_stream(ptr: int) -> int:
+    """A raw CUDA stream pointer as the ``stream=`` of ``__dlpack__``: 0 (the legacy default
+    stream, which DLPack does not allow) becomes 1, its DLPack spelling; others pass unchanged."""
+    return 1 if ptr == 0 else ptr
+
+
 def stream_of(v: View) -> int:
     """The CUDA stream GPU work on ``v`` runs on by default: its framework's current stream
     (0 on CPU, where there are no streams)."""
@@ -204,25 +213,50 @@ def contiguous(x: Any, fw: str) -> Any:
 
 
 def empty_like(v: View, dtype: str, shape: tuple[int, ...] | None = None) -> Any:
-    """A new uninitialised tensor in ``v``'s framework and on its device."""
+    """A new uninitialised tensor in ``v``'s framework and on its device.
+
+    On a GPU outside torch the tensor is a CuPy array, and CuPy has no FP8 dtypes: an FP8 result
+    is a ``uint8`` CuPy array holding the format's bit patterns (see :func:`relabel`)."""
     shape = v.shape if shape is None else shape
     fw = v.framework
     if fw == "torch":
         import torch
         return torch.empty(shape, dtype=getattr(torch, dtype), device=v.obj.device)
+    np_dtype = NP_DTYPES[dtype] if dtype in NP_DTYPES else np.dtype(dtype)
     if v.device == "cuda":
         import cupy
         with cupy.cuda.Device(v.device_id):
-            return cupy.empty(shape, dtype=NP_DTYPES[dtype])
-    return np.empty(shape, dtype=NP_DTYPES[dtype])
+            return cupy.empty(shape, dtype=np.uint8 if dtype in _FP8 else np_dtype)
+    return np.empty(shape, dtype=np_dtype)
 
 
-def finish(result: Any, v: View) -> Any:
-    """Hand ``result`` (made by :func:`empty_like`) back in ``v``'s framework."""
+def fp8_name(dtype: Any) -> str:
+    """The canonical name of an FP8 format given as a name or dtype object, else ValueError."""
+    name = dtype_name(dtype)
+    if name not in _FP8:
+        raise ValueError(f"x_dtype names the FP8 format a uint8 array holds: one of {_FP8}, got {dtype!r}")
+    return name
+
+
+def relabel(v: View, dtype: str, name: str = "x") -> View:
+    """``v``, a ``uint8`` view holding FP8 bit patterns, described as FP8 format ``dtype``."""
+    if v.dtype != "uint8":
+        raise TypeError(f"{name}: only a uint8 tensor carries FP8 bit patterns, got {v.dtype}")
+    return replace(v, dtype=fp8_name(dtype))
+
+
+def finish(result: Any, v: View, dtype: str | None = None) -> Any:
+    """Hand ``result`` (made by :func:`empty_like` for ``dtype``) back in ``v``'s framework.
+
+    JAX has FP8 dtypes: an FP8 result carried as ``uint8`` on a GPU is bit-cast back to FP8
+    there. CuPy has none, so a CuPy result stays the ``uint8`` carrier."""
     if v.framework == "jax":
         import jax
         import jax.numpy as jnp
         if v.device == "cuda":
-            return jax.dlpack.from_dlpack(result)
+            out = jax.dlpack.from_dlpack(result)
+            if dtype in _FP8 and out.dtype == jnp.uint8:
+                out = jax.lax.bitcast_convert_type(out, jnp.dtype(NP_DTYPES[dtype]))
+            return out
         return jnp.asarray(result)
     return result

@@ -5,8 +5,9 @@ from typing import Any
 
 from . import _backend, _contract
 from ._tensor import (FLOAT_DTYPES, View, as_view, contiguous, dtype_name, stream_of, empty_like,
-                      finish)
+                      finish, fp8_name, relabel)
 
+FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
 _KERNEL_SUFFIX = {"bfloat16": "bf16", "float16": "f16", "float8_e4m3fn": "e4m3",
                   "float8_e5m2": "e5m2"}
 # Elements per Philox block: 8 for 16-bit draws (BF16), 4 for 32-bit draws.
@@ -16,14 +17,15 @@ ROUNDINGS = ("stochastic", "nearest")
 
 def cast(x: Any, dtype: Any, *, rounding: str = "stochastic", seed: int | None = None,
          offset: int = 0, step: int = 0, stream: int = 0, saturate: bool = False,
-         out: Any = None, cuda_stream: Any = None) -> Any:
+         out: Any = None, cuda_stream: Any = None, x_dtype: Any = None) -> Any:
     """Round ``x`` to ``dtype``, or upcast a 16/8-bit tensor exactly to FP32.
 
     Args:
         x: any ``__dlpack__`` tensor (PyTorch, CuPy, JAX) or NumPy array, of dtype float32, or
             bfloat16 / float16 / float8_e4m3fn / float8_e5m2 (upcast exactly first when the
-            target is another 16/8-bit format). Non-contiguous inputs are copied to C order
-            first (their logical order is C order).
+            target is another 16/8-bit format), or uint8 holding FP8 bit patterns together with
+            ``x_dtype``. Non-contiguous inputs are copied to C order first (their logical order
+            is C order).
         dtype: ``"bfloat16"``, ``"float16"``, ``"float8_e4m3fn"``, ``"float8_e5m2"`` or
             ``"float32"`` (the exact upcast); names or torch / NumPy / ml_dtypes dtype objects.
         rounding: ``"stochastic"`` (contract v1) or ``"nearest"`` (ties to even, as PyTorch).
@@ -34,14 +36,26 @@ def cast(x: Any, dtype: Any, *, rounding: str = "stochastic", seed: int | None =
         stream: 32-bit random-stream id (contract v1 ``stream``, not a CUDA stream).
         saturate: finite values beyond the format's range give +-max finite instead of
             +-Inf (NaN for float8_e4m3fn).
-        out: optional contiguous tensor of the target dtype, shape and device to write into.
+        out: optional contiguous tensor of the target dtype, shape and device to write into;
+            for an FP8 target it may also be a ``uint8`` tensor (any framework), which receives
+            the format's bit patterns.
         cuda_stream: CUDA stream (pointer or object with ``.ptr`` / ``.cuda_stream``) for GPU
             work; default the producing framework's current stream (asynchronous). Another
             stream is fenced: the call synchronises the current stream before and ``cuda_stream``
             after its launches.
+        x_dtype: ``"float8_e4m3fn"`` or ``"float8_e5m2"`` (or the ml_dtypes dtype): the FP8
+            format whose bit patterns a ``uint8`` ``x`` holds. Required for a uint8 ``x`` (a
+            uint8 ``x`` without it is a TypeError), refused for any other dtype of ``x``.
+
+    FP8 with CuPy: CuPy has no FP8 dtypes, so CuPy FP8 data is carried as ``uint8`` arrays of
+    the format's bit patterns. Casting a CuPy array to an FP8 format returns such a ``uint8``
+    array; to upcast it or round it to another format, pass it back with ``x_dtype`` naming its
+    format. (PyTorch, NumPy with ml_dtypes and JAX have FP8 dtypes and get FP8 results; their
+    uint8 tensors are accepted the same way.)
 
     Returns:
-        ``out`` if given, else a new tensor in ``x``'s framework and device.
+        ``out`` if given, else a new tensor in ``x``'s framework and device (for an FP8 target
+        and a CuPy ``x``: a ``uint8`` CuPy array of the bit patterns).
     """
     target = dtype_name(dtype)
     if target not in FLOAT_DTYPES:
@@ -51,27 +65,30 @@ def cast(x: Any, dtype: Any, *, rounding: str = "stochastic", seed: int | None =
     seed = _contract.resolve_seed(seed) if rounding == "stochastic" else _contract.check_u64("seed", seed or 0)
     step = _contract.check_u64("step", step, _contract.U32)
     stream = _contract.check_u64("stream", stream, _contract.U32)
-    xv = as_view(x, "x")
+    x_fmt = fp8_name(x_dtype) if x_dtype is not None else None
+    xv = _label_input(as_view(x, "x"), x_fmt, x_dtype)
     if xv.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x must be float32 or one of {FLOAT_DTYPES[1:]}, got {xv.dtype}")
     if xv.dtype == "float32" and target == "float32":
         raise ValueError("x is already float32: choose a 16/8-bit dtype to round to")
     offset = _contract.check_offset("offset", offset, xv.numel)
     if not xv.contiguous:
-        xv = as_view(contiguous(x, xv.framework), "x")
+        xv = _label_input(as_view(contiguous(x, xv.framework), "x"), x_fmt, x_dtype)
         if not xv.contiguous:  # a producer with no copy-to-C-order we know how to ask for
             raise ValueError(f"x is a strided {xv.framework} tensor; pass a C-contiguous copy")
     outv = _check_out(out, xv, target) if out is not None else None
     result = out if out is not None else empty_like(xv, target)
     if outv is None:
         outv = as_view(result, "out")
+        if outv.dtype == "uint8" and target in FP8_DTYPES:  # CuPy's FP8 carrier (empty_like)
+            outv = relabel(outv, target, "out")
     current = stream_of(xv)
     cs = current if cuda_stream is None or xv.device != "cuda" else _stream_ptr(cuda_stream)
     # Buffers made here were allocated on the framework's current stream and temporaries are
     # freed on return: a different cuda_stream is therefore fenced on both sides (synchronised).
     foreign = cs != current
     if foreign:
-        _backend.cupy_stream(current, xv.device_id).synchronize()
+        _synchronize(current, xv.device_id)
 
     if xv.dtype != "float32" and target != "float32":  # 16/8-bit -> other format: via exact FP32
         tmp = empty_like(xv, "float32")
@@ -87,8 +104,29 @@ def cast(x: Any, dtype: Any, *, rounding: str = "stochastic", seed: int | None =
             ("I", stream), ("i", int(bool(saturate)))],
             device=xv.device, device_id=xv.device_id, units=-(-n // BLOCK[target]) + 2, stream=cs)
     if foreign:
-        _backend.cupy_stream(cs, xv.device_id).synchronize()
-    return out if out is not None else finish(result, xv)
+        _synchronize(cs, xv.device_id)
+    return out if out is not None else finish(result, xv, target)
+
+
+def _label_input(xv: View, x_fmt: str | None, x_dtype: Any) -> View:
+    """``xv`` with a uint8 FP8 carrier described as its format; refuse uint8 without ``x_dtype``
+    and ``x_dtype`` with anything but uint8."""
+    if x_fmt is None:
+        if xv.dtype == "uint8":
+            raise TypeError("x is a uint8 tensor: if it holds FP8 bit patterns (how CuPy carries FP8), "
+                            "name the format with x_dtype='float8_e4m3fn' or x_dtype='float8_e5m2'")
+        return xv
+    if xv.dtype != "uint8":
+        raise TypeError(f"x_dtype={x_dtype!r} is only for a uint8 x holding FP8 bit patterns; x has "
+                        f"dtype {xv.dtype} (drop x_dtype)")
+    return relabel(xv, x_fmt, "x")
+
+
+def _synchronize(ptr: int, device_id: int) -> None:
+    """Wait for a CUDA stream of device ``device_id`` (made current: stream 0 is per device)."""
+    import cupy
+    with cupy.cuda.Device(device_id):
+        _backend.cupy_stream(ptr, device_id).synchronize()
 
 
 def _upcast(xv: View, outv: View, cs: int) -> None:
@@ -101,8 +139,11 @@ def _check_out(out: Any, xv: View, target: str) -> View:
     ov = as_view(out, "out")
     if ov.framework == "jax":
         raise TypeError("out: JAX arrays are immutable; call without out= to get a new array")
+    if ov.dtype == "uint8" and target in FP8_DTYPES:  # the FP8 carrier: receives the bit patterns
+        ov = relabel(ov, target, "out")
     if ov.dtype != target:
-        raise TypeError(f"out has dtype {ov.dtype}, expected {target}")
+        also = " (or uint8 for its bit patterns)" if target in FP8_DTYPES else ""
+        raise TypeError(f"out has dtype {ov.dtype}, expected {target}{also}")
     if ov.shape != xv.shape:
         raise ValueError(f"out has shape {ov.shape}, expected {xv.shape} (the shape of x)")
     if (ov.device, ov.device_id) != (xv.device, xv.device_id):

@@ -209,3 +209,31 @@ def test_torch_cuda():
     low = srkern.cast(torch.from_numpy(x32).cuda(), torch.bfloat16, seed=SEED)
     assert low.is_cuda
     assert_same_bits(low.cpu(), _ref(x32, FORMATS[0]), x32, "torch cuda -> bfloat16")
+
+
+# ---- DLPack stream argument (no GPU needed) ---------------------------------------------------------
+
+class _CudaProducer:
+    """Claims to hold CUDA memory; records the ``stream`` it is asked to export on, then refuses."""
+
+    def __init__(self):
+        self.streams = []
+
+    def __dlpack_device__(self):
+        return (2, 0)  # kDLCUDA, device 0
+
+    def __dlpack__(self, stream=None, **kw):
+        self.streams.append(stream)
+        raise BufferError("recorded the stream; nothing to export")
+
+
+def test_dlpack_stream_is_1_for_the_legacy_default_stream():
+    # A producer whose current stream is the legacy default one (raw pointer 0, what launches use)
+    # must be asked for stream=1: DLPack does not allow 0 for CUDA (1 = legacy, 2 = per-thread).
+    from srkern import _tensor
+    p = _CudaProducer()
+    assert _tensor.current_stream_ptr(p, "dlpack") == 0
+    with pytest.raises(TypeError, match="could not read it through DLPack"):
+        srkern.cast(p, "bfloat16", seed=SEED)
+    assert p.streams == [1]
+    assert [_tensor.dlpack_stream(s) for s in (0, 1, 2, 0x7F0012345600)] == [1, 1, 2, 0x7F0012345600]
