@@ -68,11 +68,16 @@ def test_bit_exact(backend, fmt, rounding, saturate, n, off):
     # Every element, every lane of the partial and full blocks, against the NumPy oracle.
     offset = offset_value(off, fmt)
     x = mixed_input(n, fmt, seed=n)
-    got = backend.get(srkern.cast(backend.put(x), fmt.name, rounding=rounding, seed=SEED, offset=offset,
-                                  step=STEP, stream=STREAM, saturate=saturate))
+    kw = dict(rounding=rounding, seed=SEED, offset=offset, step=STEP, stream=STREAM, saturate=saturate)
+    got = backend.get(srkern.cast(backend.put(x), fmt.name, **kw))
     assert got.dtype == np.dtype(fmt.np_dtype) and got.shape == x.shape
     want = ref(x, fmt, rounding, offset=offset, step=STEP, stream=STREAM, saturate=saturate)
     assert_same_bits(got, want, x, f"cast to {fmt.name} offset={offset}")
+    # Once more into out= prefilled with a pattern no result has: a lane the kernel fails to
+    # write cannot pass by holding the right bits from an earlier allocation.
+    out = backend.put(_sentinel_out(n, fmt.np_dtype))
+    srkern.cast(backend.put(x), fmt.name, out=out, **kw)
+    assert_same_bits(backend.get(out), want, x, f"cast to {fmt.name} offset={offset} out=")
 
 
 _CHILD = r"""
