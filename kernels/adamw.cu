@@ -26,6 +26,13 @@
 //   fp32          FP32 p, m, v
 // A set found_inf flag (*found_inf != 0) makes the launch write nothing.
 //
+// NaN and subnormals (contract v1.1): every stored value that is NaN (weights, moments, master
+// weights, compensation; FP32 and BF16) is the canonical quiet NaN, FP32 0x7fc00000 / BF16
+// 0x7fc0, whatever NaN the inputs held (adamw_bf16 / adamw_f32 below form every stored value, on
+// the CPU and GPU paths alike). Subnormals are never flushed: host builds run under SrkFpEnv
+// (srk_platform.h) on the calling thread from kernel entry and on every OpenMP thread, whatever
+// FTZ/DAZ the caller set.
+//
 // Random bits (contract v1): the draw for element index i of stream S is
 // srk_draw16(srk_draw_block(seed, step, S, i / 8), i % 8), with S = SRK_STREAM_PARAM,
 // _EXP_AVG, _EXP_AVG_SQ or _COMPENSATION. The unit of work is one Philox block of 8 logical
@@ -111,9 +118,22 @@ struct AdamwHyper {
 SRK_HD float adamw_ld(const u16* a, i64 j) { return srk_bf16_to_f32(a[j]); }
 SRK_HD float adamw_ld(const float* a, i64 j) { return a[j]; }
 
-// Store x; a BF16 target is rounded by SR with draw r, or to nearest when !sr.
-SRK_HD void adamw_st(u16* a, i64 j, float x, u32 r, bool sr) { a[j] = sr ? srk_bf16_sr(x, r, 0) : srk_bf16_rn(x, 0); }
-SRK_HD void adamw_st(float* a, i64 j, float x, u32, bool) { a[j] = x; }
+// The stored form of an FP32 result x, for every buffer (contract v1.1: a NaN is stored as the
+// canonical FP32 0x7fc00000 or BF16 0x7fc0, whatever NaN x is): every store of the CPU path and of
+// the GPU path goes through these two, so x86 (NaN payloads and signs kept) and GPUs (a NaN of their
+// own) store the same bits. BF16: SR with draw r, or to nearest when !sr. A rounding maps NaN to
+// NaN and nothing else to NaN, so testing the 16-bit result equals canonicalising x first, and it
+// is cheaper on 16-bit SIMD lanes (one thread of an AVX-512 Xeon, bf16-sr step: within the noise,
+// 0-5%, of no test at all, against about +15% for an FP32 test before each of the three roundings).
+SRK_HD u16 adamw_bf16(float x, u32 r, bool sr) {
+  u16 t = sr ? srk_bf16_sr(x, r, 0) : srk_bf16_rn(x, 0);
+  return (t & 0x7fffu) > 0x7f80u ? (u16)SRK_NAN_BF16 : t;
+}
+SRK_HD float adamw_f32(float x) { return srk_canon_f32(x); }
+
+// Store x (stored form above); a BF16 target is rounded by SR with draw r, or to nearest when !sr.
+SRK_HD void adamw_st(u16* a, i64 j, float x, u32 r, bool sr) { a[j] = adamw_bf16(x, r, sr); }
+SRK_HD void adamw_st(float* a, i64 j, float x, u32, bool) { a[j] = adamw_f32(x); }
 
 // ---- the arithmetic: pure FP32 functions, the one place the update is written ----------------
 
@@ -133,10 +153,11 @@ SRK_HD float adamw_u_math(const AdamwHyper& h, float m, float sv) {
 // Plain weights: p' = p * decay - u.
 SRK_HD float adamw_p_math(const AdamwHyper& h, float p, float u) { return p * h.decay - u; }
 
-// Kahan-summed BF16 weight: returns the new compensation (FP32), *pn the new BF16 weight.
+// Kahan-summed BF16 weight: returns the new compensation (FP32), *pn the new BF16 weight (stored
+// form: a NaN weight is 0x7fc0, and then the compensation is NaN too).
 SRK_HD float adamw_kahan_math(const AdamwHyper& h, float p, float c, float u, u16* pn) {
   float y = (-h.lrwd * p - u) + c;
-  *pn = srk_bf16_rn(p + y, 0);
+  *pn = adamw_bf16(p + y, 0u, false);
   return y - (srk_bf16_to_f32(*pn) - p);  // exact difference of two nearby BF16 values
 }
 
@@ -168,13 +189,13 @@ struct AdamwElem {
     float u = adamw_u_math(h, m, sv);
     if (MODE == MODE_MASTER) {
       float w = adamw_p_math(h, row.w[j], u);
-      row.w[j] = w;
-      ((u16*)row.p)[j] = srk_bf16_rn(w, 0);
+      row.w[j] = adamw_f32(w);
+      ((u16*)row.p)[j] = adamw_bf16(w, 0u, false);
     } else if (MODE == MODE_KAHAN) {
       u16 pn;
       float c = adamw_kahan_math(h, adamw_ld((const u16*)row.p, j), srk_bf16_to_f32(row.c[j]), u, &pn);
       ((u16*)row.p)[j] = pn;
-      row.c[j] = srk_bf16_sr(c, rc, 0);
+      row.c[j] = adamw_bf16(c, rc, true);
     } else {
       adamw_st((P*)row.p, j, adamw_p_math(h, adamw_ld((const P*)row.p, j), u), rp, MODE == MODE_SR);
     }
@@ -283,7 +304,8 @@ static void adamw_body(const u64* table, i64 ntensors, i64 npairs, const AdamwHy
   if (npairs <= 0) return;
   const i64 nchunks = (npairs + ADAMW_CPU_CHUNK - 1) / ADAMW_CPU_CHUNK;
   // One chunk (under 16K elements) runs on the calling thread: no fork, no wake-up of workers.
-  #pragma omp parallel for schedule(dynamic, 1) if (nchunks > 1)
+  // SRK_PARALLEL: every thread of the team runs its chunks in the default FP environment.
+  SRK_PARALLEL(nchunks > 1) SRK_PRAGMA(omp for schedule(dynamic, 1) nowait)
   for (i64 chunk = 0; chunk < nchunks; ++chunk) {
     i64 b = chunk * ADAMW_CPU_CHUNK, b_end = srk_min64(npairs, b + ADAMW_CPU_CHUNK);
     i64 t = adamw_find(table, ntensors, b);
@@ -318,11 +340,13 @@ SRK_HD void adamw_ld8(const float* a, float* x) {
 }
 SRK_HD void adamw_st8(u16* a, const float* x, const srk_u32x4& b, bool sr) {
   u16 t[8];
-  for (int k = 0; k < 8; ++k) t[k] = sr ? srk_bf16_sr(x[k], srk_draw16(b, k), 0) : srk_bf16_rn(x[k], 0);
+  for (int k = 0; k < 8; ++k) t[k] = adamw_bf16(x[k], srk_draw16(b, k), sr);
   if (((uptr)a & 15u) == 0) { uint4 q; memcpy(&q, t, 16); *(uint4*)a = q; }
   else { for (int k = 0; k < 8; ++k) a[k] = t[k]; }
 }
-SRK_HD void adamw_st8(float* a, const float* x, const srk_u32x4&, bool) {
+SRK_HD void adamw_st8(float* a, const float* xin, const srk_u32x4&, bool) {
+  float x[8];
+  for (int k = 0; k < 8; ++k) x[k] = adamw_f32(xin[k]);
   if (((uptr)a & 15u) == 0) {
     *(float4*)a = make_float4(x[0], x[1], x[2], x[3]);
     *(float4*)(a + 4) = make_float4(x[4], x[5], x[6], x[7]);
@@ -397,6 +421,7 @@ SRK_HD void adamw_body(const u64* table, i64 ntensors, i64 npairs, const AdamwHy
   SRK_KERNEL void name(const u64* table, i64 ntensors, i64 npairs, u64 seed, u64 step, float b1,       \
                        float omb1, float b2, float omb2, float step_size, float inv_sqrt_bc2,          \
                        float eps, float decay, float lrwd, float grad_scale, const float* found_inf) { \
+    SRK_FP_GUARD; /* host builds: a subnormal found_inf is non-zero also under the caller's DAZ */     \
     if (found_inf != 0 && *found_inf != 0.0f) return;                                                  \
     AdamwHyper h;                                                                                      \
     h.b1 = b1; h.omb1 = omb1; h.b2 = b2; h.omb2 = omb2; h.step_size = step_size;                       \
@@ -424,43 +449,113 @@ SRK_ADAMW_KERNEL(adamw_fp32_gf32_sf32, MODE_FP32, float, float, float)
 
 // ---- squared gradient norm ----------------------------------------------------------------------
 //
-// The flat gradient vector is cut into chunks of ADAMW_NORM_CHUNK elements of one tensor (the
-// table's b0 column counts chunks here). Each chunk's sum of squares is formed in FP64 by one
-// thread in a fixed order (8 lane accumulators over k % 8, then a fixed tree) and written to
-// partial[chunk]; the host adds the partials in index order. The result therefore does not
-// depend on thread count or backend. Each element is multiplied by grad_scale in FP32 first (that
-// product can overflow to Inf); squares of finite FP32 values cannot overflow FP64, so the sum is
-// finite iff every element, multiplied by grad_scale in FP32, is finite (not Inf or NaN).
-#define ADAMW_NORM_CHUNK 2048
+// The partial sums, each a pure function of element indices (so the result does not depend on
+// thread count, launch shape or backend). Each tensor is cut, from its element 0, into spans of
+// ADAMW_NORM_SPAN = 32 x 2048 = 65536 elements, and every span has ADAMW_NORM_THREADS = 32
+// partials: partial[b0 + 32 * s + l] (l = 0..31) for span s of the tensor whose first partial is
+// b0 (the table's column 8 counts partials here, 32 per span, the last span of a tensor padded).
+// Partial l of a span holds the elements span_start + 256 * k + 8 * l + e, k = 0..255 the row and
+// e = 0..7 the lane (elements past the tensor's end are left out), summed as
+//   acc[e] = (...((x(0,e)^2 + x(1,e)^2) + x(2,e)^2) + ...) + x(255,e)^2     (rows in order)
+//   partial = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+// with x = (double)(g * grad_scale): the product rounded in FP32 (it can overflow to Inf), the
+// square and the sums in FP64 (squares of finite FP32 values cannot overflow FP64), each + and *
+// one IEEE operation. A NaN partial is stored as the canonical 0x7ff8000000000000 (v1.1). The
+// host adds the partials left to right in index order (srkern/adamw.py, grad_norm), so the sum
+// is finite iff every element, multiplied by grad_scale in FP32, is finite (not Inf or NaN).
+//
+// GPU: one thread per partial, so the 32 threads of a span are one warp (b0 is a multiple of 32
+// and so are the block size and the grid stride): at row k they read 32 consecutive groups of 8
+// elements (1 KB of FP32, 512 B of BF16; 16-byte loads), each thread into its 8 accumulators,
+// registers indexed by unrolled constants. CPU: one span per loop unit; partial l's accumulator e
+// is acc[p % 256] for the span's element p (p % 256 = 8 l + e), so each row is one vectorised
+// loop of 256 independent additions, rows in order.
+#define ADAMW_NORM_LANES 8     // elements per group: FP64 accumulators per partial
+#define ADAMW_NORM_THREADS 32  // partials per span (GPU: the threads of one warp)
+#define ADAMW_NORM_CHUNK 2048  // elements per partial: ADAMW_NORM_ROWS rows of one group each
+#define ADAMW_NORM_ROW (ADAMW_NORM_THREADS * ADAMW_NORM_LANES)   // 256 elements: one row of a span
+#define ADAMW_NORM_ROWS (ADAMW_NORM_CHUNK / ADAMW_NORM_LANES)    // 256 rows per span
+#define ADAMW_NORM_SPAN (ADAMW_NORM_THREADS * ADAMW_NORM_CHUNK)  // 65536 elements
 
-template <class G>
-SRK_HD void adamw_sumsq_chunk(const u64* table, i64 ntensors, float grad_scale, double* partial, i64 b) {
-  AdamwRow row = adamw_row(table, adamw_find(table, ntensors, b));
-  i64 j0 = (b - row.b0) * ADAMW_NORM_CHUNK;
-  i64 len = srk_min64(ADAMW_NORM_CHUNK, row.n - j0);
-  const G* g = (const G*)row.g + j0;
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (i64 k = 0; k < len; ++k) {
-    double x = (double)(adamw_ld(g, k) * grad_scale);
-    acc[k & 7] += x * x;
-  }
-  partial[b] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+// x^2 in FP64 of one element multiplied by grad_scale in FP32.
+SRK_HD double adamw_sq(float g, float grad_scale) {
+  double x = (double)(g * grad_scale);
+  return x * x;
 }
 
-template <class G>
-SRK_HD void adamw_sumsq_body(const u64* table, i64 ntensors, i64 nchunks, float grad_scale, double* partial) {
+// The fixed tree over one partial's 8 accumulators, canonical NaN.
+SRK_HD double adamw_tree8(const double* a) {
+  return srk_canon_f64(((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])));
+}
+
 #ifdef SRK_GPU
-  SRK_LOOP(b, nchunks) { adamw_sumsq_chunk<G>(table, ntensors, grad_scale, partial, b); }
-#else
-  // Not SRK_LOOP: its `simd` would vectorise across chunks; one chunk per iteration is wanted.
-  #pragma omp parallel for schedule(static) if (nchunks > 8)
-  for (i64 b = 0; b < nchunks; ++b) adamw_sumsq_chunk<G>(table, ntensors, grad_scale, partial, b);
-#endif
+// Partial b: one thread, rows k = 0..255 of its span, 8 register accumulators.
+template <class G>
+SRK_HD void adamw_sumsq_partial(const u64* table, i64 ntensors, float grad_scale, double* partial, i64 b) {
+  AdamwRow row = adamw_row(table, adamw_find(table, ntensors, b));
+  const u64 u = (u64)(b - row.b0);
+  const i64 span0 = (i64)(u / ADAMW_NORM_THREADS) * ADAMW_NORM_SPAN;
+  const i64 end = srk_min64(row.n, span0 + ADAMW_NORM_SPAN);  // a group never crosses a span end
+  const G* g = (const G*)row.g;
+  double acc[ADAMW_NORM_LANES];
+  #pragma unroll
+  for (int e = 0; e < ADAMW_NORM_LANES; ++e) acc[e] = 0.0;
+  for (i64 j = span0 + (i64)(u % ADAMW_NORM_THREADS) * ADAMW_NORM_LANES; j < end; j += ADAMW_NORM_ROW) {
+    float x[ADAMW_NORM_LANES];
+    if (j + ADAMW_NORM_LANES <= end) {
+      adamw_ld8(g + j, x);
+    } else {  // the tensor's last group: a missing element adds +0, which leaves acc as it is
+      #pragma unroll
+      for (int e = 0; e < ADAMW_NORM_LANES; ++e) x[e] = j + e < end ? adamw_ld(g, j + e) : 0.0f;
+    }
+    #pragma unroll
+    for (int e = 0; e < ADAMW_NORM_LANES; ++e) acc[e] += adamw_sq(x[e], grad_scale);
+  }
+  partial[b] = adamw_tree8(acc);
 }
 
-SRK_KERNEL void adamw_sumsq_gbf16(const u64* table, i64 ntensors, i64 nchunks, float grad_scale, double* partial) {
-  adamw_sumsq_body<u16>(table, ntensors, nchunks, grad_scale, partial);
+template <class G>
+SRK_HD void adamw_sumsq_body(const u64* table, i64 ntensors, i64 nparts, float grad_scale, double* partial) {
+  SRK_LOOP(b, nparts) { adamw_sumsq_partial<G>(table, ntensors, grad_scale, partial, b); }
 }
-SRK_KERNEL void adamw_sumsq_gf32(const u64* table, i64 ntensors, i64 nchunks, float grad_scale, double* partial) {
-  adamw_sumsq_body<float>(table, ntensors, nchunks, grad_scale, partial);
+#else
+// Span sp (partials 32 sp .. 32 sp + 31): the 256 accumulators of its 32 partials, row by row.
+template <class G>
+static void adamw_sumsq_span(const u64* table, i64 ntensors, float grad_scale, double* partial, i64 sp) {
+  const i64 b = sp * ADAMW_NORM_THREADS;
+  AdamwRow row = adamw_row(table, adamw_find(table, ntensors, b));
+  const i64 span0 = (b - row.b0) / ADAMW_NORM_THREADS * ADAMW_NORM_SPAN;
+  const i64 len = srk_min64(ADAMW_NORM_SPAN, row.n - span0);
+  const G* g = (const G*)row.g + span0;
+  alignas(64) double acc[ADAMW_NORM_ROW];
+  for (int p = 0; p < ADAMW_NORM_ROW; ++p) acc[p] = 0.0;
+  const i64 full = len / ADAMW_NORM_ROW;
+  for (i64 k = 0; k < full; ++k) {
+    const G* r = g + k * ADAMW_NORM_ROW;
+    #pragma omp simd
+    for (int p = 0; p < ADAMW_NORM_ROW; ++p) acc[p] += adamw_sq(adamw_ld(r, p), grad_scale);
+  }
+  const int rest = (int)(len - full * ADAMW_NORM_ROW);  // the tensor's last, short row
+  const G* r = g + full * ADAMW_NORM_ROW;
+  for (int p = 0; p < rest; ++p) acc[p] += adamw_sq(adamw_ld(r, p), grad_scale);
+  for (int l = 0; l < ADAMW_NORM_THREADS; ++l) partial[b + l] = adamw_tree8(acc + ADAMW_NORM_LANES * l);
+}
+
+template <class G>
+static void adamw_sumsq_body(const u64* table, i64 ntensors, i64 nparts, float grad_scale, double* partial) {
+  const i64 nspans = nparts / ADAMW_NORM_THREADS;
+  // A single span (at most 64K elements) runs on the calling thread. Not SRK_LOOP: its `simd`
+  // would vectorise across spans; the rows inside a span are what vectorises.
+  SRK_PARALLEL(nspans > 1) SRK_PRAGMA(omp for schedule(dynamic, 1) nowait)
+  for (i64 sp = 0; sp < nspans; ++sp) adamw_sumsq_span<G>(table, ntensors, grad_scale, partial, sp);
+}
+#endif
+
+SRK_KERNEL void adamw_sumsq_gbf16(const u64* table, i64 ntensors, i64 nparts, float grad_scale, double* partial) {
+  SRK_FP_GUARD;
+  adamw_sumsq_body<u16>(table, ntensors, nparts, grad_scale, partial);
+}
+SRK_KERNEL void adamw_sumsq_gf32(const u64* table, i64 ntensors, i64 nparts, float grad_scale, double* partial) {
+  SRK_FP_GUARD;
+  adamw_sumsq_body<float>(table, ntensors, nparts, grad_scale, partial);
 }

@@ -1,7 +1,7 @@
 // cast.cu: FP32 -> BF16 / FP16 / FP8 (e4m3fn, e5m2) casts, stochastic or round-to-nearest-even,
 // and the exact upcasts back to FP32.
 //
-// Numeric contract: srkern bit contract v1 (README, "The bit contract"); per-element rounding
+// Numeric contract: srkern bit contract v1.1 (README, "The bit contract"); per-element rounding
 // in srk_round.h, random bits in srk_philox.h. Element `p` of the input has logical index
 // `offset + p`; its draw comes from Philox block q = index / 8 (BF16, 16-bit draws) or
 // index / 4 (32-bit draws). One Philox call therefore serves a whole block, and a "block" of

@@ -8,12 +8,15 @@
 // for <in> = f32 or bf16 wire chunks. Reading every chunk once and writing the shard once is the
 // whole cost: the sum never goes through memory in between.
 //
-// Numeric contract: bit contract v1. Element p of the shard has logical index `offset + p`
+// Numeric contract: bit contract v1.1. Element p of the shard has logical index `offset + p`
 // (its position in the full vector being reduced); its draw is lane index % 8 of Philox block
 // index / 8 under (seed, step, stream). All ranks share the seed, so the result is a function of
 // the inputs and (seed, step, stream) alone, never of which rank or thread computed it. The FP32
 // sum is rounded once per addition in rank order and divided with correctly rounded division, so
 // g++ (-ffp-contract=off) and NVRTC (--fmad=false --prec-div=true) agree bit for bit.
+// Contract v1.1: a NaN sum is stored as the canonical NaN (FP32 0x7fc00000, BF16 0x7fc0) on
+// every backend, and subnormal inputs and sums are never flushed (host builds run under
+// SrkFpEnv, srk_platform.h, whatever FTZ/DAZ state the caller's threads carry).
 //
 // References: Random123 (Philox); Ozkara, Yu, Park, AISTATS 2025 (SR for BF16 training).
 #include "srk_platform.h"
@@ -27,11 +30,12 @@ SRK_HD float dist_to_f32(float x) { return x; }
 SRK_HD float dist_to_f32(u16 x) { return srk_bf16_to_f32(x); }
 
 // Sum of element p over the `world` chunks, in rank order, then divided by div.
+// A NaN result is the canonical 0x7fc00000 (contract v1.1), so the BF16 shard holds 0x7fc0.
 template <class In>
 SRK_HD float dist_sum(const In* SRK_RESTRICT chunks, i64 stride, int world, float div, i64 p) {
   float acc = dist_to_f32(chunks[p]);
   for (int r = 1; r < world; ++r) acc = acc + dist_to_f32(chunks[(i64)r * stride + p]);
-  return acc / div;
+  return srk_canon_f32(acc / div);
 }
 
 // ---- BF16 output: whole Philox blocks of 8 logical indices are the unit of work ----------------
@@ -79,6 +83,7 @@ SRK_HD void dist_bf16_body(const In* SRK_RESTRICT chunks, i64 stride, int world,
 #define SRK_DIST_BF16_KERNEL(name, In, SR)                                                           \
   SRK_KERNEL void name(const In* chunks, i64 stride, int world, float div, u16* out, i64 n,         \
                        u64 offset, u64 seed, u64 step, u32 stream) {                                 \
+    SRK_FP_GUARD;                                                                                    \
     dist_bf16_body<In, SR>(chunks, stride, world, div, out, n, offset, seed, step, stream);          \
   }
 
@@ -90,6 +95,7 @@ SRK_DIST_BF16_KERNEL(dist_reduce_bf16_bf16_rn, u16, false)
 // FP32 output: no rounding beyond the FP32 additions, so no draws and no blocks.
 #define SRK_DIST_F32_KERNEL(name, In)                                                                \
   SRK_KERNEL void name(const In* chunks, i64 stride, int world, float div, float* out, i64 n) {     \
+    SRK_FP_GUARD;                                                                                    \
     SRK_LOOP(p, n) { out[p] = dist_sum<In>(chunks, stride, world, div, p); }                         \
   }
 

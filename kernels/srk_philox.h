@@ -1,4 +1,4 @@
-// srk_philox.h: Philox4x32-10 and the draw layout of srkern's bit contract v1.
+// srk_philox.h: Philox4x32-10 and the draw layout of srkern's bit contract v1.1 (unchanged since v1).
 //
 // Philox4x32-10 exactly as in Random123 (Salmon et al., SC'11): 10 rounds, multipliers
 // 0xD2511F53 / 0xCD9E8D57, Weyl key increments 0x9E3779B9 / 0xBB67AE85. The known-answer

@@ -1,7 +1,7 @@
 """srkern: stochastic-rounding kernels for low-precision training.
 
 One CUDA C++ source per kernel family (``kernels/``), JIT-compiled by NVRTC for GPUs and by g++
-for CPUs; every random bit follows bit contract v1 (see README).
+for CPUs; every random bit follows bit contract v1.1 (see README).
 """
 from ._contract import CONTRACT_VERSION, STREAMS, manual_seed
 from ._build import BuildError

@@ -1,4 +1,4 @@
-"""Bit contract v1 constants and the library seed generator.
+"""Bit contract constants (v1.1) and the library seed generator.
 
 The random-stream ids live once, in ``kernels/srk_round.h``; this module reads them from there.
 The NumPy reference (``srkern.reference``) lists them independently, as an oracle should, and a
@@ -14,7 +14,33 @@ import numpy as np
 
 from ._build import KERNEL_DIR
 
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = "1.1"
+"""The bit contract this srkern implements, "major.minor". v1.1 = v1 (Philox layout, streams,
+rounding rules: every random bit and every rounding unchanged) plus: every NaN that arithmetic
+produces (AdamW's stored buffers, reduce-scatter sums, grad_norm's partials) is one canonical
+quiet NaN per format (FP32 0x7fc00000, BF16 0x7fc0, FP64 0x7ff8000000000000), and subnormals are
+never flushed whatever the caller's floating-point state. A minor version keeps every draw, so
+state written under any 1.x loads here; a new major version would not."""
+
+
+def contract_major(version) -> int:
+    """The major number of a contract version as written in checkpoints: 1, "1" or "1.1" -> 1.
+
+    Raises ValueError for anything else (a bool, a float, a malformed string)."""
+    if isinstance(version, int) and not isinstance(version, bool) and version >= 0:
+        return version
+    if isinstance(version, str) and re.fullmatch(r"\d+(\.\d+)?", version):
+        return int(version.split(".")[0])
+    raise ValueError(f"not a bit contract version: {version!r}")
+
+
+def contract_compatible(version) -> bool:
+    """Whether state written under contract ``version`` (int or "major.minor") loads here:
+    the same major version. Malformed versions are not compatible."""
+    try:
+        return contract_major(version) == contract_major(CONTRACT_VERSION)
+    except ValueError:
+        return False
 
 _STREAM_RE = re.compile(r"#define\s+SRK_STREAM_(\w+)\s+(\d+)u")
 STREAMS: dict[str, int] = {

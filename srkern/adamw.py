@@ -9,12 +9,14 @@ into calls, on thread count or on backend.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
 from . import _backend, _contract
+from ._build import KERNEL_DIR
 from ._tensor import View, as_view, stream_of
 
 # ---- the precision modes --------------------------------------------------------------------
@@ -51,7 +53,14 @@ _ITEMSIZE = {"bfloat16": 2, "float32": 4}
 _GRAD_DTYPES = ("bfloat16", "float32")
 _SUFFIX = {"bfloat16": "bf16", "float32": "f32"}
 _TABLE_COLS = 9  # kernels/adamw.cu ADAMW_COLS
-_NORM_CHUNK = 2048  # kernels/adamw.cu ADAMW_NORM_CHUNK
+# The partial layout of grad_norm, read from kernels/adamw.cu (its #defines are the one source):
+# spans of _NORM_THREADS partials x _NORM_CHUNK elements per tensor, groups of _NORM_LANES.
+_NORM_DEFINES = {m.group(1): int(m.group(2)) for m in re.finditer(
+    r"^#define\s+ADAMW_NORM_(LANES|THREADS|CHUNK)\s+(\d+)\b", (KERNEL_DIR / "adamw.cu").read_text(), re.M)}
+_NORM_CHUNK = _NORM_DEFINES["CHUNK"]      # elements per partial (2048)
+_NORM_THREADS = _NORM_DEFINES["THREADS"]  # partials per span (32)
+_NORM_LANES = _NORM_DEFINES["LANES"]      # elements per group, accumulators per partial (8)
+_NORM_SPAN = _NORM_THREADS * _NORM_CHUNK  # elements per span (65536)
 
 
 def _precision(name: str) -> Precision:
@@ -412,38 +421,70 @@ def grad_norm(grads: Sequence[Any], *, grad_scale: float = 1.0) -> GradNorm:
 
     ``grads``: BF16 or FP32 contiguous tensors on one device (one dtype per call). Each element
     is multiplied by ``grad_scale`` in FP32 (as :func:`adamw_step` does), squared and summed in
-    FP64: per chunk of 2048 elements of one tensor in a fixed order by the kernel, then the chunk
-    sums in index order on the host. The result is deterministic: it does not depend on the
-    thread count or the backend. ``finite`` is False iff some element, multiplied by ``grad_scale`` in
-    FP32, is Inf or NaN (then ``norm`` is Inf or NaN). For clipping to ``max_norm``, pass
+    FP64, in a fixed order that is a function of element indices only, so the result is
+    deterministic: the same bits on every backend and thread count.
+
+    The order (``kernels/adamw.cu``, "squared gradient norm"): each tensor is cut from its first
+    element into spans of 32 x 2048 = 65536 elements, each span into 32 partial sums; partial
+    ``l`` of a span sums, for rows ``k = 0..255`` in order, the 8 elements
+    ``span_start + 256*k + 8*l + e`` into 8 accumulators (one per ``e``), which are then added
+    as ``((a0+a1)+(a2+a3))+((a4+a5)+(a6+a7))``. The partials of all tensors (32 per span, in
+    tensor and span order; a tensor's last span is padded with zero partials) are added left to
+    right on the host. A NaN anywhere gives a NaN norm (the canonical quiet NaN, contract v1.1).
+
+    ``finite`` is False iff some element, multiplied by ``grad_scale`` in FP32, is Inf or NaN
+    (then ``norm`` is Inf or NaN). For clipping to ``max_norm``, pass
     ``grad_scale = min(1, max_norm / (norm + 1e-6))`` to :func:`adamw_step`.
     """
+    partial = _sumsq_partials(grads, grad_scale=grad_scale)
+    if partial.size == 0:
+        return GradNorm(0.0, True)
+    # Left to right in index order (np.cumsum is a sequential scan; np.sum would add pairwise):
+    # the same bits as a Python loop of +=, on every backend.
+    total = float(np.cumsum(partial)[-1])
+    if math.isnan(total):
+        return GradNorm(math.nan, False)  # math.nan: the canonical 0x7ff8000000000000
+    return GradNorm(math.sqrt(total), math.isfinite(total))
+
+
+def _norm_table(gv: Sequence[View]) -> tuple[np.ndarray, int]:
+    """grad_norm's tensor table and partial count: column 8 (b0) counts partials, 32 per span."""
+    table = np.zeros((len(gv), _TABLE_COLS), dtype=np.uint64)
+    b0 = 0
+    for t, g in enumerate(gv):
+        table[t, 1] = g.ptr
+        table[t, 6] = g.numel
+        table[t, 8] = b0
+        b0 += _NORM_THREADS * -(-g.numel // _NORM_SPAN)
+    return table, b0
+
+
+def _sumsq_partials(grads: Sequence[Any], *, grad_scale: float = 1.0) -> np.ndarray:
+    """The kernel's FP64 partial sums of squares (layout: :func:`grad_norm`), as a NumPy array."""
     if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float, np.floating, np.integer)) \
             or not math.isfinite(float(grad_scale)):
         raise ValueError(f"grad_scale must be a finite number, got {grad_scale!r}")
     gv = _views("grads", grads, None)
     if not gv:
-        return GradNorm(0.0, True)
+        return np.zeros(0, dtype=np.float64)
     _check_list("grads", gv, gv, _GRAD_DTYPES, False)
-    zero = [0] * len(gv)
-    table, nchunks = _table(gv, [zero, [g.ptr for g in gv], zero, zero, zero, zero],
-                            [0] * len(gv), _NORM_CHUNK, False)
-    if nchunks == 0:
-        return GradNorm(0.0, True)
+    table, nparts = _norm_table(gv)
+    if nparts == 0:
+        return np.zeros(0, dtype=np.float64)
     g0 = gv[0]
     stream = stream_of(g0)
     keep, tptr = _device_table(table, g0, stream)
     if g0.device == "cpu":
-        partial = np.empty(nchunks, dtype=np.float64)
+        partial = np.empty(nparts, dtype=np.float64)
         pptr = partial.ctypes.data
     else:
         import cupy
         with cupy.cuda.Device(g0.device_id), _backend.cupy_stream(stream, g0.device_id):
-            dpart = cupy.empty(nchunks, dtype=np.float64)
+            dpart = cupy.empty(nparts, dtype=np.float64)
         pptr = dpart.data.ptr
     _backend.launch("adamw", f"adamw_sumsq_g{_SUFFIX[g0.dtype]}", [
-        ("p", tptr), ("q", len(gv)), ("q", nchunks), ("f", float(np.float32(grad_scale))),
-        ("p", pptr)], device=g0.device, device_id=g0.device_id, units=nchunks, stream=stream)
+        ("p", tptr), ("q", len(gv)), ("q", nparts), ("f", float(np.float32(grad_scale))),
+        ("p", pptr)], device=g0.device, device_id=g0.device_id, units=nparts, stream=stream)
     if g0.device != "cpu":
         import cupy
         cs = _backend.cupy_stream(stream, g0.device_id)
@@ -451,7 +492,4 @@ def grad_norm(grads: Sequence[Any], *, grad_scale: float = 1.0) -> GradNorm:
             partial = cupy.asnumpy(dpart, stream=cs)
             cs.synchronize()
     del keep
-    total = 0.0
-    for x in partial.tolist():  # index order: the same sum on every backend and thread count
-        total += x
-    return GradNorm(math.sqrt(total), math.isfinite(total))
+    return partial

@@ -809,7 +809,7 @@ class ShardedAdamWCore:
         if man.get("format") != CHECKPOINT_FORMAT or man.get("format_version") != CHECKPOINT_VERSION:
             raise ValueError(f"not a {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} manifest "
                              f"(format {man.get('format')!r}, version {man.get('format_version')!r})")
-        if man["contract_version"] != _contract.CONTRACT_VERSION:
+        if not _contract.contract_compatible(man["contract_version"]):  # any 1.x loads under 1.1
             raise ValueError(f"written under bit contract v{man['contract_version']}, "
                              f"this srkern uses v{_contract.CONTRACT_VERSION}")
         if man["n"] != self.n:

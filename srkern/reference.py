@@ -128,10 +128,30 @@ def upcast(x: np.ndarray) -> np.ndarray:
     return np.asarray(x).astype(np.float32)
 
 
+# ---- canonical NaNs (contract v1.1) ---------------------------------------------------------------
+# Casts keep the NaN rules above (sign and payload kept). Every NaN that *arithmetic* produces
+# (AdamW's stored buffers, reduce-scatter sums, grad_norm's partials) is one positive quiet NaN
+# per format, whatever NaNs went in. Here it is applied to the finished values, by bit pattern.
+
+CANONICAL_NAN = {"float32": 0x7FC00000, "bfloat16": 0x7FC0, "float64": 0x7FF8000000000000}
+_UINT_OF = {"float32": np.uint32, "bfloat16": np.uint16, "float64": np.uint64}
+
+
+def canonical_nan(a) -> np.ndarray:
+    """A copy of float32 / bfloat16 / float64 array ``a`` with every NaN made the canonical one."""
+    a = np.array(a, copy=True)
+    name = "bfloat16" if a.dtype == np.dtype(ml_dtypes.bfloat16) else a.dtype.name
+    bits = a.view(_UINT_OF[name])
+    with np.errstate(invalid="ignore"):  # isnan of a signalling NaN may raise "invalid"
+        bits[np.isnan(a)] = CANONICAL_NAN[name]
+    return a
+
+
 # ---- distributed: reduce-scatter (srkern.dist) --------------------------------------------------
 # The whole reduced vector in one process, for comparison with the concatenated shards of a run
 # on `len(xs)` ranks: sum in FP32 in rank order, optional division by the world size, then one
-# contract-v1 rounding with each element's position in the full vector as its index.
+# contract-v1 rounding with each element's position in the full vector as its index; a NaN result
+# is the canonical NaN of the output format (v1.1).
 
 STREAM_WIRE = 6  # srkern.dist.WIRE_STREAM: SR of FP32 inputs onto a BF16 wire
 
@@ -156,19 +176,21 @@ def reduce_scatter_full(xs: list[np.ndarray], op: str = "avg", out_dtype: str = 
             x = round_float32(x, "bfloat16", seed=seed, offset=r * n, step=step, stream=STREAM_WIRE)
         wire.append(x.astype(np.float32))
     acc = wire[0].copy()
-    for x in wire[1:]:
-        acc = (acc + x).astype(np.float32)  # one FP32 rounding per addition, rank order
-    if op == "avg":
-        acc = (acc / np.float32(world)).astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN and Inf inputs are part of the contract
+        for x in wire[1:]:
+            acc = (acc + x).astype(np.float32)  # one FP32 rounding per addition, rank order
+        if op == "avg":
+            acc = (acc / np.float32(world)).astype(np.float32)
     if out_dtype == "float32":
-        return acc
-    return round_float32(acc, "bfloat16", rounding, seed=seed, step=step, stream=stream)
+        return canonical_nan(acc)  # v1.1: a NaN sum is the canonical NaN
+    return canonical_nan(round_float32(acc, "bfloat16", rounding, seed=seed, step=step, stream=stream))
 
 
 # ---- AdamW (srkern.adamw_step) ------------------------------------------------------------------
 # The five precision modes of kernels/adamw.cu, written out with NumPy float32 operations in the
 # kernel's documented order (NumPy's float32 +, *, / and sqrt are single IEEE operations, never
 # fused), and BF16 writes through round_float32 above with each element's logical flat index.
+# Every stored buffer then goes through canonical_nan (v1.1: NaN results are canonical).
 
 
 def adamw_scalars(step: int, lr: float, betas: tuple[float, float], eps: float,
@@ -216,24 +238,27 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, step: int, lr: float,
             u = (s["step_size"] * m32) / d
             state_bf16 = np.asarray(m).dtype == np.dtype(ml_dtypes.bfloat16)
             for key, x, stream in (("exp_avgs", m32, STREAM_EXP_AVG), ("exp_avg_sqs", v32, STREAM_EXP_AVG_SQ)):
-                out[key].append((store_bf16(x, off, stream, sr) if state_bf16 else x.astype(f32)).reshape(shape))
+                stored = store_bf16(x, off, stream, sr) if state_bf16 else x.astype(f32)
+                out[key].append(canonical_nan(stored).reshape(shape))
             if precision == "fp32-master":
                 w = np.asarray(master_params[t]).astype(f32).reshape(-1) * s["decay"] - u
-                out["master_params"].append(w.reshape(shape))
-                out["params"].append(store_bf16(w, off, STREAM_PARAM, False).reshape(shape))
+                out["master_params"].append(canonical_nan(w).reshape(shape))
+                out["params"].append(canonical_nan(store_bf16(w, off, STREAM_PARAM, False)).reshape(shape))
             elif precision == "bf16-kahan":
                 c = np.asarray(compensation[t]).astype(f32).reshape(-1)
                 y = ((-s["lrwd"]) * p32 - u) + c
-                pn = store_bf16(p32 + y, off, STREAM_PARAM, False)
+                pn = canonical_nan(store_bf16(p32 + y, off, STREAM_PARAM, False))
                 c_new = y - (pn.astype(f32) - p32)
                 out["params"].append(pn.reshape(shape))
-                out["compensation"].append(store_bf16(c_new, off, STREAM_COMPENSATION, True).reshape(shape))
+                out["compensation"].append(
+                    canonical_nan(store_bf16(c_new, off, STREAM_COMPENSATION, True)).reshape(shape))
             else:
                 pn = p32 * s["decay"] - u
                 if precision == "fp32":
-                    out["params"].append(pn.astype(f32).reshape(shape))
+                    out["params"].append(canonical_nan(pn.astype(f32)).reshape(shape))
                 else:
-                    out["params"].append(store_bf16(pn, off, STREAM_PARAM, precision == "bf16-sr").reshape(shape))
+                    out["params"].append(canonical_nan(
+                        store_bf16(pn, off, STREAM_PARAM, precision == "bf16-sr")).reshape(shape))
     return out
 
 
@@ -246,3 +271,47 @@ def adamw_float64(p, g, m, v, *, step: int, lr: float, betas=(0.9, 0.999), eps: 
     v = b2 * v + (1 - b2) * g * g
     d = np.sqrt(v / (1 - b2 ** step)) + eps
     return p * (1 - lr * weight_decay) - lr / (1 - b1 ** step) * m / d
+
+
+# ---- gradient norm (srkern.grad_norm) -------------------------------------------------------------
+# The layout of the partial sums, stated here on its own (tests check these numbers against
+# kernels/adamw.cu): per tensor, spans of NORM_THREADS partials x NORM_CHUNK elements; partial l
+# of a span adds, row k = 0, 1, ... in order, the NORM_LANES elements
+# span_start + NORM_THREADS*NORM_LANES*k + NORM_LANES*l + e into one FP64 accumulator per lane e,
+# then ((a0+a1)+(a2+a3))+((a4+a5)+(a6+a7)); the host adds all partials left to right.
+
+NORM_LANES, NORM_THREADS, NORM_CHUNK = 8, 32, 2048
+
+
+def grad_sumsq_partials(grads, grad_scale: float = 1.0) -> np.ndarray:
+    """The FP64 partial sums of squares of ``grads`` (each element times ``grad_scale`` in FP32)."""
+    span = NORM_THREADS * NORM_CHUNK
+    rows = NORM_CHUNK // NORM_LANES
+    parts = []
+    with np.errstate(all="ignore"):
+        for g in grads:
+            x = np.asarray(g).astype(np.float32).reshape(-1) * np.float32(grad_scale)  # FP32 product
+            nspans = -(-x.size // span)
+            sq = np.zeros(nspans * span)  # padding: adding +0.0 leaves an accumulator unchanged
+            x64 = x.astype(np.float64)
+            sq[:x.size] = x64 * x64
+            sq = sq.reshape(nspans, rows, NORM_THREADS, NORM_LANES)
+            acc = np.zeros((nspans, NORM_THREADS, NORM_LANES))
+            for k in range(rows):  # one FP64 addition per row, in row order
+                acc = acc + sq[:, k]
+            a = [acc[..., e] for e in range(NORM_LANES)]
+            tree = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+            parts.append(tree.reshape(-1))
+    out = np.concatenate(parts) if parts else np.zeros(0)
+    return canonical_nan(out)
+
+
+def grad_norm(grads, grad_scale: float = 1.0) -> tuple[float, bool]:
+    """(norm, finite) as srkern.grad_norm computes them: the partials added left to right."""
+    import math
+    total = 0.0
+    for p in grad_sumsq_partials(grads, grad_scale).tolist():
+        total += p
+    if math.isnan(total):
+        return math.nan, False
+    return math.sqrt(total), math.isfinite(total)

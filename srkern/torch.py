@@ -38,7 +38,7 @@ class AdamW(torch.optim.Optimizer):
             :func:`srkern.manual_seed`'s generator.
         state_dtype: moment dtype, ``"bfloat16"`` (default in the BF16 modes) or ``"float32"``.
 
-    Layout (bit contract v1): every parameter of every group, in group order, gets a fixed
+    Layout (bit contract v1.1): every parameter of every group, in group order, gets a fixed
     position in one logical flat vector (cumulative sizes, no padding); parameters added later
     with ``add_param_group`` go at the end. The Philox ``step`` is the optimizer's step count.
     A parameter whose ``.grad`` is None is skipped at that step (its buffers are untouched; the
@@ -206,7 +206,7 @@ class AdamW(torch.optim.Optimizer):
         meta = sd.pop("srkern", None)
         if meta is None:
             raise ValueError("not an srkern.torch.AdamW state dict (no 'srkern' entry)")
-        if meta.get("contract") != _contract.CONTRACT_VERSION:
+        if not _contract.contract_compatible(meta.get("contract")):
             raise ValueError(f"state dict is for bit contract {meta.get('contract')}, this is "
                              f"{_contract.CONTRACT_VERSION}")
         for key, mine in (("precision", self.precision), ("state_dtype", self.state_dtype)):
