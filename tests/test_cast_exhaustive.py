@@ -55,6 +55,7 @@ def _check_nan_out(x_bits: np.ndarray, ours: np.ndarray, fmt: Fmt) -> None:
     assert _is_nan_bits(ours[nan_in], fmt).all(), f"{fmt.name}: a NaN input gave a non-NaN output"
 
 
+@pytest.mark.slow  # every one of the 2**32 FP32 patterns: minutes
 @pytest.mark.parametrize("name", ["bfloat16", "float16"], ids=lambda s: f"dtype={s}")
 def test_all_fp32_patterns(name):
     # All 2**32 inputs, in 256 chunks of 2**24 consecutive patterns. Against torch on every chunk;
