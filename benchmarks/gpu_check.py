@@ -110,6 +110,8 @@ for _p in (str(HERE), str(ROOT)):
 
 import numpy as np  # noqa: E402
 
+from _common import _cpu_model  # noqa: E402  (benchmarks/_common.py: the machine description)
+
 FAMILIES = ("cast", "upcast", "adamw", "grad_norm", "dist_reduce")
 PARITY_STAGES = tuple(f"parity_{f}" for f in FAMILIES)
 STAGES = ("env", *PARITY_STAGES, "tests", "bench", "sanitizer", "report")
@@ -843,17 +845,6 @@ def child_parity(args: argparse.Namespace) -> int:
                   "t_expected": round(ctx.t["expected"], 2), "t_device": round(ctx.t["device"], 2),
                   **({"error": f"time budget of {budget:.0f} s spent: {not_run} case(s) not run"} if not_run else {})})
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _dist_version(*names: str) -> str | None:

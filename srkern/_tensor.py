@@ -91,8 +91,12 @@ class View:
 
     @property
     def contiguous(self) -> bool:
+        """Dense in C order and aligned to the element size: what a kernel may read or write in
+        place (a float at an odd address is undefined behaviour in C++ and a fault on a GPU)."""
         if self.numel == 0:  # nothing to lay out (NumPy reports stride 0 for empty arrays)
             return True
+        if self.ptr % self.itemsize:
+            return False
         expect = 1
         for size, stride in zip(reversed(self.shape), reversed(self.strides)):
             if size != 1 and stride != expect:
@@ -208,7 +212,7 @@ def contiguous(x: Any, fw: str) -> Any:
         import cupy
         return cupy.ascontiguousarray(x)
     if fw == "numpy":
-        return np.ascontiguousarray(x)
+        return np.require(x, requirements=("C", "A"))  # dense and element-aligned (a copy if not)
     return x  # JAX and other DLPack producers hand out dense tensors
 
 

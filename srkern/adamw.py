@@ -187,7 +187,7 @@ def _check_list(name: str, views: Sequence[View], params: Sequence[View], dtypes
             raise ValueError(f"{name}[{i}] is on {v.device}:{v.device_id}, params[0] on "
                              f"{params[0].device}:{params[0].device_id}: one call runs on one device")
         if not v.contiguous:
-            raise ValueError(f"{name}[{i}] must be contiguous (it is read/written in place)")
+            raise ValueError(f"{name}[{i}] must be contiguous and aligned to its element size (it is read/written in place)")
         if written and v.readonly:
             raise ValueError(f"{name}[{i}] is read-only")
     if views and len({v.dtype for v in views}) > 1:

@@ -151,7 +151,7 @@ def _check_out(out: Any, xv: View, target: str) -> View:
     if ov.readonly:
         raise ValueError("out is read-only")
     if not ov.contiguous:
-        raise ValueError("out must be C-contiguous (it is written in place, without a copy)")
+        raise ValueError("out must be C-contiguous and aligned to its element size (it is written in place, without a copy)")
     if ov.overlaps(xv):
         raise ValueError("out overlaps x in memory; casts do not run in place")
     return ov

@@ -299,7 +299,7 @@ def _check_out(out: Any, name: str, dtype: str, n: int, ref: View) -> View:
     if (ov.device, ov.device_id) != (ref.device, ref.device_id):
         raise ValueError(f"{name} is on {ov.device}:{ov.device_id}, input on {ref.device}:{ref.device_id}")
     if not ov.contiguous:
-        raise ValueError(f"{name} must be contiguous (it is written in place)")
+        raise ValueError(f"{name} must be contiguous and aligned to its element size (it is written in place)")
     return ov
 
 

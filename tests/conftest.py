@@ -49,6 +49,18 @@ def cuda_available() -> bool:
         return False
 
 
+def cupy_or_skip():
+    """CuPy, or skip the test: not installed, or no usable CUDA device."""
+    cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # no driver, or no device
+        pytest.skip(f"CuPy is installed but no CUDA device is usable here: {e}")
+    if count == 0:
+        pytest.skip("CuPy is installed but no CUDA device is present")
+    return cupy
+
+
 def backend_names() -> list[str]:
     names = list(CPU_BACKENDS) + (["cuda"] if cuda_available() else [])
     want = os.environ.get("SRKERN_TEST_BACKENDS")

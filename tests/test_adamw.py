@@ -269,6 +269,7 @@ def _bad_cases():
         c("aliased-moments", lambda s, d, put: dict(exp_avg_sqs=[d["exp_avgs"][0], d["exp_avg_sqs"][1]]), ValueError, "overlaps"),
         c("grad-aliases-param", lambda s, d, put: dict(grads=[d["params"][0], d["grads"][1]]), ValueError, "overlaps"),
         c("non-contiguous", lambda s, d, put: dict(grads=[d["grads"][0], put(np.repeat(s["grads"][1], 2))[::2]]), ValueError, "contiguous"),
+        c("misaligned", lambda s, d, put: dict(grads=[d["grads"][0], _misaligned(s["grads"][1], d["grads"][0])]), ValueError, "aligned"),
         c("master-in-sr", lambda s, d, put: dict(master_params=[put(p.astype(np.float32)) for p in s["params"]]), ValueError, "master_params"),
         c("found_inf-dtype", lambda s, d, put: dict(found_inf=put(np.zeros(1, np.float64))), TypeError, "found_inf"),
         c("offsets-overlap", lambda s, d, put: dict(offsets=[0, 3]), ValueError, "overlapping"),
@@ -277,6 +278,17 @@ def _bad_cases():
         c("precision", lambda s, d, put: dict(precision="bf16"), ValueError, "precision"),
         c("read-only", lambda s, d, put: dict(params=[d["params"][0], _readonly(d["params"][1])]), ValueError, "read-only"),
     ]
+
+
+def _misaligned(a, like):
+    """A copy of ``a`` one byte past an element boundary (NumPy allows such views; no GPU
+    framework makes them)."""
+    if not isinstance(like, np.ndarray):
+        pytest.skip("only NumPy makes arrays that are not element-aligned")
+    buf = np.zeros(a.nbytes + 1, dtype=np.uint8)
+    out = buf[1:].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
 
 
 def _readonly(a):

@@ -13,7 +13,7 @@ import pytest
 import srkern
 from srkern import reference
 
-from conftest import FORMATS, Fmt, assert_same_bits, fmt_params, mixed_input
+from conftest import FORMATS, Fmt, assert_same_bits, cupy_or_skip, fmt_params, mixed_input
 
 SEED = 77
 
@@ -159,15 +159,6 @@ def test_jax_bf16_input():
 
 # ---- CuPy (needs a CUDA device) -------------------------------------------------------------------------
 
-def _cupy_or_skip():
-    cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # no driver, or no device
-        pytest.skip(f"CuPy is installed but no CUDA device is usable here: {e}")
-    if count == 0:
-        pytest.skip("CuPy is installed but no CUDA device is present")
-    return cupy
 
 
 def _cupy_dtype_or_skip(cupy, fmt: Fmt) -> None:
@@ -181,7 +172,7 @@ def _cupy_dtype_or_skip(cupy, fmt: Fmt) -> None:
 def test_cupy_round_trip(fmt):
     # Runs only on a CUDA machine: the GPU kernel must give the CPU reference's bits, on the
     # current CuPy stream, and out= must be written in place.
-    cupy = _cupy_or_skip()
+    cupy = cupy_or_skip()
     _cupy_dtype_or_skip(cupy, fmt)
     x32 = mixed_input(100003, fmt, seed=9)
     x = cupy.asarray(x32)

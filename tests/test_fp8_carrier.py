@@ -13,7 +13,7 @@ import pytest
 import srkern
 from srkern import reference
 
-from conftest import FORMATS, Fmt, assert_same_bits, fmt_params, mixed_input
+from conftest import FORMATS, Fmt, assert_same_bits, cupy_or_skip, fmt_params, mixed_input
 
 SEED = 4242
 FP8 = [f for f in FORMATS if f.nbits == 8]
@@ -132,20 +132,11 @@ def test_jax_gpu_results_are_bitcast_back_to_fp8():
 
 # ---- CuPy on a GPU --------------------------------------------------------------------------------------
 
-def _cupy_or_skip():
-    cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # no driver, or no device
-        pytest.skip(f"CuPy is installed but no CUDA device is usable here: {e}")
-    if count == 0:
-        pytest.skip("CuPy is installed but no CUDA device is present")
-    return cupy
 
 
 @pytest.mark.parametrize("fmt", fmt_params(FP8))
 def test_cupy_fp8_is_carried_as_uint8(fmt: Fmt):
-    cupy = _cupy_or_skip()
+    cupy = cupy_or_skip()
     x32 = mixed_input(100003, fmt, seed=9)
     x = cupy.asarray(x32)
     for rounding in ("stochastic", "nearest"):
