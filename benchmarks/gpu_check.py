@@ -36,7 +36,8 @@ The parent imports neither torch nor CuPy; only the report runs in it.
                        exception is a failed case with its message, never a crashed stage)
   tests                the backend-parametrized pytest suite on the device only:
                        SRKERN_TEST_BACKENDS=cuda (dry run: gpu-emu) python -m pytest -m
-                       "backend and not slow and not mpi" (mpirun tests take minutes; the
+                       "(backend or cuda) and not slow and not mpi": the backend tests and the
+                       CuPy / torch-CUDA interop tests (mpirun tests take minutes; the
                        reduce kernels are covered by parity_dist_reduce); on its budget pytest gets
                        SIGINT and still writes its JUnit XML    -> tests.log, tests.xml, tests.json
   bench                casts (2**20, 2**24, 2**26, 2**28), upcast, AdamW in every mode (2**20, 2**24,
@@ -126,7 +127,7 @@ TOTAL_BUDGET = 235
 DRY_TOTAL_BUDGET = 1800
 PARITY_STARTUP = 10  # seconds for the parity child's imports and CUDA start, on top of its families
 REPORT_RESERVE = 5  # seconds kept back for the report
-TEST_MARKERS = "backend and not slow and not mpi"
+TEST_MARKERS = "(backend or cuda) and not slow and not mpi"
 
 FORMATS = ("bfloat16", "float16", "float8_e4m3fn", "float8_e5m2")
 CAST_SIZES = (0, 1, 7, 8, 9, 1023, 4099, (1 << 20) + 3)
@@ -592,8 +593,8 @@ def adamw_one(ctx: Ctx, precision: str, gdt: str, sdt: str, variant: str, found_
                                   found_inf=dfi, **{k: dev[k] for k in extra})
     with ctx.timing("device"):
         pairs = [(f"{k}[{i}]", e, ctx.dev.get(d)) for k in host for i, (e, d) in enumerate(zip(exp[k], dev[k]))]
-    # The reference leaves NaN bits to NumPy; the backends store one canonical NaN (contract v1.1).
-    return compare_buffers("", pairs, nan="any" if ctx.ref else "exact")
+    # reference.adamw_step stores the canonical NaN of contract v1.1, as the backends do.
+    return compare_buffers("", pairs, nan="exact")
 
 
 def adamw_cases(ctx: Ctx) -> list[tuple[str, Callable[[], dict]]]:
@@ -724,7 +725,7 @@ def dist_reference(chunks: np.ndarray, world: int, m: int, div: float, output: s
         acc = c[0].copy()
         for r in range(1, world):
             acc = (acc + c[r]).astype(np.float32)
-        acc = (acc / np.float32(div)).astype(np.float32)
+        acc = reference.canonical_nan((acc / np.float32(div)).astype(np.float32))  # contract v1.1
     if output == "f32":
         return acc
     return reference.round_float32(acc, "bfloat16", "stochastic" if output == "bf16_sr" else "nearest",
@@ -749,7 +750,7 @@ def dist_one(ctx: Ctx, wire: str, output: str, world: int, m: int, start: int, o
         with ctx.dev.run():
             dist_launch(cd, od, world, m, div, wire, output, start)
         got = ctx.dev.get(od)
-    return compare("", exp, got, nan="any" if ctx.ref else "exact")
+    return compare("", exp, got, nan="exact")
 
 
 def dist_cases(ctx: Ctx) -> list[tuple[str, Callable[[], dict]]]:

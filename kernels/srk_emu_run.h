@@ -37,7 +37,19 @@ static void srk_emu_run(void (*kernel)(A...), unsigned grid, unsigned block, con
   }
 }
 
+// The kernel's parameter list as srkern/_backend.py checks it before a launch: out[0] = count,
+// out[1 + i] = sizeof(parameter i). CuPy packs each argument by its NumPy scalar's size, so a
+// launch whose argument codes disagree with the C signature is wrong on a GPU; the slots above
+// would hide it, this check does not.
+template <class... A>
+static void srk_emu_sig(void (*)(A...), unsigned* out) {
+  const unsigned sizes[] = {(unsigned)sizeof(A)..., 0u};
+  out[0] = (unsigned)sizeof...(A);
+  for (unsigned i = 0; i < (unsigned)sizeof...(A); ++i) out[1 + i] = sizes[i];
+}
+
 #define SRK_EMU_ENTRY(name)                                                                   \
   extern "C" void srk_emu_##name(unsigned grid, unsigned block, const unsigned long long* argv) { \
     srk_emu_run(&name, grid, block, argv);                                                    \
-  }
+  }                                                                                           \
+  extern "C" void srk_emu_sig_##name(unsigned* out) { srk_emu_sig(&name, out); }

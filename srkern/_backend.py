@@ -73,11 +73,38 @@ def _cpu_function(module: str, kernel: str, codes: str, backend: str):
     return fn
 
 
+def _check_asan_loaded() -> None:
+    """A sanitized build loaded into a process without the ASan runtime kills the interpreter
+    ("ASan runtime does not come first"): say what to do instead."""
+    if not hasattr(ctypes.CDLL(None), "__asan_init"):
+        raise _build.BuildError(
+            "SRKERN_EMU_SANITIZE=1 needs the AddressSanitizer runtime loaded before Python: run with "
+            "LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 (make test-sanitize "
+            "does), or unset SRKERN_EMU_SANITIZE")
+
+
 @functools.lru_cache(maxsize=None)
 def _emu_function(module: str, kernel: str, sanitized: bool):
-    fn = getattr(_build.cpu_library(module, "gpu-emu"), f"srk_emu_{kernel}")
+    if sanitized:
+        _check_asan_loaded()
+    lib = _build.cpu_library(module, "gpu-emu")
+    fn = getattr(lib, f"srk_emu_{kernel}")
     fn.argtypes = [ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p]
     fn.restype = None
+    sig = (ctypes.c_uint32 * 65)()
+    getattr(lib, f"srk_emu_sig_{kernel}")(sig)
+    return fn, tuple(sig[1:1 + sig[0]])
+
+
+@functools.lru_cache(maxsize=None)
+def _emu_checked(module: str, kernel: str, codes: str, sanitized: bool):
+    """The emulated kernel, once its C parameter sizes are checked against the argument codes
+    (the sizes CuPy packs them with on a GPU)."""
+    fn, sizes = _emu_function(module, kernel, sanitized)
+    want = tuple(np.dtype(_NUMPY[c]).itemsize for c in codes)
+    if sizes != want:
+        raise _build.BuildError(f"{module}.cu:{kernel} takes parameters of {list(sizes)} bytes, but is "
+                                f"launched with argument codes {codes!r} ({list(want)} bytes)")
     return fn
 
 
@@ -163,7 +190,7 @@ def launch(module: str, kernel: str, args: Sequence[tuple[str, Any]], *, device:
         backend = cpu_backend()
         if backend == "gpu-emu":
             slots = emu_slots(codes, values)
-            _emu_function(module, kernel, _build.emu_sanitized())(
+            _emu_checked(module, kernel, codes, _build.emu_sanitized())(
                 grid_blocks(units, emu_sms()), GPU_BLOCK, slots.ctypes.data)
         else:
             _cpu_function(module, kernel, codes, backend)(*values)

@@ -121,11 +121,22 @@ def _scalars(step: int, lr: float, betas: tuple[float, float], eps: float,
     if bad:
         raise ValueError(f"lr={lr!r}, weight_decay={weight_decay!r} at step {step} give kernel scalars "
                          f"{bad} that overflow FP32")
+    tiny = [k for k, v in sc.items() if v != 0.0 and abs(v) < _FP32_MIN_NORMAL]
+    if tiny:
+        raise ValueError(f"lr={lr!r}, weight_decay={weight_decay!r} at step {step} give kernel scalars "
+                         f"{tiny} below FP32's smallest normal number (2**-126)")
     return sc
 
 
+# The smallest normal FP32 magnitude. Scalars are rounded to FP32 on the host, where the caller's
+# floating-point mode applies (torch.set_flush_denormal(True) turns a subnormal result into 0), so
+# a scalar that would be subnormal in FP32 is refused instead: no host rounding depends on the mode.
+_FP32_MIN_NORMAL = 2.0 ** -126
+
+
 def _check_float(name: str, value: Any, lo: float, lo_open: bool = False, hi: float | None = None) -> float:
-    """``value`` as a float that is finite also in FP32 (the kernels' precision) and in range."""
+    """``value`` as a float that is finite also in FP32 (the kernels' precision), in range, and
+    zero or normal in FP32."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     v = float(value)
@@ -135,6 +146,9 @@ def _check_float(name: str, value: Any, lo: float, lo_open: bool = False, hi: fl
     if bad:
         rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'})"
         raise ValueError(f"{name} must be finite (in FP32) and in {rng}, got {value!r}")
+    if v != 0.0 and abs(v) < _FP32_MIN_NORMAL:
+        raise ValueError(f"{name}={value!r} is below FP32's smallest normal number (2**-126): "
+                         "it would be subnormal or zero in the kernel")
     return v
 
 
@@ -461,9 +475,7 @@ def _norm_table(gv: Sequence[View]) -> tuple[np.ndarray, int]:
 
 def _sumsq_partials(grads: Sequence[Any], *, grad_scale: float = 1.0) -> np.ndarray:
     """The kernel's FP64 partial sums of squares (layout: :func:`grad_norm`), as a NumPy array."""
-    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float, np.floating, np.integer)) \
-            or not math.isfinite(float(grad_scale)):
-        raise ValueError(f"grad_scale must be a finite number, got {grad_scale!r}")
+    grad_scale = _check_float("grad_scale", grad_scale, -math.inf)
     gv = _views("grads", grads, None)
     if not gv:
         return np.zeros(0, dtype=np.float64)

@@ -26,6 +26,7 @@ import pytest
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: long-running test (minutes); deselect with -m 'not slow'")
     config.addinivalue_line("markers", "backend: runs once per backend (the `backend` fixture)")
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (CuPy / torch CUDA interop); skipped without one")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:

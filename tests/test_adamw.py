@@ -264,6 +264,12 @@ def _bad_cases():
         c("beta2<0", lambda s, d, put: dict(betas=(0.9, -0.1)), ValueError, "betas[1]"),
         c("eps=0", lambda s, d, put: dict(eps=0.0), ValueError, "eps"),
         c("wd<0", lambda s, d, put: dict(weight_decay=-0.1), ValueError, "weight_decay"),
+        # Below FP32's smallest normal: zero in FP32 (1e-50), or subnormal (1e-40), which the
+        # host's FP32 rounding would flush under the caller's flush-to-zero mode.
+        c("eps=1e-50", lambda s, d, put: dict(eps=1e-50), ValueError, "eps=1e-50 is below FP32's smallest normal"),
+        c("eps-subnormal", lambda s, d, put: dict(eps=1e-40), ValueError, "eps=1e-40 is below"),
+        c("lr*wd-subnormal", lambda s, d, put: dict(lr=1e-20, weight_decay=1e-20), ValueError, "['lrwd'] below"),
+        c("grad_scale-overflows-fp32", lambda s, d, put: dict(grad_scale=1e39), ValueError, "grad_scale"),
         c("step=0", lambda s, d, put: dict(step=0), ValueError, "step"),
         c("no-grad", lambda s, d, put: dict(grads=[d["grads"][0], None]), ValueError, "grads[1] is None"),
         c("aliased-moments", lambda s, d, put: dict(exp_avg_sqs=[d["exp_avgs"][0], d["exp_avg_sqs"][1]]), ValueError, "overlaps"),
@@ -364,6 +370,9 @@ def test_grad_norm(backend, dtype):
     assert srkern.grad_norm(grads) == got
     half = srkern.grad_norm(grads, grad_scale=0.5)
     assert abs(half.norm - want / 2) <= 1e-12 * want
+    for scale in (1e39, 1e-40):  # overflows FP32 / subnormal in FP32: refused, not Inf or NaN
+        with pytest.raises(ValueError, match="grad_scale"):
+            srkern.grad_norm(grads, grad_scale=scale)
     for bad in (np.inf, np.nan):
         host[3][0] = bad
         grads[3] = backend.put(host[3])

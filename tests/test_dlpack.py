@@ -168,6 +168,7 @@ def _cupy_dtype_or_skip(cupy, fmt: Fmt) -> None:
         pytest.skip(f"this CuPy cannot hold {fmt.name} arrays: {e}")
 
 
+@pytest.mark.cuda  # CUDA interop: run by benchmarks/gpu_check.py on the device
 @pytest.mark.parametrize("fmt", fmt_params())
 def test_cupy_round_trip(fmt):
     # Runs only on a CUDA machine: the GPU kernel must give the CPU reference's bits, on the
@@ -192,6 +193,7 @@ def test_cupy_round_trip(fmt):
     assert_same_bits(cupy.asnumpy(up), cupy.asnumpy(out).astype(np.float32), what="cupy upcast", nan_equal=True)
 
 
+@pytest.mark.cuda  # CUDA interop: run by benchmarks/gpu_check.py on the device
 @needs_torch
 def test_torch_cuda():
     if not torch.cuda.is_available():

@@ -134,6 +134,7 @@ def test_jax_gpu_results_are_bitcast_back_to_fp8():
 
 
 
+@pytest.mark.cuda  # CUDA interop: run by benchmarks/gpu_check.py on the device
 @pytest.mark.parametrize("fmt", fmt_params(FP8))
 def test_cupy_fp8_is_carried_as_uint8(fmt: Fmt):
     cupy = cupy_or_skip()
