@@ -106,6 +106,12 @@ def step_bytes_per_param(precision: str, state_dtype: str | None = None,
 # ---- host-side scalars --------------------------------------------------------------------------
 
 
+# The smallest normal FP32 magnitude. Scalars are rounded to FP32 on the host, where the caller's
+# floating-point mode applies (torch.set_flush_denormal(True) turns a subnormal result into 0), so
+# a scalar that would be subnormal in FP32 is refused instead: no host rounding depends on the mode.
+_FP32_MIN_NORMAL = 2.0 ** -126
+
+
 def _scalars(step: int, lr: float, betas: tuple[float, float], eps: float,
              weight_decay: float) -> dict[str, float]:
     """The FP32 kernel scalars: formed in float64 once per call, each rounded to FP32 once."""
@@ -126,12 +132,6 @@ def _scalars(step: int, lr: float, betas: tuple[float, float], eps: float,
         raise ValueError(f"lr={lr!r}, weight_decay={weight_decay!r} at step {step} give kernel scalars "
                          f"{tiny} below FP32's smallest normal number (2**-126)")
     return sc
-
-
-# The smallest normal FP32 magnitude. Scalars are rounded to FP32 on the host, where the caller's
-# floating-point mode applies (torch.set_flush_denormal(True) turns a subnormal result into 0), so
-# a scalar that would be subnormal in FP32 is refused instead: no host rounding depends on the mode.
-_FP32_MIN_NORMAL = 2.0 ** -126
 
 
 def _check_float(name: str, value: Any, lo: float, lo_open: bool = False, hi: float | None = None) -> float:
@@ -242,27 +242,18 @@ def _layout(params: Sequence[View], offsets: Sequence[int] | None) -> list[int]:
 
 
 def _table(params: Sequence[View], cols: Sequence[Sequence[int]], offsets: Sequence[int],
-           unit: int, elements_per_unit_aligned: bool) -> tuple[np.ndarray, int]:
-    """The kernel's tensor table and its number of work units.
-
-    Units are (tensor, Philox block) pairs for the update (``elements_per_unit_aligned``: a
-    tensor covers blocks offset // 8 .. (offset + n - 1) // 8), or (tensor, chunk) pairs of
-    ``unit`` elements from the tensor's start for the norm.
-    """
+           units: Sequence[int]) -> tuple[np.ndarray, int]:
+    """The kernel's tensor table (one row per tensor: the six buffer pointers of ``cols``, the
+    size, the logical offset and the first work unit) and the total number of work units, where
+    tensor ``t`` has ``units[t]`` of them."""
     table = np.zeros((len(params), _TABLE_COLS), dtype=np.uint64)
     b0 = 0
     for t, p in enumerate(params):
-        n = p.numel
-        row = [c[t] for c in cols]
-        if elements_per_unit_aligned:
-            units = 0 if n == 0 else (offsets[t] + n - 1) // unit - offsets[t] // unit + 1
-        else:
-            units = -(-n // unit)
-        table[t, :6] = row
-        table[t, 6] = n
+        table[t, :6] = [c[t] for c in cols]
+        table[t, 6] = p.numel
         table[t, 7] = offsets[t]
         table[t, 8] = b0
-        b0 += units
+        b0 += units[t]
     return table, b0
 
 
@@ -404,7 +395,10 @@ def _plan_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[A
     zero = [0] * n
     cols = [[p.ptr for p in pv], [g.ptr for g in gv], [m.ptr for m in mv], [v.ptr for v in vv],
             [w.ptr for w in wv] if wv else zero, [c.ptr for c in cv] if cv else zero]
-    table, npairs = _table(pv, cols, offs, 8, True)
+    # Units of the update: (tensor, Philox block) pairs; a tensor covers blocks
+    # offset // 8 .. (offset + n - 1) // 8.
+    blocks = [0 if p.numel == 0 else (o + p.numel - 1) // 8 - o // 8 + 1 for p, o in zip(pv, offs, strict=True)]
+    table, npairs = _table(pv, cols, offs, blocks)
     if npairs == 0:
         return None
     kernel = f"adamw_{prec.kernel}_g{_SUFFIX[gv[0].dtype]}_s{_SUFFIX[mv[0].dtype]}"
@@ -461,18 +455,6 @@ def grad_norm(grads: Sequence[Any], *, grad_scale: float = 1.0) -> GradNorm:
     return GradNorm(math.sqrt(total), math.isfinite(total))
 
 
-def _norm_table(gv: Sequence[View]) -> tuple[np.ndarray, int]:
-    """grad_norm's tensor table and partial count: column 8 (b0) counts partials, 32 per span."""
-    table = np.zeros((len(gv), _TABLE_COLS), dtype=np.uint64)
-    b0 = 0
-    for t, g in enumerate(gv):
-        table[t, 1] = g.ptr
-        table[t, 6] = g.numel
-        table[t, 8] = b0
-        b0 += _NORM_THREADS * -(-g.numel // _NORM_SPAN)
-    return table, b0
-
-
 def _sumsq_partials(grads: Sequence[Any], *, grad_scale: float = 1.0) -> np.ndarray:
     """The kernel's FP64 partial sums of squares (layout: :func:`grad_norm`), as a NumPy array."""
     grad_scale = _check_float("grad_scale", grad_scale, -math.inf)
@@ -480,7 +462,10 @@ def _sumsq_partials(grads: Sequence[Any], *, grad_scale: float = 1.0) -> np.ndar
     if not gv:
         return np.zeros(0, dtype=np.float64)
     _check_list("grads", gv, gv, _GRAD_DTYPES, False)
-    table, nparts = _norm_table(gv)
+    # Units of the norm: partials, _NORM_THREADS per span of _NORM_SPAN elements (see grad_norm).
+    zero = [0] * len(gv)
+    table, nparts = _table(gv, [zero, [g.ptr for g in gv], zero, zero, zero, zero], zero,
+                           [_NORM_THREADS * -(-g.numel // _NORM_SPAN) for g in gv])
     if nparts == 0:
         return np.zeros(0, dtype=np.float64)
     g0 = gv[0]
