@@ -84,7 +84,9 @@ def _check_asan_loaded() -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _emu_function(module: str, kernel: str, sanitized: bool):
+def _emu_function(module: str, kernel: str, codes: str, sanitized: bool):
+    """The emulated kernel's entry, once its C parameter sizes are checked against the argument
+    codes (the sizes CuPy packs them with on a GPU)."""
     if sanitized:
         _check_asan_loaded()
     lib = _build.cpu_library(module, "gpu-emu")
@@ -93,14 +95,7 @@ def _emu_function(module: str, kernel: str, sanitized: bool):
     fn.restype = None
     sig = (ctypes.c_uint32 * 65)()
     getattr(lib, f"srk_emu_sig_{kernel}")(sig)
-    return fn, tuple(sig[1:1 + sig[0]])
-
-
-@functools.lru_cache(maxsize=None)
-def _emu_checked(module: str, kernel: str, codes: str, sanitized: bool):
-    """The emulated kernel, once its C parameter sizes are checked against the argument codes
-    (the sizes CuPy packs them with on a GPU)."""
-    fn, sizes = _emu_function(module, kernel, sanitized)
+    sizes = tuple(sig[1:1 + sig[0]])
     want = tuple(np.dtype(_NUMPY[c]).itemsize for c in codes)
     if sizes != want:
         raise _build.BuildError(f"{module}.cu:{kernel} takes parameters of {list(sizes)} bytes, but is "
@@ -163,6 +158,14 @@ def cupy_stream(ptr: int, device_id: int):
     return s
 
 
+def synchronize(ptr: int, device_id: int) -> None:
+    """Wait for the work queued on CUDA stream ``ptr`` of device ``device_id`` (made current:
+    the legacy default stream 0 is per device)."""
+    import cupy
+    with cupy.cuda.Device(device_id):
+        cupy_stream(ptr, device_id).synchronize()
+
+
 def convert_args(args: Sequence[tuple[str, Any]]) -> tuple:
     """Each value as the NumPy scalar a CUDA launch passes (raises OverflowError out of range)."""
     return tuple(_NUMPY[c](v) for c, v in args)
@@ -190,7 +193,7 @@ def launch(module: str, kernel: str, args: Sequence[tuple[str, Any]], *, device:
         backend = cpu_backend()
         if backend == "gpu-emu":
             slots = emu_slots(codes, values)
-            _emu_checked(module, kernel, codes, _build.emu_sanitized())(
+            _emu_function(module, kernel, codes, _build.emu_sanitized())(
                 grid_blocks(units, emu_sms()), GPU_BLOCK, slots.ctypes.data)
         else:
             _cpu_function(module, kernel, codes, backend)(*values)

@@ -141,20 +141,21 @@ def _machine_id() -> str:
     return platform.machine() + "\n" + flags
 
 
-def _trusted(path: Path) -> bool:
+def _read_trusted(path: Path) -> bytes | None:
+    """The bytes of ``path`` if it is a regular file owned by this user and not writable by group
+    or others (checked on the open file itself), else None."""
     try:
-        st = path.stat()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
-        return False
-    return st.st_uid == os.getuid() and not st.st_mode & 0o022
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+            return None
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read()
+    finally:
+        os.close(fd)
 
 
 def emu_sanitized() -> bool:
@@ -204,7 +205,9 @@ def cpu_library_path(name: str, backend: str = "cpu") -> Path:
     stem = name if backend == "cpu" else f"{name}-{backend}"
     lib = folder / f"{stem}-{key}.so"
     digest = folder / f"{stem}-{key}.sha256"
-    if _trusted(lib) and _trusted(digest) and digest.read_text().strip() == _sha256_file(lib):
+    data, recorded = _read_trusted(lib), _read_trusted(digest)
+    if data is not None and recorded is not None and \
+            recorded.decode(errors="replace").strip() == hashlib.sha256(data).hexdigest():
         return lib
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         out = Path(tmp) / "k.so"
@@ -219,15 +222,17 @@ def cpu_library_path(name: str, backend: str = "cpu") -> Path:
     return lib
 
 
-@functools.lru_cache(maxsize=None)
-def _load(path: str) -> ctypes.CDLL:
-    with _lock:
-        return ctypes.CDLL(path)
-
-
 def cpu_library(name: str, backend: str = "cpu") -> ctypes.CDLL:
     """The loaded library of ``kernels/<name>.cu`` for a CPU backend (compiled on first use)."""
-    return _load(str(cpu_library_path(name, backend)))
+    return _cpu_library(name, backend, compile_flags(backend))
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_library(name: str, backend: str, flags: tuple[str, ...]) -> ctypes.CDLL:
+    # One load per (file, backend, flags): the key check (expanding the source, for gpu-emu also
+    # preprocessing it, and hashing the library) runs once, not once per kernel of the file.
+    with _lock:
+        return ctypes.CDLL(str(cpu_library_path(name, backend)))
 
 
 def nvrtc_include_dirs() -> list[str]:
@@ -365,23 +370,6 @@ class GpuBinary:
     cubin: bytes
     ptx: bytes
     key: str
-
-
-def _read_trusted(path: Path) -> bytes | None:
-    """The bytes of ``path`` if it is a regular file owned by this user and not writable by group
-    or others (checked on the open file itself), else None."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
-            return None
-        with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read()
-    finally:
-        os.close(fd)
 
 
 def gpu_binary(name: str, arch: str) -> GpuBinary:

@@ -27,7 +27,7 @@ NP_DTYPES = {
 _ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
             "float": "float32", "e4m3": "float8_e4m3fn", "e4m3fn": "float8_e4m3fn",
             "fp8_e4m3fn": "float8_e4m3fn", "e5m2": "float8_e5m2", "fp8_e5m2": "float8_e5m2"}
-_FP8 = ("float8_e4m3fn", "float8_e5m2")
+FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
 
 
 def dtype_name(dtype: Any) -> str:
@@ -138,7 +138,7 @@ def as_view(x: Any, name: str = "x") -> View:
     src, label = x, None
     if fw == "torch":
         src = x.detach()
-        if dtype_name(x.dtype) in _FP8:
+        if dtype_name(x.dtype) in FP8_DTYPES:
             import torch
             src, label = src.view(torch.uint8), dtype_name(x.dtype)
     from cuda.core.utils import StridedMemoryView
@@ -148,7 +148,7 @@ def as_view(x: Any, name: str = "x") -> View:
     except Exception as e:  # e.g. torch's meta device: name the argument, not just the device
         raise TypeError(f"{name}: its device cannot be read through DLPack: {e}") from e
     on_gpu = int(dev_type) in (2, 13)  # kDLCUDA, kDLCUDAManaged
-    if fw == "jax" and not on_gpu and dtype_name(x.dtype) in _FP8:
+    if fw == "jax" and not on_gpu and dtype_name(x.dtype) in FP8_DTYPES:
         # The DLPack reader does not know FP8 codes and JAX has no in-place byte view: read the
         # host buffer through NumPy (ml_dtypes), keeping that array alive in the View.
         a = np.asarray(x)
@@ -230,15 +230,15 @@ def empty_like(v: View, dtype: str, shape: tuple[int, ...] | None = None) -> Any
     if v.device == "cuda":
         import cupy
         with cupy.cuda.Device(v.device_id):
-            return cupy.empty(shape, dtype=np.uint8 if dtype in _FP8 else np_dtype)
+            return cupy.empty(shape, dtype=np.uint8 if dtype in FP8_DTYPES else np_dtype)
     return np.empty(shape, dtype=np_dtype)
 
 
 def fp8_name(dtype: Any) -> str:
     """The canonical name of an FP8 format given as a name or dtype object, else ValueError."""
     name = dtype_name(dtype)
-    if name not in _FP8:
-        raise ValueError(f"x_dtype names the FP8 format a uint8 array holds: one of {_FP8}, got {dtype!r}")
+    if name not in FP8_DTYPES:
+        raise ValueError(f"x_dtype names the FP8 format a uint8 array holds: one of {FP8_DTYPES}, got {dtype!r}")
     return name
 
 
@@ -259,7 +259,7 @@ def finish(result: Any, v: View, dtype: str | None = None) -> Any:
         import jax.numpy as jnp
         if v.device == "cuda":
             out = jax.dlpack.from_dlpack(result)
-            if dtype in _FP8 and out.dtype == jnp.uint8:
+            if dtype in FP8_DTYPES and out.dtype == jnp.uint8:
                 out = jax.lax.bitcast_convert_type(out, jnp.dtype(NP_DTYPES[dtype]))
             return out
         return jnp.asarray(result)

@@ -4,10 +4,9 @@ from __future__ import annotations
 from typing import Any
 
 from . import _backend, _contract
-from ._tensor import (FLOAT_DTYPES, View, as_view, contiguous, dtype_name, stream_of, empty_like,
-                      finish, fp8_name, relabel)
+from ._tensor import (FLOAT_DTYPES, FP8_DTYPES, View, as_view, contiguous, dtype_name, stream_of,
+                      empty_like, finish, fp8_name, relabel)
 
-FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
 _KERNEL_SUFFIX = {"bfloat16": "bf16", "float16": "f16", "float8_e4m3fn": "e4m3",
                   "float8_e5m2": "e5m2"}
 # Elements per Philox block: 8 for 16-bit draws (BF16), 4 for 32-bit draws.
@@ -88,7 +87,7 @@ def cast(x: Any, dtype: Any, *, rounding: str = "stochastic", seed: int | None =
     # freed on return: a different cuda_stream is therefore fenced on both sides (synchronised).
     foreign = cs != current
     if foreign:
-        _synchronize(current, xv.device_id)
+        _backend.synchronize(current, xv.device_id)
 
     if xv.dtype != "float32" and target != "float32":  # 16/8-bit -> other format: via exact FP32
         tmp = empty_like(xv, "float32")
@@ -104,7 +103,7 @@ def cast(x: Any, dtype: Any, *, rounding: str = "stochastic", seed: int | None =
             ("I", stream), ("i", int(bool(saturate)))],
             device=xv.device, device_id=xv.device_id, units=-(-n // BLOCK[target]) + 2, stream=cs)
     if foreign:
-        _synchronize(cs, xv.device_id)
+        _backend.synchronize(cs, xv.device_id)
     return out if out is not None else finish(result, xv, target)
 
 
@@ -120,13 +119,6 @@ def _label_input(xv: View, x_fmt: str | None, x_dtype: Any) -> View:
         raise TypeError(f"x_dtype={x_dtype!r} is only for a uint8 x holding FP8 bit patterns; x has "
                         f"dtype {xv.dtype} (drop x_dtype)")
     return relabel(xv, x_fmt, "x")
-
-
-def _synchronize(ptr: int, device_id: int) -> None:
-    """Wait for a CUDA stream of device ``device_id`` (made current: stream 0 is per device)."""
-    import cupy
-    with cupy.cuda.Device(device_id):
-        _backend.cupy_stream(ptr, device_id).synchronize()
 
 
 def _upcast(xv: View, outv: View, cs: int) -> None:

@@ -235,9 +235,7 @@ class Communicator:
     def _sync(self, v: View, stream: int) -> None:
         """Finish pending GPU work on ``stream`` before MPI reads or writes device memory."""
         if v.device == "cuda":
-            import cupy
-            with cupy.cuda.Device(v.device_id):
-                _backend.cupy_stream(stream, v.device_id).synchronize()
+            _backend.synchronize(stream, v.device_id)
 
     @staticmethod
     def _device_copy(dst: View, doff: int, src: View, soff: int, count: int, stream: int) -> None:
