@@ -14,35 +14,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-# Canonical dtype names (NumPy / ml_dtypes spelling) and their sizes.
-FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2")
-NP_DTYPES = {
-    "float32": np.dtype(np.float32),
-    "float64": np.dtype(np.float64),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "float16": np.dtype(np.float16),
-    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
-    "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
-}
-_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
-            "float": "float32", "e4m3": "float8_e4m3fn", "e4m3fn": "float8_e4m3fn",
-            "fp8_e4m3fn": "float8_e4m3fn", "e5m2": "float8_e5m2", "fp8_e5m2": "float8_e5m2"}
-FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
-
-
-def dtype_name(dtype: Any) -> str:
-    """Canonical name of a dtype given as a string, torch dtype, NumPy or ml_dtypes dtype."""
-    if isinstance(dtype, str):
-        name = dtype.lower().removeprefix("torch.")
-        return _ALIASES.get(name, name)
-    text = str(dtype)
-    if text.startswith("torch."):
-        return text.removeprefix("torch.")
-    try:
-        return np.dtype(dtype).name
-    except TypeError:
-        return text
-
+from .formats import FLOAT_DTYPES, FP8_DTYPES, NP_DTYPES, dtype_name  # noqa: F401 (re-exported)
 
 _FRAMEWORK_BY_TYPE: dict[type, str] = {}
 _TORCH_DTYPE_NAMES: dict[Any, str] = {}
@@ -104,15 +76,17 @@ class View:
             expect *= size
         return True
 
-    def overlaps(self, other: "View") -> bool:
-        """Whether the memory spans of two views intersect (same device only)."""
-        if self.device != other.device or self.device_id != other.device_id:
-            return False
-        if self.numel == 0 or other.numel == 0:
-            return False
-        a0, a1 = self.ptr, self.ptr + self.nbytes
-        b0, b1 = other.ptr, other.ptr + other.nbytes
-        return a0 < b1 and b0 < a1
+
+def check_disjoint(named: list[tuple[str, View]], why: str) -> None:
+    """The one overlap check: no two of the named views may share a byte of memory (a sweep over
+    their address intervals, per device). Raises ``ValueError`` "<a> overlaps <b> in memory: <why>"."""
+    spans = sorted((v.device, v.device_id, v.ptr, v.ptr + v.nbytes, name) for name, v in named if v.numel > 0)
+    prev = None  # (device, device_id, end, owner) of the furthest-reaching span so far
+    for dev, dev_id, lo, hi, name in spans:
+        if prev is not None and prev[:2] == (dev, dev_id) and lo < prev[2]:
+            raise ValueError(f"{name} overlaps {prev[3]} in memory: {why}")
+        if prev is None or prev[:2] != (dev, dev_id) or hi > prev[2]:
+            prev = (dev, dev_id, hi, name)
 
 
 def as_view(x: Any, name: str = "x") -> View:

@@ -10,46 +10,16 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
 from . import _backend, _contract
 from ._build import KERNEL_DIR
-from ._tensor import View, as_view, stream_of
+from ._tensor import View, as_view, check_disjoint, stream_of
+from .layout import flat_offsets
+from .precisions import PRECISIONS, bytes_per_param, default_state_dtype, mode as _precision, step_bytes_per_param  # noqa: F401 (re-exported)
 
-# ---- the precision modes --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Precision:
-    """Buffers of one precision mode: the weight dtype, allowed moment dtypes, extra buffers."""
-    name: str
-    param_dtype: str
-    state_dtypes: tuple[str, ...]  # allowed moment dtypes; the first is the default
-    master: bool        # FP32 master weights (``master_params``)
-    compensation: bool  # BF16 Kahan compensation (``compensation``)
-    stochastic: bool    # BF16 writes of weights/moments/compensation use SR
-    kernel: str         # kernel name stem in kernels/adamw.cu
-
-
-PRECISIONS: dict[str, Precision] = {
-    p.name: p for p in (
-        Precision("bf16-sr", "bfloat16", ("bfloat16", "float32"), False, False, True, "bf16_sr"),
-        Precision("bf16-nearest", "bfloat16", ("bfloat16", "float32"), False, False, False, "bf16_nearest"),
-        Precision("bf16-kahan", "bfloat16", ("bfloat16", "float32"), False, True, True, "bf16_kahan"),
-        Precision("fp32-master", "bfloat16", ("float32",), True, False, False, "fp32_master"),
-        Precision("fp32", "float32", ("float32",), False, False, False, "fp32"),
-    )
-}
-"""The modes. ``bf16-sr``: BF16 weights and moments, every BF16 write stochastically rounded (the
-paper). ``bf16-nearest``: the same buffers, round-to-nearest writes (the baseline that stalls).
-``bf16-kahan``: BF16 weights written to nearest plus a BF16 compensation buffer holding what
-the rounding dropped (written with SR), moments as in ``bf16-sr``. ``fp32-master``: FP32 master
-weights and moments, the BF16 model copy written to nearest. ``fp32``: everything FP32."""
-
-_ITEMSIZE = {"bfloat16": 2, "float32": 4}
 _GRAD_DTYPES = ("bfloat16", "float32")
 _SUFFIX = {"bfloat16": "bf16", "float32": "f32"}
 _TABLE_COLS = 9  # kernels/adamw.cu ADAMW_COLS
@@ -61,46 +31,6 @@ _NORM_CHUNK = _NORM_DEFINES["CHUNK"]      # elements per partial (2048)
 _NORM_THREADS = _NORM_DEFINES["THREADS"]  # partials per span (32)
 _NORM_LANES = _NORM_DEFINES["LANES"]      # elements per group, accumulators per partial (8)
 _NORM_SPAN = _NORM_THREADS * _NORM_CHUNK  # elements per span (65536)
-
-
-def _precision(name: str) -> Precision:
-    if name not in PRECISIONS:
-        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {name!r}")
-    return PRECISIONS[name]
-
-
-def default_state_dtype(precision: str) -> str:
-    """The moment dtype a mode uses unless told otherwise (BF16 for the BF16 modes)."""
-    return _precision(precision).state_dtypes[0]
-
-
-def bytes_per_param(precision: str, state_dtype: str | None = None) -> int:
-    """Bytes of memory per parameter held by the weights and the optimizer, gradient excluded.
-
-    ``bf16-sr`` with BF16 moments: 2 (weight) + 2 + 2 (moments) = 6; ``fp32-master``:
-    2 + 4 (master) + 4 + 4 = 14; ``bf16-kahan``: 8 (compensation 2); ``fp32``: 12.
-    """
-    p = _precision(precision)
-    s = state_dtype or p.state_dtypes[0]
-    if s not in p.state_dtypes:
-        raise ValueError(f"state_dtype for {precision!r} must be one of {p.state_dtypes}, got {s!r}")
-    return _ITEMSIZE[p.param_dtype] + 2 * _ITEMSIZE[s] + 4 * p.master + 2 * p.compensation
-
-
-def step_bytes_per_param(precision: str, state_dtype: str | None = None,
-                         grad_dtype: str = "bfloat16") -> int:
-    """Bytes one step moves per parameter (each buffer read once and written once; the BF16 copy
-    of ``fp32-master`` is only written): the figure the benchmarks divide by time."""
-    p = _precision(precision)
-    s = state_dtype or p.state_dtypes[0]
-    moved = _ITEMSIZE[grad_dtype] + 2 * 2 * _ITEMSIZE[s]
-    if p.master:
-        moved += 2 * 4 + 2
-    else:
-        moved += 2 * _ITEMSIZE[p.param_dtype]
-    if p.compensation:
-        moved += 2 * 2
-    return moved
 
 
 # ---- host-side scalars --------------------------------------------------------------------------
@@ -206,39 +136,6 @@ def _check_list(name: str, views: Sequence[View], params: Sequence[View], dtypes
             raise ValueError(f"{name}[{i}] is read-only")
     if views and len({v.dtype for v in views}) > 1:
         raise TypeError(f"{name} mixes dtypes {sorted({v.dtype for v in views})}: one dtype per call")
-
-
-def _check_no_alias(named: list[tuple[str, View]]) -> None:
-    """No two buffers may share memory (a sweep over address intervals)."""
-    spans = sorted((v.ptr, v.ptr + v.numel * _ITEMSIZE[v.dtype], name) for name, v in named if v.numel > 0)
-    end, owner = -1, ""
-    for lo, hi, name in spans:
-        if lo < end:
-            raise ValueError(f"{name} overlaps {owner} in memory: every buffer of an AdamW step "
-                             "must be distinct")
-        if hi > end:
-            end, owner = hi, name
-
-
-def _layout(params: Sequence[View], offsets: Sequence[int] | None) -> list[int]:
-    """Logical flat offsets: given, or the cumulative sizes (no padding between tensors)."""
-    n = len(params)
-    if offsets is None:
-        out, acc = [], 0
-        for p in params:
-            out.append(acc)
-            acc += p.numel
-        return out
-    if isinstance(offsets, (str, bytes)) or not hasattr(offsets, "__len__") or len(offsets) != n:
-        raise ValueError(f"offsets must be a sequence of {n} integers (one per parameter)")
-    out = [_contract.check_offset(f"offsets[{i}]", o, params[i].numel)
-           for i, o in enumerate(offsets)]
-    spans = sorted((o, o + p.numel, i) for i, (o, p) in enumerate(zip(out, params)) if p.numel)
-    for (a0, a1, i), (b0, b1, j) in zip(spans, spans[1:]):
-        if b0 < a1:
-            raise ValueError(f"offsets give overlapping logical ranges to params[{i}] and "
-                             f"params[{j}]: they would share random bits")
-    return out
 
 
 def _table(params: Sequence[View], cols: Sequence[Sequence[int]], offsets: Sequence[int],
@@ -389,8 +286,8 @@ def _plan_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[A
                                                    ("compensation", cv)) for i, v in enumerate(vs)]
     if fi is not None:
         named.append(("found_inf", fi))
-    _check_no_alias(named)
-    offs = _layout(pv, offsets)
+    check_disjoint(named, "every buffer of an AdamW step must be distinct")
+    offs = flat_offsets([p.numel for p in pv], offsets)
     sc = _scalars(step, lr, (b1, b2), eps, weight_decay)
     zero = [0] * n
     cols = [[p.ptr for p in pv], [g.ptr for g in gv], [m.ptr for m in mv], [v.ptr for v in vv],

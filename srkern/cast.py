@@ -4,13 +4,10 @@ from __future__ import annotations
 from typing import Any
 
 from . import _backend, _contract
-from ._tensor import (FLOAT_DTYPES, FP8_DTYPES, View, as_view, contiguous, dtype_name, stream_of,
+from .formats import FLOAT_DTYPES, FORMATS, FP8_DTYPES, dtype_name
+from ._tensor import (View, as_view, check_disjoint, contiguous, stream_of,
                       empty_like, finish, fp8_name, relabel)
 
-_KERNEL_SUFFIX = {"bfloat16": "bf16", "float16": "f16", "float8_e4m3fn": "e4m3",
-                  "float8_e5m2": "e5m2"}
-# Elements per Philox block: 8 for 16-bit draws (BF16), 4 for 32-bit draws.
-BLOCK = {"bfloat16": 8, "float16": 4, "float8_e4m3fn": 4, "float8_e5m2": 4}
 ROUNDINGS = ("stochastic", "nearest")
 
 
@@ -96,12 +93,12 @@ def cast(x: Any, dtype: Any, *, rounding: str = "stochastic", seed: int | None =
     if target == "float32":
         _upcast(xv, outv, cs)
     else:
-        kernel = f"cast_f32_{_KERNEL_SUFFIX[target]}_{'sr' if rounding == 'stochastic' else 'rn'}"
+        kernel = f"cast_f32_{FORMATS[target].short}_{'sr' if rounding == 'stochastic' else 'rn'}"
         n = xv.numel
         _backend.launch("cast", kernel, [
             ("p", xv.ptr), ("p", outv.ptr), ("q", n), ("Q", offset), ("Q", seed), ("Q", step),
             ("I", stream), ("i", int(bool(saturate)))],
-            device=xv.device, device_id=xv.device_id, units=-(-n // BLOCK[target]) + 2, stream=cs)
+            device=xv.device, device_id=xv.device_id, units=-(-n // FORMATS[target].block) + 2, stream=cs)
     if foreign:
         _backend.synchronize(cs, xv.device_id)
     return out if out is not None else finish(result, xv, target)
@@ -122,7 +119,7 @@ def _label_input(xv: View, x_fmt: str | None, x_dtype: Any) -> View:
 
 
 def _upcast(xv: View, outv: View, cs: int) -> None:
-    kernel = f"cast_{_KERNEL_SUFFIX[xv.dtype]}_f32"
+    kernel = f"cast_{FORMATS[xv.dtype].short}_f32"
     _backend.launch("cast", kernel, [("p", xv.ptr), ("p", outv.ptr), ("q", xv.numel)],
                     device=xv.device, device_id=xv.device_id, units=xv.numel, stream=cs)
 
@@ -144,8 +141,7 @@ def _check_out(out: Any, xv: View, target: str) -> View:
         raise ValueError("out is read-only")
     if not ov.contiguous:
         raise ValueError("out must be C-contiguous and aligned to its element size (it is written in place, without a copy)")
-    if ov.overlaps(xv):
-        raise ValueError("out overlaps x in memory; casts do not run in place")
+    check_disjoint([("x", xv), ("out", ov)], "casts do not run in place")
     return ov
 
 

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from . import _contract
+from .layout import flat_offsets
 from .adamw import PRECISIONS, _plan_step, bytes_per_param, check_hyperparameters, default_state_dtype
 
 __all__ = ["AdamW"]
@@ -81,11 +82,7 @@ class AdamW(torch.optim.Optimizer):
 
     def layout(self) -> list[int]:
         """Logical flat offset of every parameter, in group order (cumulative sizes)."""
-        out, acc = [], 0
-        for p in self._params():
-            out.append(acc)
-            acc += p.numel()
-        return out
+        return flat_offsets([p.numel() for p in self._params()])
 
     def _init_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         """``p``'s state; a new one (zero moments) is returned without being stored yet."""
