@@ -9,8 +9,8 @@ bandwidth of the same bytes and the baselines' times, all measured in this run):
   * the PyTorch-ops SR recipe that torchao-style code runs: 16-bit random integers
     (``torch.randint``) added to the FP32 bits, masked with 0xFFFF0000, viewed back and cast.
 
-Bytes moved by a cast of n elements: 4n read + (2n or n) written. Targets of issue 2 for SR to
-BF16 on CPU at 64M elements: >= 0.8x copy bandwidth, >= 10x the recipe, no slower than torch's
+Bytes moved by a cast of n elements: 4n read + (2n or n) written. Targets for SR to BF16 on CPU
+at 64M elements: >= 0.8x copy bandwidth, >= 10x the recipe, no slower than torch's
 round-to-nearest cast.
 
 Run:  python -m pytest benchmarks/bench_cast.py --benchmark-json=out.json
@@ -24,24 +24,18 @@ import pytest
 
 import _common
 import srkern
+from srkern.formats import FORMATS_BY_SHORT  # keyed by the short names (bf16, f16, e4m3, e5m2) used as ids
 
-# (srkern dtype name, torch dtype attribute, bytes per output element)
-FORMATS = {
-    "bf16": ("bfloat16", "bfloat16", 2),
-    "f16": ("float16", "float16", 2),
-    "e4m3": ("float8_e4m3fn", "float8_e4m3fn", 1),
-    "e5m2": ("float8_e5m2", "float8_e5m2", 1),
-}
 SEED = 0x5EED
 
 
 def _torch_dtype(short: str):
     import torch
-    return getattr(torch, FORMATS[short][1])
+    return getattr(torch, FORMATS_BY_SHORT[short].name)  # torch spells every format as srkern does
 
 
 def _cast_bytes(n: int, short: str) -> int:
-    return n * (4 + FORMATS[short][2])
+    return n * (4 + FORMATS_BY_SHORT[short].itemsize)
 
 
 # ---- the contenders, as closures over preallocated buffers -------------------------------------------
@@ -50,7 +44,7 @@ def srkern_cast(x, short: str, rounding: str) -> Callable[[], Any]:
     """srkern.cast of ``x`` into a preallocated output (no allocation inside the timed call)."""
     import torch
     out = torch.empty(x.shape, dtype=_torch_dtype(short), device=x.device)
-    name = FORMATS[short][0]
+    name = FORMATS_BY_SHORT[short].name
     return lambda: srkern.cast(x, name, rounding=rounding, seed=SEED, out=out)
 
 
@@ -95,7 +89,7 @@ def _baselines(baselines: _common.Baselines, inputs, device: str, n: int, short:
     out = {}
     if short == "bf16" and rounding == "stochastic":
         out["torch SR recipe"] = baselines.time("torch SR recipe", device, n, lambda: torch_sr_recipe(x))
-    out[f"torch .to({FORMATS[short][1]})"] = baselines.time(f"torch .to({short})", device, n,
+    out[f"torch .to({FORMATS_BY_SHORT[short].name})"] = baselines.time(f"torch .to({short})", device, n,
                                                           lambda: torch_to(x, tdt))
     return out
 
@@ -111,15 +105,15 @@ def test_copy(benchmark, device, size):
                    device=device, bytes_moved=nbytes, role="roofline")
 
 
-@pytest.mark.parametrize("short", list(FORMATS))
+@pytest.mark.parametrize("short", list(FORMATS_BY_SHORT))
 def test_torch_to(benchmark, inputs, baselines, device, size, short):
     """Baseline entry: torch's round-to-nearest ``.to(dtype)`` (into a preallocated output)."""
     benchmark.group = f"cast {device} n={size}"
     x = inputs(device, size)
     _common.run_benchmark(benchmark, torch_to(x, _torch_dtype(short)), device)
     baselines.note(f"torch .to({short})", device, size, _common.stats_min(benchmark))
-    _common.record(benchmark, kernel=f"torch .to({FORMATS[short][1]})", size=size,
-                   dtype=f"float32->{FORMATS[short][0]}", device=device,
+    _common.record(benchmark, kernel=f"torch .to({FORMATS_BY_SHORT[short].name})", size=size,
+                   dtype=f"float32->{FORMATS_BY_SHORT[short].name}", device=device,
                    bytes_moved=_cast_bytes(size, short), role="baseline")
 
 
@@ -145,12 +139,12 @@ def test_srkern_cast(benchmark, inputs, baselines, device, size, short, rounding
     fn = srkern_cast(x, short, rounding)
     _common.run_benchmark(benchmark, fn, device)
     _common.record(benchmark, kernel=f"srkern.cast {short} {rounding}", size=size,
-                   dtype=f"float32->{FORMATS[short][0]}", device=device,
+                   dtype=f"float32->{FORMATS_BY_SHORT[short].name}", device=device,
                    bytes_moved=_cast_bytes(size, short),
                    baselines=_baselines(baselines, inputs, device, size, short, rounding))
 
 
-@pytest.mark.parametrize("short", list(FORMATS))
+@pytest.mark.parametrize("short", list(FORMATS_BY_SHORT))
 def test_srkern_upcast(benchmark, inputs, baselines, device, size, short):
     """srkern.cast 16/8-bit -> FP32 (exact); baseline: torch's ``.to(torch.float32)``."""
     import torch
@@ -160,7 +154,7 @@ def test_srkern_upcast(benchmark, inputs, baselines, device, size, short):
     _common.run_benchmark(benchmark, fn, device)
     base = baselines.time(f"torch upcast {short}", device, size, lambda: torch_to(x16, torch.float32))
     _common.record(benchmark, kernel=f"srkern.cast {short}->float32", size=size,
-                   dtype=f"{FORMATS[short][0]}->float32", device=device,
+                   dtype=f"{FORMATS_BY_SHORT[short].name}->float32", device=device,
                    bytes_moved=_cast_bytes(size, short), baselines={"torch .to(float32)": base})
 
 

@@ -105,13 +105,14 @@ def main() -> None:
 
 def test_bench_dist_smoke(tmp_path):
     """Runs the benchmark on 2 ranks with a small vector; checks the byte counts it reports."""
-    import shutil
     import pytest
-    if shutil.which("mpirun") is None:
-        pytest.skip("mpirun not found")
+    from srkern.testing import find_mpirun
+    mpirun = find_mpirun()
+    if mpirun is None:
+        pytest.skip("mpirun not found beside this Python nor on PATH (pip install mpich)")
     out = tmp_path / "bench.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", MPIEXEC_TIMEOUT="120", PYTHONPATH=str(ROOT))
-    res = subprocess.run(["mpirun", "-n", "2", sys.executable, __file__, "--n", "10000", "--repeat", "2",
+    res = subprocess.run([mpirun, "-n", "2", sys.executable, __file__, "--n", "10000", "--repeat", "2",
                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=150)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = {r["op"]: r for r in json.loads(out.read_text())["rows"]}

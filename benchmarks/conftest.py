@@ -4,7 +4,7 @@ Options (each also settable by environment variable, for CI and the GPU check):
   --size=LIST      headline sizes in elements, e.g. ``--size=64M`` or ``--size=2**20,2**26``
                    (SRKERN_BENCH_SIZES). Default: 64M elements on CPU, 256M on CUDA.
   --adamw-size=LIST  headline AdamW sizes in parameters (SRKERN_BENCH_ADAMW_SIZES). Default:
-                   ``--size`` when given, else 16M parameters on CPU (issue 3's size), 256M on CUDA.
+                   ``--size`` when given, else 16M parameters on CPU, 256M on CUDA.
   --sweep          run the size sweep 2**10 .. 2**28 (every other power of two; SRKERN_BENCH_SWEEP=1).
                    Without it the sweep tests run a few sizes only, so a CPU run stays short.
   --sweep-sizes=LIST  explicit sweep sizes (SRKERN_BENCH_SWEEP_SIZES).

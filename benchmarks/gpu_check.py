@@ -112,6 +112,8 @@ for _p in (str(HERE), str(ROOT)):
 import numpy as np  # noqa: E402
 
 from _common import _cpu_model  # noqa: E402  (benchmarks/_common.py: the machine description)
+from srkern.formats import FORMATS, FORMATS_BY_SHORT, NP_DTYPES  # noqa: E402  (imports neither torch nor CuPy)
+from srkern.testing import all_patterns, bits_of, first_difference, format_grid  # noqa: E402
 
 FAMILIES = ("cast", "upcast", "adamw", "grad_norm", "dist_reduce")
 PARITY_STAGES = tuple(f"parity_{f}" for f in FAMILIES)
@@ -129,7 +131,6 @@ PARITY_STARTUP = 10  # seconds for the parity child's imports and CUDA start, on
 REPORT_RESERVE = 5  # seconds kept back for the report
 TEST_MARKERS = "(backend or cuda) and not slow and not mpi"
 
-FORMATS = ("bfloat16", "float16", "float8_e4m3fn", "float8_e5m2")
 CAST_SIZES = (0, 1, 7, 8, 9, 1023, 4099, (1 << 20) + 3)
 SEED = 0x1234_5678_9ABC_DEF0
 DIST_SEED, DIST_STEP, DIST_STREAM = 7, 3, 5
@@ -172,49 +173,25 @@ def backend_env(name: str):
 
 
 def np_dtype(name: str) -> np.dtype:
-    from srkern._tensor import NP_DTYPES
     return NP_DTYPES[name] if name in NP_DTYPES else np.dtype(name)
-
-
-def bits(a: np.ndarray) -> np.ndarray:
-    """The raw bits of an array as a flat unsigned-integer view."""
-    a = np.ascontiguousarray(a)
-    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.itemsize]).reshape(-1)
-
-
-def _nan_mask(a: np.ndarray) -> np.ndarray | None:
-    if a.dtype.kind in "iub":
-        return None
-    with np.errstate(invalid="ignore"):
-        wide = a.astype(np.float64 if a.itemsize == 8 else np.float32)
-    return np.isnan(wide).reshape(-1)
 
 
 def compare(name: str, cpu: np.ndarray, dev: np.ndarray, nan: str = "exact") -> dict:
     """Compare the expected result (``cpu``: the CPU backend, or the NumPy reference) with the
-    device's, bit for bit. ``nan``: "exact" (default), "sign" (any two NaNs of the same sign
-    match) or "any" (any two NaNs match): for a reference that does not fix NaN bits.
+    device's, bit for bit, through ``srkern.testing.first_difference``. ``nan``: "exact"
+    (default), "sign" (any two NaNs of the same sign match) or "any" (any two NaNs match): for a
+    reference that does not fix NaN bits.
     Returns the case record: ok, n, mismatches and the first differing bits."""
     cpu, dev = np.asarray(cpu), np.asarray(dev)
-    cb, db = bits(cpu), bits(dev)
-    if cpu.dtype != dev.dtype or cb.shape != db.shape:
+    if cpu.dtype != dev.dtype or cpu.size != dev.size:
         return {"case": name, "ok": False,
                 "error": f"expected {cpu.dtype} {cpu.shape}, device gave {dev.dtype} {dev.shape}"}
-    diff = cb != db
-    if nan != "exact" and diff.any():
-        cn, dn = _nan_mask(cpu), _nan_mask(dev)
-        if cn is not None:
-            same = cn & dn
-            if nan == "sign":
-                top = np.array(8 * cb.itemsize - 1, dtype=cb.dtype)
-                same &= (cb >> top) == (db >> top)
-            diff &= ~same
-    bad = np.nonzero(diff)[0]
-    rec = {"case": name, "ok": bad.size == 0, "n": int(cb.size), "mismatches": int(bad.size)}
+    diff = first_difference(dev, cpu, nan, limit=5)
+    rec = {"case": name, "ok": diff["ok"], "n": diff["n"], "mismatches": diff["mismatches"]}
     if nan != "exact":
         rec["nan"] = nan
-    if bad.size:
-        rec["first"] = [{"index": int(i), "cpu": hex(int(cb[i])), "device": hex(int(db[i]))} for i in bad[:5]]
+    if diff["first"]:
+        rec["first"] = [{"index": i, "cpu": hex(want), "device": hex(got)} for i, got, want in diff["first"]]
     return rec
 
 
@@ -250,12 +227,7 @@ SPECIAL_VALUES = (65504.0, 65519.996, 65520.0, -65520.0, 448.0, 464.0, 480.0, -4
 @functools.lru_cache(maxsize=None)
 def _grid(fmt: str) -> np.ndarray:
     """Non-negative finite values of a 16/8-bit format (float64)."""
-    dt = np_dtype(fmt)
-    pats = np.arange(1 << (8 * dt.itemsize), dtype=np.uint64).astype(
-        np.uint16 if dt.itemsize == 2 else np.uint8).view(dt)
-    with np.errstate(invalid="ignore", over="ignore"):
-        v = pats.astype(np.float64)
-    return np.unique(v[np.isfinite(v) & (v >= 0)])
+    return format_grid(FORMATS[fmt])
 
 
 def test_inputs(n: int, rng: np.random.Generator, fmt: str | None = None) -> np.ndarray:
@@ -314,7 +286,7 @@ def values(rng: np.random.Generator, n: int, dtype: str, scale: float, kind: str
         if kind == "v":  # no negative second moments (negative NaNs and -0 are kept)
             top = 1 << (8 * a.itemsize - 1)
             table = [b for b in table if not b & top or b == top or b in NAN_BITS[dtype]]
-        b = bits(a)
+        b = bits_of(a)  # a view: writing it writes a
         b[rng.choice(n, len(table), replace=False)] = np.array(table, dtype=b.dtype)
     return a
 
@@ -508,9 +480,7 @@ def cast_cases(ctx: Ctx) -> list[tuple[str, Callable[[], dict]]]:
 def upcast_one(ctx: Ctx, fmt: str, lead: int, olead: int | None) -> dict:
     import srkern
     from srkern import reference
-    dt = np_dtype(fmt)
-    pats = np.arange(1 << (8 * dt.itemsize), dtype=np.uint64).astype(
-        np.uint16 if dt.itemsize == 2 else np.uint8).view(dt)
+    pats = all_patterns(FORMATS[fmt])
     with ctx.timing("expected"):
         if ctx.ref:
             exp = reference.upcast(pats)
@@ -569,7 +539,7 @@ def adamw_one(ctx: Ctx, precision: str, gdt: str, sdt: str, variant: str, found_
     extra = [k for k in ("master_params", "compensation") if k in host]
     exp = {k: [a.copy() for a in v] for k, v in host.items()}
     with ctx.timing("device"):
-        dev = {k: [ctx.dev.put(a, lead) for a, lead in zip(v, leads)] for k, v in host.items()}
+        dev = {k: [ctx.dev.put(a, lead) for a, lead in zip(v, leads, strict=True)] for k, v in host.items()}
         dfi = None if found_inf is None else ctx.dev.put(np.array([found_inf], dtype=np.float32))
     hfi = None if found_inf is None else np.array([found_inf], dtype=np.float32)
     for step in range(1, steps + 1):
@@ -587,12 +557,12 @@ def adamw_one(ctx: Ctx, precision: str, gdt: str, sdt: str, variant: str, found_
                     srkern.adamw_step(exp["params"], grads, exp["exp_avgs"], exp["exp_avg_sqs"], **kw,
                                       found_inf=hfi, **{k: exp[k] for k in extra})
         with ctx.timing("device"):
-            gd = [ctx.dev.put(g, lead) for g, lead in zip(grads, leads)]
+            gd = [ctx.dev.put(g, lead) for g, lead in zip(grads, leads, strict=True)]
             with ctx.dev.run():
                 srkern.adamw_step(dev["params"], gd, dev["exp_avgs"], dev["exp_avg_sqs"], **kw,
                                   found_inf=dfi, **{k: dev[k] for k in extra})
     with ctx.timing("device"):
-        pairs = [(f"{k}[{i}]", e, ctx.dev.get(d)) for k in host for i, (e, d) in enumerate(zip(exp[k], dev[k]))]
+        pairs = [(f"{k}[{i}]", e, ctx.dev.get(d)) for k in host for i, (e, d) in enumerate(zip(exp[k], dev[k], strict=True))]
     # reference.adamw_step stores the canonical NaN of contract v1.1, as the backends do.
     return compare_buffers("", pairs, nan="exact")
 
@@ -666,7 +636,7 @@ def grad_norm_one(ctx: Ctx, gdt: str, variant: str) -> dict:
                 r = srkern.grad_norm(grads, grad_scale=scale)
             e_norm, e_fin = r.norm, r.finite
     with ctx.timing("device"):
-        gd = [ctx.dev.put(g, lead) for g, lead in zip(grads, leads)]
+        gd = [ctx.dev.put(g, lead) for g, lead in zip(grads, leads, strict=True)]
         with ctx.dev.run():
             r = srkern.grad_norm(gd, grad_scale=scale)
         d_norm, d_fin = r.norm, r.finite
@@ -956,7 +926,7 @@ def child_env(args: argparse.Namespace) -> int:
         except Exception as e:  # noqa: BLE001
             dev["error"] = f"compute capability: {e}"
             ok = False
-    for name in ("cast", "adamw", "dist"):
+    for name in ("cast", "adamw", "norm", "dist"):
         if args.dry_run:
             jobs[f"{name} gpu-emu"] = functools.partial(_build.cpu_library_path, name, "gpu-emu")
         elif arch:
@@ -1091,16 +1061,15 @@ def child_bench(args: argparse.Namespace) -> int:
         x = torch.randn(n, generator=gen, device=device)
         entry(group, "torch copy_ (roofline)", n, "uint8", bc._cast_bytes(n, "bf16"),
               lambda: bc.copy_fn(bc._cast_bytes(n, "bf16"), device), role="roofline")
-        for short in ("bf16", "f16", "e4m3", "e5m2"):
+        for short, fmt in FORMATS_BY_SHORT.items():
             if short != "bf16" and n not in (cast_sizes[0], cast_sizes[-2]):
                 continue  # the other formats at two sizes only
-            tname = bc.FORMATS[short][1]
-            tdt = getattr(torch, tname)
-            base = f"torch .to({tname})"
-            tb = entry(group, base, n, f"float32->{bc.FORMATS[short][0]}", bc._cast_bytes(n, short),
+            tdt = getattr(torch, fmt.name)
+            base = f"torch .to({fmt.name})"
+            tb = entry(group, base, n, f"float32->{fmt.name}", bc._cast_bytes(n, short),
                        lambda: bc.torch_to(x, tdt), role="baseline")
             for rounding in (("stochastic", "nearest") if short == "bf16" else ("stochastic",)):
-                entry(group, f"srkern.cast {short} {rounding}", n, f"float32->{bc.FORMATS[short][0]}",
+                entry(group, f"srkern.cast {short} {rounding}", n, f"float32->{fmt.name}",
                       bc._cast_bytes(n, short), lambda: bc.srkern_cast(x, short, rounding), baselines={base: tb})
         del x
     for n in other_sizes:
@@ -1172,17 +1141,17 @@ def child_sanitize_payload(args: argparse.Namespace) -> int:
             srkern.cast(put(x, 1), fmt, seed=SEED, offset=5, out=put(np.zeros(1027, np_dtype(fmt)), 3))
             srkern.cast(put(x, 2), fmt, rounding="nearest", saturate=True)
             srkern.cast(put(random_fill(rng, 1029, fmt), 3), "float32")
-        sizes, leads = (1, 9, 1031), (1, 2, 3)
+        placed = list(zip((1, 9, 1031), (1, 2, 3), strict=True))  # (size, lead) of each tensor
         for precision, mode in srkern.PRECISIONS.items():
             sdt = mode.state_dtypes[0]
-            bufs = {"params": [put(values(rng, s, mode.param_dtype, 1.0, "p"), lead) for s, lead in zip(sizes, leads)],
-                    "exp_avgs": [put(values(rng, s, sdt, 1e-3, "m"), lead) for s, lead in zip(sizes, leads)],
-                    "exp_avg_sqs": [put(values(rng, s, sdt, 1e-5, "v"), lead) for s, lead in zip(sizes, leads)]}
+            bufs = {"params": [put(values(rng, s, mode.param_dtype, 1.0, "p"), lead) for s, lead in placed],
+                    "exp_avgs": [put(values(rng, s, sdt, 1e-3, "m"), lead) for s, lead in placed],
+                    "exp_avg_sqs": [put(values(rng, s, sdt, 1e-5, "v"), lead) for s, lead in placed]}
             if mode.master:
-                bufs["master_params"] = [put(values(rng, s, "float32", 1.0, "p"), lead) for s, lead in zip(sizes, leads)]
+                bufs["master_params"] = [put(values(rng, s, "float32", 1.0, "p"), lead) for s, lead in placed]
             if mode.compensation:
-                bufs["compensation"] = [put(values(rng, s, "bfloat16", 1e-4, "c"), lead) for s, lead in zip(sizes, leads)]
-            grads = [put(values(rng, s, "bfloat16", 1e-2, "g"), lead) for s, lead in zip(sizes, leads)]
+                bufs["compensation"] = [put(values(rng, s, "bfloat16", 1e-4, "c"), lead) for s, lead in placed]
+            grads = [put(values(rng, s, "bfloat16", 1e-2, "g"), lead) for s, lead in placed]
             srkern.adamw_step(bufs.pop("params"), grads, bufs.pop("exp_avgs"), bufs.pop("exp_avg_sqs"), step=1,
                               lr=1e-3, weight_decay=0.1, precision=precision, seed=SEED,
                               offsets=[U64 - 1031 - 20, U64 - 1031 - 11, U64 - 1031], **bufs)

@@ -3,7 +3,7 @@
     python benchmarks/report.py bench-out/cpu.json [more.json ...] --out bench-out/
 
 Writes OUT/report.md (the machine, a table per benchmark group with time, GB/s, the copy roofline
-measured in the same run and the speed-up against each baseline, and the targets of the issues
+measured in the same run and the speed-up against each baseline, and the performance targets
 with their measured ratios), OUT/bandwidth.png (GB/s against size for every kernel and baseline,
 with the copy roofline drawn) and OUT/optimizer_bytes.png (optimizer bytes per parameter of every
 AdamW precision mode).
@@ -20,28 +20,28 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# Targets of the issues, matched against the `kernel` field of the records (CPU numbers).
+# Performance targets, matched against the `kernel` field of the records (CPU numbers).
 # (label, kernel, device, minimum size, field, compare-to baseline or None, target ratio)
 TARGETS = [
-    ("SR cast to BF16 vs copy bandwidth (issue 2)", "srkern.cast bf16 stochastic", "cpu", 1 << 26,
+    ("SR cast to BF16 vs copy bandwidth", "srkern.cast bf16 stochastic", "cpu", 1 << 26,
      "fraction_of_copy", None, 0.8),
-    ("SR cast to BF16 vs PyTorch-ops SR recipe (issue 2)", "srkern.cast bf16 stochastic", "cpu", 1 << 26,
+    ("SR cast to BF16 vs PyTorch-ops SR recipe", "srkern.cast bf16 stochastic", "cpu", 1 << 26,
      "speedup_vs", "torch SR recipe", 10.0),
-    ("SR cast to BF16 vs torch .to(bfloat16) (issue 2)", "srkern.cast bf16 stochastic", "cpu", 1 << 26,
+    ("SR cast to BF16 vs torch .to(bfloat16)", "srkern.cast bf16 stochastic", "cpu", 1 << 26,
      "speedup_vs", "torch .to(bfloat16)", 1.0),
-    ("SR cast to BF16 vs copy bandwidth, GPU (issue 2)", "srkern.cast bf16 stochastic", "cuda", 1 << 28,
+    ("SR cast to BF16 vs copy bandwidth, GPU", "srkern.cast bf16 stochastic", "cuda", 1 << 28,
      "fraction_of_copy", None, 0.9),
-    ("bf16-sr AdamW vs copy bandwidth (issue 3)", "srkern.adamw_step bf16-sr", "cpu", 1 << 24,
+    ("bf16-sr AdamW vs copy bandwidth", "srkern.adamw_step bf16-sr", "cpu", 1 << 24,
      "fraction_of_copy", None, 0.8),
-    ("bf16-sr AdamW vs torch fused mixed precision (issue 3)", "srkern.adamw_step bf16-sr", "cpu", 1 << 24,
+    ("bf16-sr AdamW vs torch fused mixed precision", "srkern.adamw_step bf16-sr", "cpu", 1 << 24,
      "speedup_vs", "torch AdamW(fused=True) fp32-master + bf16 copy", 1.5),
-    ("bf16-sr AdamW vs torch foreach mixed precision (issue 3)", "srkern.adamw_step bf16-sr", "cpu", 1 << 24,
+    ("bf16-sr AdamW vs torch foreach mixed precision", "srkern.adamw_step bf16-sr", "cpu", 1 << 24,
      "speedup_vs", "torch AdamW(foreach=True) fp32-master + bf16 copy", 3.0),
-    ("bf16-sr AdamW vs torchao SR AdamW (issue 3)", "srkern.adamw_step bf16-sr", "cpu", 1 << 24,
+    ("bf16-sr AdamW vs torchao SR AdamW", "srkern.adamw_step bf16-sr", "cpu", 1 << 24,
      "speedup_vs", "torchao AdamW(bf16_stochastic_round=True)", 2.0),
-    ("bf16-sr AdamW vs copy bandwidth, GPU (issue 3)", "srkern.adamw_step bf16-sr", "cuda", 1 << 24,
+    ("bf16-sr AdamW vs copy bandwidth, GPU", "srkern.adamw_step bf16-sr", "cuda", 1 << 24,
      "fraction_of_copy", None, 0.85),
-    ("bf16-sr AdamW vs torch fused, GPU (issue 3)", "srkern.adamw_step bf16-sr", "cuda", 1 << 24,
+    ("bf16-sr AdamW vs torch fused, GPU", "srkern.adamw_step bf16-sr", "cuda", 1 << 24,
      "speedup_vs", "torch AdamW(fused=True) fp32-master + bf16 copy", 1.8),
 ]
 
@@ -139,7 +139,7 @@ def plot_bandwidth(records: list[dict], path: Path) -> bool:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5.5), squeeze=False)
     colors = plt.get_cmap("tab10").colors
-    for ax, (family, data) in zip(axes[0], sorted(panels.items())):
+    for ax, (family, data) in zip(axes[0], sorted(panels.items()), strict=True):
         ci = 0
         for (name, device), pts in sorted(data.items()):
             xs = sorted(pts)

@@ -60,7 +60,9 @@ template <int MANT, int BIAS, int SIGN, u32 MAXFIN, bool HAS_INF, u32 INF_ENC, u
 struct SrkSmallFloat {
   static const int EMIN = 1 - BIAS;
 
-  // Encode x with threshold `r`: SR passes its 32-bit draw; nearest passes < 0 (tie to even).
+  // Encode x: with `stochastic`, round up iff floor(D * 2^32) + r >= 2^32 for the 32-bit draw r;
+  // without, to nearest with ties to even (r is ignored). Host builds cast through the 32-bit
+  // variant of cpu/round_small.h, which must return the same bits: change both together.
   SRK_HD static u32 encode(float x, u32 r, bool stochastic, int saturate) {
     u32 u = srk_f2u(x);
     u32 sign = (u >> 31) << SIGN;

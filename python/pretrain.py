@@ -11,7 +11,7 @@ Run:  python python/pretrain.py
           AMD EPYC cores at load average 4, one torch thread; writes runs/pretrain/)
       python python/pretrain.py --lr 1e-2 --strategies fp32-master,bf16-sr
       python python/pretrain.py --device cuda --steps 3000 --n-layer 6 --n-embd 384
-      mpirun -n 2 python python/pretrain.py --sharded   (srkern.dist.ShardedAdamW over 2 ranks)
+      mpirun -n 2 python python/pretrain.py --sharded   (srkern.torch.ShardedAdamW over 2 ranks)
       python python/pretrain.py --help
 
 Corpus (no download): the ``.py`` files of the running interpreter's standard library
@@ -41,13 +41,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, no install
 import srkern.torch as srtorch  # noqa: E402
+from srkern.precisions import param_dtype  # noqa: E402
 
+# The strategies are srkern's precision modes (srkern.PRECISIONS), listed in the order the table
+# shows them: the FP32 baselines first.
 STRATEGIES = ("fp32", "fp32-master", "bf16-nearest", "bf16-sr", "bf16-kahan")
-# Dtype of the model weights (and hence of activations and gradients) for each strategy: every
-# strategy but fp32 computes in BF16; fp32-master keeps its FP32 master inside the optimizer.
-MODEL_DTYPE = {"fp32": torch.float32, "fp32-master": torch.bfloat16,
-               "bf16-nearest": torch.bfloat16, "bf16-sr": torch.bfloat16,
-               "bf16-kahan": torch.bfloat16}
+# Dtype of the model weights (and hence of activations and gradients) for each strategy: the
+# mode's weight dtype, so every strategy but fp32 computes in BF16 (fp32-master keeps its FP32
+# master inside the optimizer).
+MODEL_DTYPE = {s: getattr(torch, param_dtype(s)) for s in STRATEGIES}
 # Path components never read from the standard library: installed packages and test suites.
 EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test",
                            "__pycache__"})
@@ -130,7 +132,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--threads", type=int, default=d.threads,
                    help="torch CPU threads per process (0: torch's default)")
     p.add_argument("--sharded", action="store_true",
-                   help="use srkern.dist.ShardedAdamW across MPI ranks (launch with mpirun)")
+                   help="use srkern.torch.ShardedAdamW across MPI ranks (launch with mpirun)")
     a = p.parse_args(argv)
     strategies = tuple(s.strip() for s in a.strategies.split(",") if s.strip())
     bad = [s for s in strategies if s not in STRATEGIES]
@@ -343,7 +345,7 @@ def make_optimizer(model: nn.Module, strategy: str, cfg: Config, comm: Any = Non
               seed=cfg.seed)
     if comm is None:
         return srtorch.AdamW(groups, **kw)
-    from srkern.dist import ShardedAdamW  # noqa: PLC0415 (only needed with --sharded)
+    from srkern.torch import ShardedAdamW  # noqa: PLC0415 (only needed with --sharded)
     return ShardedAdamW(groups, comm=comm, **kw)
 
 
@@ -506,9 +508,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     comm, rank, world = None, 0, 1
     if cfg.sharded:
         try:
-            from srkern.dist import ShardedAdamW  # noqa: F401, PLC0415
+            from srkern.torch import ShardedAdamW  # noqa: F401, PLC0415
         except ImportError as e:
-            raise SystemExit(f"--sharded needs srkern.dist.ShardedAdamW ({e})") from None
+            raise SystemExit(f"--sharded needs srkern.torch.ShardedAdamW ({e})") from None
         from mpi4py import MPI  # noqa: PLC0415
         comm, rank, world = MPI.COMM_WORLD, MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
         if cfg.batch_size % world:

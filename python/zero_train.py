@@ -1,6 +1,6 @@
 """Data-parallel training with sharded BF16 + SR AdamW state (ZeRO style) over MPI ranks.
 
-Shows srkern.dist.ShardedAdamW on a small PyTorch MLP regression: every rank computes the
+Shows srkern.torch.ShardedAdamW on a small PyTorch MLP regression: every rank computes the
 gradient of its own slice of each batch; one step is an SR reduce-scatter of the BF16 gradients
 (FP32 sums in rank order, one stochastic rounding with shared random bits), srkern's fused SR
 AdamW on the rank's shard of the flat parameter vector, and an all-gather of the BF16 weights.
@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, no install
 from srkern import dist  # noqa: E402
-
-PRECISIONS = ("bf16-sr", "bf16-nearest", "bf16-kahan", "fp32-master", "fp32")
+from srkern.precisions import PRECISIONS, param_dtype  # noqa: E402
+from srkern.torch import ShardedAdamW  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -34,7 +34,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=256, help="global batch (split over ranks)")
     p.add_argument("--width", type=int, default=256, help="hidden width of the MLP")
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--precision", choices=PRECISIONS, default="bf16-sr")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="bf16-sr")
     p.add_argument("--seed", type=int, default=1234, help="model, data and SR seed")
     p.add_argument("--checkpoint", type=Path, help="save the sharded state here at the end")
     return p.parse_args()
@@ -62,11 +62,11 @@ def main() -> None:
     rank, world = comm.rank, comm.size
     if args.batch % world:
         raise SystemExit(f"--batch {args.batch} must be a multiple of the {world} ranks")
-    dtype = torch.float32 if args.precision == "fp32" else torch.bfloat16
+    dtype = getattr(torch, param_dtype(args.precision))
     with dist.abort_on_error(comm):
         model = make_model(args.width, dtype)
-        opt = dist.ShardedAdamW(model.parameters(), comm, lr=args.lr, precision=args.precision,
-                                seed=args.seed, weight_decay=0.0)
+        opt = ShardedAdamW(model.parameters(), comm, lr=args.lr, precision=args.precision,
+                           seed=args.seed, weight_decay=0.0)
         n_params = opt.core.n
         per = args.batch // world
         steps = range(1, args.steps + 1)
@@ -109,7 +109,7 @@ def main() -> None:
             print("| quantity | value |\n|---|---|")
             print(f"| loss, mean of first 5 steps | {first:.4f} |")
             print(f"| loss, mean of last 5 steps | {last:.4f} |")
-            for r, (m, s) in enumerate(zip(mems, sents)):
+            for r, (m, s) in enumerate(zip(mems, sents, strict=True)):
                 print(f"| rank {r}: optimizer memory | {m} B ({m / n_params:.2f} B/param of the model) |")
                 print(f"| rank {r}: bytes sent per step | {s:.0f} B ({s / n_params:.2f} B/param) |")
             print(f"| unsharded srkern bf16-sr state, for comparison | {4 * n_params} B (4 B/param) |")

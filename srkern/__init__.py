@@ -6,8 +6,9 @@ for CPUs; every random bit follows bit contract v1.1 (see README).
 from ._contract import CONTRACT_VERSION, STREAMS, manual_seed
 from ._build import BuildError
 from .cast import cast
-from . import dist  # Communicator, reduce_scatter, all_gather, ShardedAdamW (mpi4py loaded on first use)
-from .adamw import PRECISIONS, GradNorm, adamw_step, bytes_per_param, grad_norm
+from . import dist  # Communicator, reduce_scatter, all_gather, ShardedAdamWCore (mpi4py loaded on first use)
+from .adamw import PRECISIONS, adamw_step, bytes_per_param
+from .norm import GradNorm, grad_norm
 
 __version__ = "0.1.0"
 __all__ = ["cast", "adamw_step", "grad_norm", "GradNorm", "bytes_per_param", "PRECISIONS", "dist",

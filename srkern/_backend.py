@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -34,11 +35,30 @@ _SLOT_BITS = {"p": None, "q": np.uint64, "Q": None, "I": None, "i": np.uint32, "
 BACKENDS = _build.BACKENDS
 DEFAULT_BACKEND = "cpu"
 
-# 256 threads per block, grids capped at 32 blocks per SM (grid-stride over the rest): a common
-# starting point for memory-bound grid-stride kernels; a block-size sweep on a GPU may change it.
-GPU_BLOCK = 256
-GPU_BLOCKS_PER_SM = 32
-EMU_SMS = 132  # an H200's multiprocessors: the grid gpu-emu runs unless SRKERN_EMU_SMS says otherwise
+_DEFINE = re.compile(r"^[ \t]*#[ \t]*define[ \t]+(\w+)[ \t]+(\d+)u?\b", re.M)
+
+
+@functools.lru_cache(maxsize=None)
+def _header_defines(header: str) -> dict[str, int]:
+    return {m.group(1): int(m.group(2)) for m in _DEFINE.finditer((_build.KERNEL_DIR / header).read_text())}
+
+
+def kernel_defines(header: str, *names: str) -> tuple[int, ...]:
+    """The values of the integer ``#define`` lines named ``names`` in ``kernels/<header>``, in order.
+
+    Constants that kernels and Python share (table columns, launch geometry, the norm's layout)
+    are written once, in the kernel headers, and read here; a name that is missing (renamed, or
+    no longer a plain integer) raises ``BuildError`` instead of going out of sync."""
+    found = _header_defines(header)
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise _build.BuildError(f"kernels/{header} has no integer #define {', '.join(missing)}")
+    return tuple(found[n] for n in names)
+
+
+# The launch geometry of every backend, from kernels/srk_launch.h (where the choice is explained).
+GPU_BLOCK, GPU_BLOCKS_PER_SM, EMU_SMS = kernel_defines(
+    "srk_launch.h", "SRK_GPU_BLOCK", "SRK_GPU_BLOCKS_PER_SM", "SRK_EMU_SMS")
 
 
 def cpu_backend() -> str:
@@ -50,7 +70,7 @@ def cpu_backend() -> str:
 
 
 def emu_sms() -> int:
-    """Multiprocessors gpu-emu sizes its grids for (``$SRKERN_EMU_SMS``, default 132)."""
+    """Multiprocessors gpu-emu sizes its grids for (``$SRKERN_EMU_SMS``, default EMU_SMS, 132)."""
     text = os.environ.get("SRKERN_EMU_SMS")
     if not text:
         return EMU_SMS

@@ -1,8 +1,7 @@
 """Bit contract constants (v1.1) and the library seed generator.
 
-The random-stream ids live once, in ``kernels/srk_round.h``; this module reads them from there.
-The NumPy reference (``srkern.reference``) lists them independently, as an oracle should, and a
-test checks that the two lists agree.
+The random-stream ids live once, in ``kernels/srk_round.h``; this module reads them from there,
+and everything else (the package, the NumPy reference, the tests) takes them from ``STREAMS``.
 """
 from __future__ import annotations
 
@@ -47,7 +46,7 @@ STREAMS: dict[str, int] = {
     m.group(1).lower(): int(m.group(2))
     for m in _STREAM_RE.finditer((KERNEL_DIR / "srk_round.h").read_text())
 }
-"""Random-stream ids by purpose: cast, param, exp_avg, exp_avg_sq, compensation, collective."""
+"""Random-stream ids by purpose: cast, param, exp_avg, exp_avg_sq, compensation, collective, wire."""
 
 U64 = 1 << 64
 U32 = 1 << 32

@@ -1,5 +1,4 @@
-"""``srkern.adamw_step``: a fused multi-tensor AdamW step in five precision modes, and the global
-gradient norm for clipping.
+"""``srkern.adamw_step``: a fused multi-tensor AdamW step in five precision modes.
 
 One launch updates a whole list of tensors in place (``kernels/adamw.cu``); the kernel header
 states the arithmetic and its order. Random bits follow contract v1 with the logical flat index
@@ -9,28 +8,19 @@ into calls, on thread count or on backend.
 from __future__ import annotations
 
 import math
-import re
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from . import _backend, _contract
-from ._build import KERNEL_DIR
 from ._tensor import View, as_view, check_disjoint, stream_of
 from .layout import flat_offsets
 from .precisions import PRECISIONS, bytes_per_param, default_state_dtype, mode as _precision, step_bytes_per_param  # noqa: F401 (re-exported)
 
 _GRAD_DTYPES = ("bfloat16", "float32")
 _SUFFIX = {"bfloat16": "bf16", "float32": "f32"}
-_TABLE_COLS = 9  # kernels/adamw.cu ADAMW_COLS
-# The partial layout of grad_norm, read from kernels/adamw.cu (its #defines are the one source):
-# spans of _NORM_THREADS partials x _NORM_CHUNK elements per tensor, groups of _NORM_LANES.
-_NORM_DEFINES = {m.group(1): int(m.group(2)) for m in re.finditer(
-    r"^#define\s+ADAMW_NORM_(LANES|THREADS|CHUNK)\s+(\d+)\b", (KERNEL_DIR / "adamw.cu").read_text(), re.M)}
-_NORM_CHUNK = _NORM_DEFINES["CHUNK"]      # elements per partial (2048)
-_NORM_THREADS = _NORM_DEFINES["THREADS"]  # partials per span (32)
-_NORM_LANES = _NORM_DEFINES["LANES"]      # elements per group, accumulators per partial (8)
-_NORM_SPAN = _NORM_THREADS * _NORM_CHUNK  # elements per span (65536)
+# The tensor table of adamw.cu and norm.cu (kernels/srk_table.h): row width, first-unit column.
+_TABLE_COLS, _TABLE_UNIT0 = _backend.kernel_defines("srk_table.h", "SRK_TABLE_COLS", "SRK_TABLE_UNIT0")
 
 
 # ---- host-side scalars --------------------------------------------------------------------------
@@ -140,16 +130,16 @@ def _check_list(name: str, views: Sequence[View], params: Sequence[View], dtypes
 
 def _table(params: Sequence[View], cols: Sequence[Sequence[int]], offsets: Sequence[int],
            units: Sequence[int]) -> tuple[np.ndarray, int]:
-    """The kernel's tensor table (one row per tensor: the six buffer pointers of ``cols``, the
-    size, the logical offset and the first work unit) and the total number of work units, where
-    tensor ``t`` has ``units[t]`` of them."""
+    """The kernels' tensor table (``kernels/srk_table.h``; one row per tensor: the six buffer
+    pointers of ``cols``, the size, the logical offset and the first work unit) and the total
+    number of work units, where tensor ``t`` has ``units[t]`` of them."""
     table = np.zeros((len(params), _TABLE_COLS), dtype=np.uint64)
     b0 = 0
     for t, p in enumerate(params):
         table[t, :6] = [c[t] for c in cols]
         table[t, 6] = p.numel
         table[t, 7] = offsets[t]
-        table[t, 8] = b0
+        table[t, _TABLE_UNIT0] = b0
         b0 += units[t]
     return table, b0
 
@@ -313,77 +303,3 @@ def _plan_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[A
         del keep  # CuPy frees it stream-ordered; the CPU launch has returned
 
     return launch
-
-
-class GradNorm(NamedTuple):
-    """Global L2 norm of a list of gradients, and whether every element was finite."""
-    norm: float
-    finite: bool
-
-
-def grad_norm(grads: Sequence[Any], *, grad_scale: float = 1.0) -> GradNorm:
-    """The L2 norm of all ``grads`` together (as one flat vector) and a finiteness flag.
-
-    ``grads``: BF16 or FP32 contiguous tensors on one device (one dtype per call). Each element
-    is multiplied by ``grad_scale`` in FP32 (as :func:`adamw_step` does), squared and summed in
-    FP64, in a fixed order that is a function of element indices only, so the result is
-    deterministic: the same bits on every backend and thread count.
-
-    The order (``kernels/adamw.cu``, "squared gradient norm"): each tensor is cut from its first
-    element into spans of 32 x 2048 = 65536 elements, each span into 32 partial sums; partial
-    ``l`` of a span sums, for rows ``k = 0..255`` in order, the 8 elements
-    ``span_start + 256*k + 8*l + e`` into 8 accumulators (one per ``e``), which are then added
-    as ``((a0+a1)+(a2+a3))+((a4+a5)+(a6+a7))``. The partials of all tensors (32 per span, in
-    tensor and span order; a tensor's last span is padded with zero partials) are added left to
-    right on the host. A NaN anywhere gives a NaN norm (the canonical quiet NaN, contract v1.1).
-
-    ``finite`` is False iff some element, multiplied by ``grad_scale`` in FP32, is Inf or NaN
-    (then ``norm`` is Inf or NaN). For clipping to ``max_norm``, pass
-    ``grad_scale = min(1, max_norm / (norm + 1e-6))`` to :func:`adamw_step`.
-    """
-    partial = _sumsq_partials(grads, grad_scale=grad_scale)
-    if partial.size == 0:
-        return GradNorm(0.0, True)
-    # Left to right in index order (np.cumsum is a sequential scan; np.sum would add pairwise):
-    # the same bits as a Python loop of +=, on every backend.
-    total = float(np.cumsum(partial)[-1])
-    if math.isnan(total):
-        return GradNorm(math.nan, False)  # math.nan: the canonical 0x7ff8000000000000
-    return GradNorm(math.sqrt(total), math.isfinite(total))
-
-
-def _sumsq_partials(grads: Sequence[Any], *, grad_scale: float = 1.0) -> np.ndarray:
-    """The kernel's FP64 partial sums of squares (layout: :func:`grad_norm`), as a NumPy array."""
-    grad_scale = _check_float("grad_scale", grad_scale, -math.inf)
-    gv = _views("grads", grads, None)
-    if not gv:
-        return np.zeros(0, dtype=np.float64)
-    _check_list("grads", gv, gv, _GRAD_DTYPES, False)
-    # Units of the norm: partials, _NORM_THREADS per span of _NORM_SPAN elements (see grad_norm).
-    zero = [0] * len(gv)
-    table, nparts = _table(gv, [zero, [g.ptr for g in gv], zero, zero, zero, zero], zero,
-                           [_NORM_THREADS * -(-g.numel // _NORM_SPAN) for g in gv])
-    if nparts == 0:
-        return np.zeros(0, dtype=np.float64)
-    g0 = gv[0]
-    stream = stream_of(g0)
-    keep, tptr = _device_table(table, g0, stream)
-    if g0.device == "cpu":
-        partial = np.empty(nparts, dtype=np.float64)
-        pptr = partial.ctypes.data
-    else:
-        import cupy
-        with cupy.cuda.Device(g0.device_id), _backend.cupy_stream(stream, g0.device_id):
-            dpart = cupy.empty(nparts, dtype=np.float64)
-        pptr = dpart.data.ptr
-    _backend.launch("adamw", f"adamw_sumsq_g{_SUFFIX[g0.dtype]}", [
-        ("p", tptr), ("q", len(gv)), ("q", nparts), ("f", float(np.float32(grad_scale))),
-        ("p", pptr)], device=g0.device, device_id=g0.device_id, units=nparts, stream=stream)
-    if g0.device != "cpu":
-        import cupy
-        cs = _backend.cupy_stream(stream, g0.device_id)
-        with cupy.cuda.Device(g0.device_id), cs:
-            partial = cupy.asnumpy(dpart, stream=cs)
-            cs.synchronize()
-    del keep
-    return partial

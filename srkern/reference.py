@@ -3,19 +3,23 @@
 Written for clarity over speed: Philox rounds as in Random123, and rounding by the definition in
 the contract (truncate onto the grid, compare the scaled remainder with the draw) using
 float64/integer arithmetic rather than the kernels' bit tricks, so that the two can disagree if
-either is wrong.
+either is wrong. The facts it shares with the package rather than re-deriving (the format table,
+the stream ids read from ``kernels/srk_round.h``, the flat layout and the shard split) are
+imported from their one home; every formula, including the AdamW host scalars, is its own.
 """
 from __future__ import annotations
 
-import ml_dtypes
+import math
+
 import numpy as np
+
+from ._contract import STREAMS
+from .formats import FORMATS, dtype_name
+from .layout import flat_offsets
 
 M0, M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
 W0, W1 = 0x9E3779B9, 0xBB67AE85
 MASK32 = np.uint64(0xFFFFFFFF)
-
-STREAM_CAST, STREAM_PARAM, STREAM_EXP_AVG, STREAM_EXP_AVG_SQ, STREAM_COMPENSATION, STREAM_COLLECTIVE = range(6)
-
 
 def philox4x32_10(ctr: np.ndarray, key: tuple[int, int]) -> np.ndarray:
     """Philox4x32-10 on an (n, 4) uint32 counter array with a 2-word key; returns (n, 4) uint32."""
@@ -55,20 +59,12 @@ def draws32(index: np.ndarray, seed: int, step: int, stream: int) -> np.ndarray:
     return w[np.arange(len(index)), (index % np.uint64(4)).astype(np.int64)]
 
 
-# ---- formats ------------------------------------------------------------------------------------
-
-FORMATS = {
-    # name: (mantissa bits, min normal exponent, largest finite, has inf, draw bits, ml_dtypes type)
-    "bfloat16": (7, -126, float(ml_dtypes.finfo(ml_dtypes.bfloat16).max), True, 16, ml_dtypes.bfloat16),
-    "float16": (10, -14, 65504.0, True, 32, np.float16),
-    "float8_e4m3fn": (3, -6, 448.0, False, 32, ml_dtypes.float8_e4m3fn),
-    "float8_e5m2": (2, -14, 57344.0, True, 32, ml_dtypes.float8_e5m2),
-}
+# ---- rounding ----------------------------------------------------------------------------------
 
 
 def _grid(a: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray]:
     """(T, quantum) for finite |x| = a (float64): T = a truncated onto the format's grid."""
-    mant, emin, _, _, _, _ = FORMATS[fmt]
+    mant, emin = FORMATS[fmt].mantissa, FORMATS[fmt].emin
     with np.errstate(divide="ignore"):
         e = np.floor(np.log2(np.where(a > 0, a, 1.0)))
     # log2 can be off by one at binade edges in float64; fix with an exact comparison.
@@ -82,7 +78,8 @@ def round_float32(x: np.ndarray, fmt: str, rounding: str = "stochastic", *, seed
                   offset: int = 0, step: int = 0, stream: int = 0, saturate: bool = False) -> np.ndarray:
     """Contract v1 rounding of a float32 array (C order) into ``fmt``; returns the ml_dtypes array."""
     x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
-    mant, emin, fmax, has_inf, bits, npt = FORMATS[fmt]
+    f = FORMATS[fmt]
+    fmax, has_inf, bits, npt = f.max, f.has_inf, f.draw_bits, f.np_type
     n = x.size
     with np.errstate(invalid="ignore"):  # signalling NaNs widen quietly; handled below
         a = np.abs(x.astype(np.float64))
@@ -111,8 +108,8 @@ def round_float32(x: np.ndarray, fmt: str, rounding: str = "stochastic", *, seed
     res = out.astype(npt)  # every value is representable: this conversion is exact
     # NaN: keep the input's sign (ml_dtypes' float64 -> format conversion drops it).
     if np.isnan(x).any():
-        u = res.view(np.uint16 if res.itemsize == 2 else np.uint8).copy()
-        sign_bit = 0x8000 if res.itemsize == 2 else 0x80
+        u = res.view(f.uint).copy()
+        sign_bit = 1 << (f.nbits - 1)
         neg_nan = np.isnan(x) & np.signbit(x)
         u[np.isnan(x)] &= ~np.array(sign_bit, dtype=u.dtype)
         u[neg_nan] |= np.array(sign_bit, dtype=u.dtype)
@@ -140,7 +137,7 @@ _UINT_OF = {"float32": np.uint32, "bfloat16": np.uint16, "float64": np.uint64}
 def canonical_nan(a) -> np.ndarray:
     """A copy of float32 / bfloat16 / float64 array ``a`` with every NaN made the canonical one."""
     a = np.array(a, copy=True)
-    name = "bfloat16" if a.dtype == np.dtype(ml_dtypes.bfloat16) else a.dtype.name
+    name = dtype_name(a.dtype)
     bits = a.view(_UINT_OF[name])
     with np.errstate(invalid="ignore"):  # isnan of a signalling NaN may raise "invalid"
         bits[np.isnan(a)] = CANONICAL_NAN[name]
@@ -153,19 +150,9 @@ def canonical_nan(a) -> np.ndarray:
 # contract-v1 rounding with each element's position in the full vector as its index; a NaN result
 # is the canonical NaN of the output format (v1.1).
 
-STREAM_WIRE = 6  # srkern.dist.WIRE_STREAM: SR of FP32 inputs onto a BF16 wire
-
-
-def shard_range(n: int, world: int, rank: int, align: int = 8) -> tuple[int, int]:
-    """[start, stop) of ``rank``'s shard: ceil(n / world) rounded up to ``align``, last ones short."""
-    per = -(-n // world)
-    per = -(-per // align) * align
-    return min(rank * per, n), min((rank + 1) * per, n)
-
-
 def reduce_scatter_full(xs: list[np.ndarray], op: str = "avg", out_dtype: str = "bfloat16",
                         rounding: str = "stochastic", *, seed: int = 0, step: int = 0,
-                        stream: int = STREAM_COLLECTIVE, wire_dtype: str | None = None) -> np.ndarray:
+                        stream: int = STREAMS["collective"], wire_dtype: str | None = None) -> np.ndarray:
     """Reduce-scatter of the per-rank vectors ``xs`` (rank order), all shards concatenated."""
     world = len(xs)
     n = np.asarray(xs[0]).size
@@ -173,7 +160,8 @@ def reduce_scatter_full(xs: list[np.ndarray], op: str = "avg", out_dtype: str = 
     for r, x in enumerate(xs):
         x = np.asarray(x).reshape(-1)
         if wire_dtype == "bfloat16" and x.dtype == np.float32:
-            x = round_float32(x, "bfloat16", seed=seed, offset=r * n, step=step, stream=STREAM_WIRE)
+            x = round_float32(x, "bfloat16", seed=seed, offset=r * n, step=step,
+                             stream=STREAMS["wire"])
         wire.append(x.astype(np.float32))
     acc = wire[0].copy()
     with np.errstate(invalid="ignore", over="ignore"):  # NaN and Inf inputs are part of the contract
@@ -195,14 +183,23 @@ def reduce_scatter_full(xs: list[np.ndarray], op: str = "avg", out_dtype: str = 
 
 def adamw_scalars(step: int, lr: float, betas: tuple[float, float], eps: float,
                   weight_decay: float) -> dict[str, np.float32]:
-    """The kernel's FP32 scalars: each formed in float64 and rounded to float32 once."""
-    import math
-    b1, b2 = betas
-    f = np.float32
-    return {"b1": f(b1), "omb1": f(1.0 - b1), "b2": f(b2), "omb2": f(1.0 - b2),
-            "step_size": f(lr / (1.0 - b1 ** step)),
-            "inv_sqrt_bc2": f(1.0 / math.sqrt(1.0 - b2 ** step)), "eps": f(eps),
-            "decay": f(1.0 - lr * weight_decay), "lrwd": f(lr * weight_decay)}
+    """The step's host scalars as kernels/adamw.cu's header comment defines them, each evaluated
+    in float64 (Python floats) from the hyper-parameters and rounded to FP32 once:
+    omb1 = 1 - beta1, omb2 = 1 - beta2, step_size = lr / (1 - beta1^step),
+    inv_sqrt_bc2 = 1 / sqrt(1 - beta2^step), decay = 1 - lr * weight_decay, lrwd = lr * weight_decay.
+    (Range checks are the package's business; the oracle only computes.)"""
+    beta1, beta2 = float(betas[0]), float(betas[1])
+    lr, wd = float(lr), float(weight_decay)
+    in_float64 = {
+        "b1": beta1, "omb1": 1.0 - beta1,
+        "b2": beta2, "omb2": 1.0 - beta2,
+        "step_size": lr / (1.0 - beta1 ** step),
+        "inv_sqrt_bc2": 1.0 / math.sqrt(1.0 - beta2 ** step),
+        "eps": float(eps),
+        "decay": 1.0 - lr * wd,
+        "lrwd": lr * wd,
+    }
+    return {name: np.float32(value) for name, value in in_float64.items()}
 
 
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, step: int, lr: float,
@@ -217,7 +214,7 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, step: int, lr: float,
     s = adamw_scalars(step, lr, betas, eps, weight_decay)
     f32 = np.float32
     if offsets is None:
-        offsets = np.concatenate([[0], np.cumsum([np.asarray(p).size for p in params])[:-1]]).astype(int).tolist() if params else []
+        offsets = flat_offsets([np.asarray(p).size for p in params])
     sr = precision in ("bf16-sr", "bf16-kahan")
     out = {"params": [], "exp_avgs": [], "exp_avg_sqs": [],
            "master_params": [] if precision == "fp32-master" else None,
@@ -228,7 +225,7 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, step: int, lr: float,
                              seed=seed, offset=off, step=step, stream=stream)
 
     with np.errstate(all="ignore"):
-        for t, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        for t, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)):
             shape, off = np.shape(p), int(offsets[t])
             p32 = np.asarray(p).astype(f32).reshape(-1)
             g32 = np.asarray(g).astype(f32).reshape(-1) * f32(grad_scale)
@@ -236,29 +233,29 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, step: int, lr: float,
             v32 = s["b2"] * np.asarray(v).astype(f32).reshape(-1) + s["omb2"] * (g32 * g32)
             d = np.sqrt(v32) * s["inv_sqrt_bc2"] + s["eps"]
             u = (s["step_size"] * m32) / d
-            state_bf16 = np.asarray(m).dtype == np.dtype(ml_dtypes.bfloat16)
-            for key, x, stream in (("exp_avgs", m32, STREAM_EXP_AVG), ("exp_avg_sqs", v32, STREAM_EXP_AVG_SQ)):
+            state_bf16 = dtype_name(np.asarray(m).dtype) == "bfloat16"
+            for key, x, stream in (("exp_avgs", m32, STREAMS["exp_avg"]), ("exp_avg_sqs", v32, STREAMS["exp_avg_sq"])):
                 stored = store_bf16(x, off, stream, sr) if state_bf16 else x.astype(f32)
                 out[key].append(canonical_nan(stored).reshape(shape))
             if precision == "fp32-master":
                 w = np.asarray(master_params[t]).astype(f32).reshape(-1) * s["decay"] - u
                 out["master_params"].append(canonical_nan(w).reshape(shape))
-                out["params"].append(canonical_nan(store_bf16(w, off, STREAM_PARAM, False)).reshape(shape))
+                out["params"].append(canonical_nan(store_bf16(w, off, STREAMS["param"], False)).reshape(shape))
             elif precision == "bf16-kahan":
                 c = np.asarray(compensation[t]).astype(f32).reshape(-1)
                 y = ((-s["lrwd"]) * p32 - u) + c
-                pn = canonical_nan(store_bf16(p32 + y, off, STREAM_PARAM, False))
+                pn = canonical_nan(store_bf16(p32 + y, off, STREAMS["param"], False))
                 c_new = y - (pn.astype(f32) - p32)
                 out["params"].append(pn.reshape(shape))
                 out["compensation"].append(
-                    canonical_nan(store_bf16(c_new, off, STREAM_COMPENSATION, True)).reshape(shape))
+                    canonical_nan(store_bf16(c_new, off, STREAMS["compensation"], True)).reshape(shape))
             else:
                 pn = p32 * s["decay"] - u
                 if precision == "fp32":
                     out["params"].append(canonical_nan(pn.astype(f32)).reshape(shape))
                 else:
                     out["params"].append(canonical_nan(
-                        store_bf16(pn, off, STREAM_PARAM, precision == "bf16-sr")).reshape(shape))
+                        store_bf16(pn, off, STREAMS["param"], precision == "bf16-sr")).reshape(shape))
     return out
 
 
@@ -274,9 +271,9 @@ def adamw_float64(p, g, m, v, *, step: int, lr: float, betas=(0.9, 0.999), eps: 
 
 
 # ---- gradient norm (srkern.grad_norm) -------------------------------------------------------------
-# The layout of the partial sums, stated here on its own (tests check these numbers against
-# kernels/adamw.cu): per tensor, spans of NORM_THREADS partials x NORM_CHUNK elements; partial l
-# of a span adds, row k = 0, 1, ... in order, the NORM_LANES elements
+# The layout of the partial sums, stated here on its own (tests check these numbers against the
+# kernel's #defines): per tensor, spans of NORM_THREADS partials x NORM_CHUNK elements; partial
+# l of a span adds, row k = 0, 1, ... in order, the NORM_LANES elements
 # span_start + NORM_THREADS*NORM_LANES*k + NORM_LANES*l + e into one FP64 accumulator per lane e,
 # then ((a0+a1)+(a2+a3))+((a4+a5)+(a6+a7)); the host adds all partials left to right.
 
@@ -308,7 +305,6 @@ def grad_sumsq_partials(grads, grad_scale: float = 1.0) -> np.ndarray:
 
 def grad_norm(grads, grad_scale: float = 1.0) -> tuple[float, bool]:
     """(norm, finite) as srkern.grad_norm computes them: the partials added left to right."""
-    import math
     total = 0.0
     for p in grad_sumsq_partials(grads, grad_scale).tolist():
         total += p

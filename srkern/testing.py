@@ -4,33 +4,46 @@
 A comparison is of raw bit patterns, never of values: ``-0.0`` differs from ``0.0`` and a NaN
 matches only the identical NaN, unless ``nan`` relaxes that for a reference whose NaN encoding
 the contract does not fix (``"sign"``: any two NaNs of the same sign; ``"any"``: any two NaNs).
+
+Beside it, the few helpers that the tests and ``gpu_check`` both need and that are not facts of
+a format: every bit pattern of a format, its grid of values, and where ``mpirun`` is.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .formats import NP_DTYPES, Format, dtype_name
 
 NAN_RULES = ("exact", "sign", "any")
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 def host_array(a: Any) -> np.ndarray:
-    """A NumPy array with ``a``'s bytes: NumPy / ml_dtypes as is; torch and CuPy copied to the host."""
+    """A NumPy array with ``a``'s bytes: NumPy / ml_dtypes as is; torch and CuPy copied to the host
+    (a torch float tensor as the NumPy / ml_dtypes dtype of the same name, so NaNs stay NaNs)."""
     mod = type(a).__module__.split(".")[0]
     if mod == "torch":
         import torch
         t = a.detach().cpu().contiguous()
         width = t.element_size()
         as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[width]
-        return t.view(as_int).numpy().view(_UINT[width])
+        raw = t.view(as_int).numpy().view(_UINT[width])  # through integers: torch.numpy() has no BF16/FP8
+        np_dt = NP_DTYPES.get(dtype_name(t.dtype))
+        return raw if np_dt is None else raw.view(np_dt)
     if mod == "cupy":
         return a.get()
     return np.asarray(a)
 
 
 def bits_of(a: Any) -> np.ndarray:
-    """The raw bits of an array of any framework, flat, as unsigned integers of its width."""
+    """The raw bits of an array of any framework, flat, as unsigned integers of its width (a view
+    of ``a`` when it is a C-contiguous NumPy array, so writing into it writes ``a``)."""
     a = np.ascontiguousarray(host_array(a))
     return a.view(_UINT[a.itemsize]).reshape(-1)
 
@@ -86,3 +99,24 @@ def assert_same_bits(got: Any, want: Any, x: Any = None, what: str = "", nan: st
     rec = first_difference(got, want, nan)
     if not rec["ok"]:
         raise AssertionError(mismatch_report(rec, what, x, bits_of(want).itemsize))
+
+
+def all_patterns(fmt: Format) -> np.ndarray:
+    """Every bit pattern of ``fmt``, in order, as an array of the format."""
+    return np.arange(2 ** fmt.nbits, dtype=np.uint64).astype(fmt.uint).view(fmt.np_type)
+
+
+def format_grid(fmt: Format) -> np.ndarray:
+    """The sorted non-negative finite values of ``fmt`` (float64), 0 first."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        v = all_patterns(fmt).astype(np.float64)
+    return np.unique(v[np.isfinite(v) & (v >= 0)])
+
+
+def find_mpirun() -> str | None:
+    """The ``mpirun`` to launch test processes with: the one beside ``sys.executable`` first (a
+    virtual environment's MPICH wheel, which matches its mpi4py), else the first on PATH."""
+    beside = Path(sys.executable).parent / "mpirun"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("mpirun")

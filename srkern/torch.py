@@ -1,4 +1,5 @@
-"""``srkern.torch.AdamW``: the fused SR AdamW step as a ``torch.optim.Optimizer``.
+"""srkern's optimizers for PyTorch: ``AdamW`` (the fused SR AdamW step as a
+``torch.optim.Optimizer``) and ``ShardedAdamW`` (the same step ZeRO-sharded over MPI ranks).
 
 Import it explicitly (``import srkern.torch``); ``import srkern`` does not import torch.
 
@@ -6,18 +7,30 @@ Import it explicitly (``import srkern.torch``); ``import srkern`` does not impor
     model = MyModel().to(torch.bfloat16)
     opt = srkern.torch.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, precision="bf16-sr", seed=0)
     loss = model(x).float().pow(2).mean(); loss.backward(); opt.step(); opt.zero_grad()
+
+    # under mpirun: every rank the same model; each keeps 1 / world of the optimizer state
+    opt = srkern.torch.ShardedAdamW(model.parameters(), srkern.dist.Communicator(), lr=1e-3, seed=0)
 """
 from __future__ import annotations
 
+import itertools
+import os
 from typing import Any, Callable, Iterable
 
 import torch
 
 from . import _contract
+from .adamw import _plan_step
+from .checkpoint import (HYPER_KEYS, TORCH_FORMAT, TORCH_VERSION, CheckpointCorrupt, CheckpointError,
+                         CheckpointMismatch, check_counters, check_format, check_hyper, check_hypers,
+                         check_layout, expect_equal, state_sections)
+from .comm import Communicator
+from .formats import dtype_name
 from .layout import flat_offsets
-from .adamw import PRECISIONS, _plan_step, bytes_per_param, check_hyperparameters, default_state_dtype
+from .precisions import PRECISIONS, bytes_per_param, default_state_dtype, mode, param_dtype
+from .sharded import ShardedAdamWCore
 
-__all__ = ["AdamW"]
+__all__ = ["AdamW", "ShardedAdamW"]
 
 _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -52,23 +65,23 @@ class AdamW(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, precision: str = "bf16-sr",
                  seed: int | None = None, *, state_dtype: str | None = None) -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+        mode(precision)
         self.precision = precision
         self.state_dtype = state_dtype or default_state_dtype(precision)
         bytes_per_param(precision, self.state_dtype)  # validates state_dtype for the mode
         self.seed = _contract.resolve_seed(seed)
         self._step = 0
-        check_hyperparameters(lr, betas, eps, weight_decay)
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        check_hyper(defaults)
+        super().__init__(params, defaults)
 
     # ---- construction checks ----------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
-        want = _TORCH_DTYPES[PRECISIONS[self.precision].param_dtype]
+        check_hyper(group)
+        want = _TORCH_DTYPES[param_dtype(self.precision)]
         for i, p in enumerate(group["params"]):
             if p.dtype != want:
                 raise TypeError(f"precision {self.precision!r} needs {want} parameters; parameter {i} "
@@ -89,14 +102,12 @@ class AdamW(torch.optim.Optimizer):
         state = self.state.get(p)
         if not state:
             state = {}
-            sd = _TORCH_DTYPES[self.state_dtype]
-            state["exp_avg"] = torch.zeros_like(p, dtype=sd, memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=sd, memory_format=torch.contiguous_format)
-            if PRECISIONS[self.precision].master:
-                state["master"] = p.detach().to(torch.float32, copy=True).contiguous()
-            if PRECISIONS[self.precision].compensation:
-                state["compensation"] = torch.zeros_like(p, dtype=torch.bfloat16,
-                                                         memory_format=torch.contiguous_format)
+            for name, dtype in state_sections(self.precision, self.state_dtype):
+                if name == "master":  # FP32 master weights start as the exact upcast of the model
+                    state[name] = p.detach().to(torch.float32, copy=True).contiguous()
+                else:
+                    state[name] = torch.zeros_like(p, dtype=_TORCH_DTYPES[dtype],
+                                                   memory_format=torch.contiguous_format)
         return state
 
     def bytes_per_param(self) -> int:
@@ -126,8 +137,7 @@ class AdamW(torch.optim.Optimizer):
         step = self._step + 1
         for gi, group in enumerate(self.param_groups):
             try:
-                check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"],
-                                      grad_scale)
+                check_hyper(group, grad_scale)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"param_groups[{gi}]: {e}") from None
         if found_inf is not None and (not isinstance(found_inf, torch.Tensor)
@@ -188,33 +198,31 @@ class AdamW(torch.optim.Optimizer):
     # ---- checkpoints ------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict plus an ``"srkern"`` entry: contract version, step, seed,
-        precision, state dtype, and the layout (offset and size of every parameter)."""
+        """torch's state dict plus an ``"srkern"`` entry: format and version, contract version,
+        step, seed, precision, state dtype, and the layout (offset and size of every parameter)."""
         sd = super().state_dict()
-        sd["srkern"] = {"contract": _contract.CONTRACT_VERSION, "step": self._step, "seed": self.seed,
+        sd["srkern"] = {"format": TORCH_FORMAT, "format_version": TORCH_VERSION,
+                        "contract": _contract.CONTRACT_VERSION, "step": self._step, "seed": self.seed,
                         "precision": self.precision, "state_dtype": self.state_dtype,
                         "offsets": self.layout(), "numels": [p.numel() for p in self._params()]}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from :meth:`state_dict`; the precision, state dtype and layout must
-        match this optimizer's (a clear error otherwise, and nothing is loaded)."""
+        """Load a state dict from :meth:`state_dict`. Its format, contract, precision, state
+        dtype, layout, state buffers (names, dtypes, sizes), hyper-parameters, step and seed are
+        checked first: :class:`srkern.checkpoint.CheckpointMismatch` or ``CheckpointCorrupt``
+        (both ``ValueError``) names the cause, and nothing is loaded."""
         sd = dict(state_dict)
         meta = sd.pop("srkern", None)
-        if meta is None:
-            raise ValueError("not an srkern.torch.AdamW state dict (no 'srkern' entry)")
-        if not _contract.contract_compatible(meta.get("contract")):
-            raise ValueError(f"state dict is for bit contract {meta.get('contract')}, this is "
-                             f"{_contract.CONTRACT_VERSION}")
-        for key, mine in (("precision", self.precision), ("state_dtype", self.state_dtype)):
-            if meta[key] != mine:
-                raise ValueError(f"state dict has {key}={meta[key]!r}, this optimizer {mine!r}")
-        numels = [p.numel() for p in self._params()]
-        if list(meta["numels"]) != numels or list(meta["offsets"]) != self.layout():
-            raise ValueError("state dict layout (parameter sizes and offsets) does not match this "
-                             "optimizer's parameters")
+        if not isinstance(meta, dict):
+            raise CheckpointMismatch(f"not an {TORCH_FORMAT} state dict (no 'srkern' entry)")
         params = self._params()
-        saved = {int(i): dict(st) for i, st in sd["state"].items()}
+        try:
+            saved = self._checked_state(meta, sd, params)
+        except CheckpointError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointCorrupt(f"malformed {TORCH_FORMAT} state dict: {type(e).__name__}: {e}") from None
         super().load_state_dict(sd)
         # torch casts floating-point state to each parameter's dtype; keep the saved dtypes
         # (FP32 master weights and moments next to BF16 parameters).
@@ -225,3 +233,142 @@ class AdamW(torch.optim.Optimizer):
         self._step = int(meta["step"])
         self.seed = int(meta["seed"])
 
+    def _checked_state(self, meta: dict, sd: dict, params: list[torch.Tensor]) -> dict[int, dict]:
+        """The per-parameter state of a state dict, once every check has passed."""
+        # State dicts written before the format field existed are version 1.
+        check_format({"format": TORCH_FORMAT, "format_version": 1, **meta}, TORCH_FORMAT, TORCH_VERSION,
+                     "contract")
+        expect_equal("precision", meta["precision"], self.precision)
+        expect_equal("state_dtype", meta["state_dtype"], self.state_dtype)
+        check_layout(list(zip(meta["offsets"], meta["numels"], strict=True)),
+                     list(zip(self.layout(), [p.numel() for p in params], strict=True)))
+        check_counters(meta)
+        check_hypers(list(sd["param_groups"]), len(self.param_groups))
+        want = sorted(state_sections(self.precision, self.state_dtype))
+        saved = {}
+        for i, st in sd["state"].items():
+            i, st = int(i), dict(st)
+            if not st:  # a parameter that never had a gradient
+                continue
+            expect_equal(f"state of parameter {i}", sorted((k, dtype_name(v.dtype)) for k, v in st.items()), want)
+            for k, v in st.items():
+                if v.numel() != params[i].numel():
+                    raise CheckpointMismatch(f"state[{i}][{k!r}] has {v.numel()} elements, "
+                                             f"parameter {i} has {params[i].numel()}")
+            saved[i] = st
+        return saved
+
+
+class ShardedAdamW(torch.optim.Optimizer):
+    """ZeRO-style sharded srkern AdamW for PyTorch (see :class:`srkern.sharded.ShardedAdamWCore`).
+
+    The parameters become views into one flat buffer (BF16; FP32 for ``precision="fp32"``),
+    laid out in parameter-group order, each tensor at the offset equal to the number of
+    elements before it: no padding, so flat index = the logical index :class:`AdamW` uses in
+    one process. Each rank keeps the optimizer state of its shard only.
+
+    Args:
+        params: parameters or parameter groups (all on one device, dtype as above).
+        comm: :class:`srkern.comm.Communicator`, or an mpi4py communicator to wrap (default
+            ``MPI.COMM_WORLD``).
+        lr, betas, eps, weight_decay: AdamW hyper-parameters (per group where given).
+        precision: one of ``srkern.precisions.PRECISIONS``.
+        state_dtype, seed, reduce_dtype, wire_dtype, op: as in ``ShardedAdamWCore``.
+
+    ``step()`` is collective: every rank must call it. Use :meth:`save` / :meth:`load` for
+    checkpoints (``state_dict`` would hold only this rank's shard).
+    """
+
+    def __init__(self, params: Iterable[Any], comm: Any = None, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01, precision: str = "bf16-sr", *,
+                 state_dtype: str | None = None, seed: int | None = None,
+                 reduce_dtype: str | None = None, wire_dtype: str | None = None,
+                 op: str = "avg") -> None:
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        check_hyper(defaults)
+        super().__init__(params, defaults)
+        mode(precision)
+        comm = comm if isinstance(comm, Communicator) else Communicator(comm)
+        want = _TORCH_DTYPES[param_dtype(precision)]
+        plist = [p for g in self.param_groups for p in g["params"]]
+        if not plist:
+            raise ValueError("ShardedAdamW got no parameters")
+        dev = plist[0].device
+        for i, p in enumerate(plist):
+            if p.dtype != want:
+                raise TypeError(f"parameter {i} has dtype {p.dtype}; precision {precision!r} "
+                                f"needs {want} parameters")
+            if p.device != dev:
+                raise ValueError(f"parameter {i} is on {p.device}, parameter 0 on {dev}")
+        if len({id(p) for p in plist}) != len(plist):
+            raise ValueError("a parameter appears twice")
+        self._params = plist
+        sizes = [p.numel() for p in plist]
+        self._offsets = flat_offsets(sizes)
+        bounds = self._offsets + [sum(sizes)]
+        ends = list(itertools.accumulate(len(g["params"]) for g in self.param_groups))
+        groups = [(bounds[a], bounds[b]) for a, b in zip([0] + ends[:-1], ends, strict=True)]
+        flat = torch.empty(bounds[-1], dtype=want, device=dev)
+        with torch.no_grad():
+            for p, o in zip(plist, self._offsets, strict=True):
+                flat[o:o + p.numel()].copy_(p.detach().reshape(-1))
+                p.data = flat[o:o + p.numel()].view(p.shape)
+        self._layout = [{"shape": list(p.shape), "offset": o} for p, o in zip(plist, self._offsets, strict=True)]
+        self.core = ShardedAdamWCore(flat, comm, precision=precision, groups=groups,
+                                     state_dtype=state_dtype, seed=seed, reduce_dtype=reduce_dtype,
+                                     wire_dtype=wire_dtype, op=op)
+
+    @property
+    def flat_params(self) -> torch.Tensor:
+        return self.core.flat_params
+
+    def _hypers(self) -> list[dict[str, Any]]:
+        return [{k: g[k] for k in HYPER_KEYS} for g in self.param_groups]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Reduce-scatter the gradients, SR AdamW on this rank's shard, all-gather the weights."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for i, p in enumerate(self._params):
+            if p.grad is None:
+                raise ValueError(f"parameter {i} (shape {tuple(p.shape)}) has no gradient; "
+                                 "every rank must supply a gradient for every parameter")
+        fg = self.core.flat_grads
+        for p, o in zip(self._params, self._offsets, strict=True):
+            fg[o:o + p.numel()].copy_(p.grad.reshape(-1))
+        self.core.step(self._hypers())
+        return loss
+
+    def optimizer_bytes(self) -> dict[str, int]:
+        """Optimizer-state bytes on this rank (see ``ShardedAdamWCore.optimizer_bytes``)."""
+        return self.core.optimizer_bytes()
+
+    def bytes_per_param(self) -> float:
+        """Optimizer-state bytes this rank holds per model parameter (shrinks as 1 / world)."""
+        return sum(self.core.optimizer_bytes().values()) / max(1, self.core.n)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Collective checkpoint of the sharded state (see ``ShardedAdamWCore.save``)."""
+        hyper = [{k: (list(v) if k == "betas" else v) for k, v in h.items()} for h in self._hypers()]
+        self.core.save(path, layout=self._layout, extra={"hyper": hyper})
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Collective load on any world size (re-shards); restores step, seed and hyper-parameters.
+
+        The layout and every group's hyper-parameters are checked with the rest of the
+        checkpoint, before anything is loaded."""
+        man = self.core.load(path, layout=self._layout)
+        hyper = man["extra"].get("hyper")
+        if hyper is not None:
+            for g, h in zip(self.param_groups, hyper, strict=True):
+                g.update({k: (tuple(h[k]) if k == "betas" else h[k]) for k in HYPER_KEYS})
+
+    def state_dict(self):  # noqa: D102
+        raise NotImplementedError("ShardedAdamW state is sharded across ranks: use save(path) / load(path)")
+
+    def load_state_dict(self, state_dict):  # noqa: D102
+        raise NotImplementedError("ShardedAdamW state is sharded across ranks: use save(path) / load(path)")

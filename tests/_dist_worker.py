@@ -24,20 +24,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from srkern import dist, reference as ref  # noqa: E402
+from srkern.precisions import PRECISIONS  # noqa: E402
+from srkern.testing import bits_of, first_difference, mismatch_report  # noqa: E402
 
 BF16 = ml_dtypes.bfloat16
-MODES = ["bf16-sr", "bf16-nearest", "bf16-kahan", "fp32-master", "fp32"]
+MODES = list(PRECISIONS)
 # Invariance problem: two parameter groups of odd sizes (different lr), K steps.
 INV_SIZES = (500, 503)
 INV_STEPS = 4
 INV_HYPER = [dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01),
              dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.0)]
 SEED = 0x5EED_0001_2345
-
-
-def bits(a) -> np.ndarray:
-    a = np.ascontiguousarray(a)
-    return a.view({2: np.uint16, 4: np.uint32}[a.itemsize])
 
 
 def inv_initial(precision: str) -> np.ndarray:
@@ -63,14 +60,10 @@ class Checks:
             self.failures.append(f"rank {self.comm.rank}: {what}")
 
     def same_bits(self, got, want, what: str) -> None:
-        g, w = bits(got).reshape(-1), bits(want).reshape(-1)
-        if g.shape != w.shape:
-            self.failures.append(f"rank {self.comm.rank}: {what}: shape {g.shape} != {w.shape}")
-            return
-        d = np.nonzero(g != w)[0]
-        if d.size:
-            first = ", ".join(f"[{i}] got 0x{int(g[i]):x} want 0x{int(w[i]):x}" for i in d[:5])
-            self.failures.append(f"rank {self.comm.rank}: {what}: {d.size} of {g.size} differ: {first}")
+        rec = first_difference(got, want, limit=5)
+        if not rec["ok"]:
+            report = mismatch_report(rec, what, width=bits_of(want).itemsize).replace("\n", ";")
+            self.failures.append(f"rank {self.comm.rank}: {report}")
 
     def gather(self) -> list[str]:
         out = self.comm.mpi.allgather(self.failures)
@@ -194,64 +187,77 @@ def check_corrupt(comm: dist.Communicator, ck: Checks, folder: Path) -> None:
         core.step([INV_HYPER[0]])
     good = folder / "good"
     core.save(good)
-    snap = [bits(x).copy() for _, x in core.state_sections()] + [bits(core.flat_params).copy()]
+    snap = [bits_of(x).copy() for _, x in core.state_sections()] + [bits_of(core.flat_params).copy()]
     man = json.loads((good / "manifest.json").read_text())
 
-    def damage(kind: str) -> Path:
+    n = core.n
+    last = man["shards"][-1]["file"]
+
+    def flip(f: Path) -> None:
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        f.write_bytes(bytes(data))
+
+    def edit(**fields):  # a manifest with some fields replaced
+        return lambda bad: (bad / "manifest.json").write_text(json.dumps(dict(man, **fields)))
+
+    bad_hyper = [dict(INV_HYPER[0], lr=-1.0, betas=list(INV_HYPER[0]["betas"]))]
+    # kind: (the damage, the error class it must raise, words of the message that name the cause)
+    cases = {
+        "missing": (lambda bad: (bad / last).unlink(), dist.CheckpointCorrupt, f"cannot read {folder}/missing/{last}"),
+        "truncated": (lambda bad: (bad / last).write_bytes((bad / last).read_bytes()[:-3]),
+                      dist.CheckpointCorrupt, "(truncated?)"),
+        "corrupted": (lambda bad: flip(bad / last), dist.CheckpointCorrupt, "fails its SHA-256 check"),
+        "no-manifest": (lambda bad: (bad / "manifest.json").unlink(), dist.CheckpointCorrupt,
+                        "cannot read " + str(folder / "no-manifest" / "manifest.json")),
+        "garbled-manifest": (lambda bad: (bad / "manifest.json").write_text("{not json"),
+                             dist.CheckpointCorrupt, "manifest.json is not valid JSON"),
+        "wrong-format-version": (edit(format_version=2), dist.CheckpointMismatch,
+                                 "not a srkern.ShardedAdamW v1 checkpoint (format 'srkern.ShardedAdamW', version 2)"),
+        "wrong-contract": (edit(contract_version="2.0"), dist.CheckpointMismatch, "written under bit contract v2.0"),
+        "wrong-n": (edit(n=n + 1), dist.CheckpointMismatch, f"number of parameters: {n + 1} in the checkpoint, {n} here"),
+        "wrong-precision": (edit(precision="bf16-sr"), dist.CheckpointMismatch,
+                            "precision: 'bf16-sr' in the checkpoint, 'bf16-kahan' here"),
+        "wrong-sections": (edit(sections=man["sections"][:-1]), dist.CheckpointMismatch, "state sections: "),
+        "wrong-groups": (edit(groups=[[0, 8], [8, n]]), dist.CheckpointMismatch, "parameter groups: [[0, 8], "),
+        "bad-hyper": (edit(extra={"hyper": bad_hyper}), dist.CheckpointCorrupt, "parameter group 0: lr"),
+        "wrong-world": (edit(world_size=man["world_size"] + 1), dist.CheckpointCorrupt,
+                        f"shard table does not tile {n} elements over {man['world_size'] + 1} ranks"),
+        "escaping-path": (edit(shards=[dict(man["shards"][0], file="../" + man["shards"][0]["file"])]
+                               + man["shards"][1:]), dist.CheckpointCorrupt, "bad shard entry"),
+        "step-out-of-range": (edit(step=2**32), dist.CheckpointCorrupt, "step must be in [0, 2**32)"),
+    }
+
+    def refused(target, path: Path, kind: str, cls: type, words: str) -> None:
+        msg = None
+        try:
+            target.load(path)
+            ck.expect(False, f"checkpoint {kind} was loaded")
+        except dist.CheckpointError as e:
+            msg = f"{type(e).__name__}: {e}"
+            ck.expect(isinstance(e, cls), f"checkpoint {kind}: {type(e).__name__}, expected {cls.__name__}: {e}")
+            ck.expect(words in str(e), f"checkpoint {kind}: message {str(e)!r} lacks {words!r}")
+        ck.expect(len(set(comm.mpi.allgather(msg))) == 1, f"checkpoint {kind}: ranks raised different errors")
+
+    for kind, (hurt, cls, words) in cases.items():
         bad = folder / kind
         if r == 0:
             shutil.rmtree(bad, ignore_errors=True)
             shutil.copytree(good, bad)
-            f = bad / man["shards"][-1]["file"]
-            m = json.loads((bad / "manifest.json").read_text())
-            if kind == "missing":
-                f.unlink()
-            elif kind == "truncated":
-                f.write_bytes(f.read_bytes()[:-3])
-            elif kind == "corrupted":
-                data = bytearray(f.read_bytes())
-                data[len(data) // 2] ^= 0x10
-                f.write_bytes(bytes(data))
-            elif kind == "no-manifest":
-                (bad / "manifest.json").unlink()
-            elif kind == "garbled-manifest":
-                (bad / "manifest.json").write_text("{not json")
-            else:  # manifest edits
-                if kind == "wrong-n":
-                    m["n"] += 1
-                elif kind == "wrong-precision":
-                    m["precision"] = "bf16-sr"
-                elif kind == "wrong-world":
-                    m["world_size"] += 1
-                elif kind == "escaping-path":
-                    m["shards"][0]["file"] = "../" + m["shards"][0]["file"]
-                (bad / "manifest.json").write_text(json.dumps(m))
+            hurt(bad)
         comm.barrier()
-        return bad
-
-    kinds = ["missing", "truncated", "corrupted", "no-manifest", "garbled-manifest", "wrong-n",
-             "wrong-precision", "wrong-world", "escaping-path"]
-    for kind in kinds:
-        bad = damage(kind)
-        try:
-            core.load(bad)
-            ck.expect(False, f"{kind} checkpoint was loaded")
-        except dist.CheckpointError as e:
-            ck.expect(bool(str(e)), f"{kind}: empty error message")
-        after = [bits(x) for _, x in core.state_sections()] + [bits(core.flat_params)]
-        ck.expect(all(np.array_equal(p, q) for p, q in zip(snap, after)), f"{kind}: state changed")
+        refused(core, bad, kind, cls, words)
+        after = [bits_of(x) for _, x in core.state_sections()] + [bits_of(core.flat_params)]
+        ck.expect(all(np.array_equal(p, q) for p, q in zip(snap, after, strict=True)), f"{kind}: state changed")
         ck.expect(core.step_count == 2, f"{kind}: step changed")
     # A model of another size is refused by the same check.
     other = dist.ShardedAdamWCore(inv_initial("bf16-kahan")[:-1].copy(), comm, precision="bf16-kahan", seed=SEED)
-    try:
-        other.load(good)
-        ck.expect(False, "checkpoint of another model size was loaded")
-    except dist.CheckpointError as e:
-        ck.expect("parameters" in str(e), f"size mismatch message: {e}")
+    refused(other, good, "of another model size", dist.CheckpointMismatch,
+            f"number of parameters: {n} in the checkpoint, {n - 1} here")
     # And the good one loads back bit for bit.
     core.load(good)
-    after = [bits(x) for _, x in core.state_sections()] + [bits(core.flat_params)]
-    ck.expect(all(np.array_equal(p, q) for p, q in zip(snap, after)), "good checkpoint round trip")
+    after = [bits_of(x) for _, x in core.state_sections()] + [bits_of(core.flat_params)]
+    ck.expect(all(np.array_equal(p, q) for p, q in zip(snap, after, strict=True)), "good checkpoint round trip")
 
 
 # ---- bad arguments on some ranks: every rank raises, none hangs ---------------------------------
@@ -292,17 +298,17 @@ def check_errors(comm: dist.Communicator, ck: Checks, folder: Path) -> int:
     # nothing (they never run adamw_step): all raise before the reduce-scatter; nothing changes.
     core = dist.ShardedAdamWCore(inv_initial("bf16-sr")[:10].copy(), comm, precision="bf16-sr", seed=SEED)
     core.flat_grads[...] = 1
-    w0 = bits(core.flat_params).copy()
+    w0 = bits_of(core.flat_params).copy()
     bad_lr = dict(INV_HYPER[0], lr=float("inf"))
     expect_raise("lr=inf", ValueError, "lr", lambda: core.step([bad_lr]))
     expect_raise("grad_scale=inf", ValueError, "grad_scale",
                  lambda: core.step([INV_HYPER[0]], grad_scale=float("inf")))
     expect_raise("lr=nan on one rank", ValueError, "lr",
                  lambda: core.step([dict(INV_HYPER[0], lr=float("nan") if r == W - 1 else 1e-3)]))
-    ck.expect(np.array_equal(bits(core.flat_params), w0) and core.step_count == 0,
+    ck.expect(np.array_equal(bits_of(core.flat_params), w0) and core.step_count == 0,
               "errors: rejected steps changed the weights or the step count")
     core.step([INV_HYPER[0]])  # and the job still works afterwards
-    ck.expect(core.step_count == 1 and not np.array_equal(bits(core.flat_params), w0),
+    ck.expect(core.step_count == 1 and not np.array_equal(bits_of(core.flat_params), w0),
               "errors: a good step after the rejected ones did not update")
     # An invalid state_dtype is refused (fp32-master used to override it silently).
     expect_raise("state_dtype bfloat16 for fp32-master", ValueError, "state_dtype",
@@ -349,7 +355,8 @@ def run_train(comm: dist.Communicator, steps: int, folder: Path | None = None, c
               die: bool = False, resume: Path | None = None, raise_at: int = 0) -> np.ndarray:
     import torch
     model = torch_model()
-    opt = dist.ShardedAdamW(model.parameters(), comm, precision="bf16-sr", seed=SEED, **TRAIN_HYPER)
+    from srkern.torch import ShardedAdamW
+    opt = ShardedAdamW(model.parameters(), comm, precision="bf16-sr", seed=SEED, **TRAIN_HYPER)
     start = 0
     if resume is not None:
         opt.load(resume)
@@ -392,10 +399,10 @@ def main() -> None:
             for mode in MODES:
                 w = run_invariance(comm, mode)
                 if comm.rank == 0:
-                    bits(w).tofile(args.out / f"inv-{mode}-w{W}.bin")
+                    bits_of(w).tofile(args.out / f"inv-{mode}-w{W}.bin")
             w = run_invariance(comm, "bf16-sr", "float32")
             if comm.rank == 0:
-                bits(w).tofile(args.out / f"inv-bf16-sr-f32state-w{W}.bin")
+                bits_of(w).tofile(args.out / f"inv-bf16-sr-f32state-w{W}.bin")
             folder = args.out / f"ckpt-w{W}"
             check_corrupt(comm, ck, folder)
             result["error_cases"] = check_errors(comm, ck, args.out / f"errors-w{W}")

@@ -1,8 +1,8 @@
-"""Shared test helpers: the backend fixture, the formats under test, input generators and a
-bit-level mismatch report.
+"""Shared test helpers: the backend fixture, the format parameters and input generators.
 
-The NumPy oracle itself lives in ``srkern.reference`` (shared with the benchmarks); this file only
-holds what several test files need to *drive* it.
+The NumPy oracle lives in ``srkern.reference``, the format table in ``srkern.formats`` and the one
+bit comparator in ``srkern.testing`` (all three shared with the benchmarks and ``gpu_check``); this
+file only holds what several test files need to *drive* them.
 
 One test body, every backend (CuPy's ``numpy_cupy_array_equal`` idea): a test that takes the
 ``backend`` fixture runs once per backend, ``cpu``, ``cpu-portable``, ``gpu-emu`` and, where a
@@ -14,7 +14,6 @@ CPU memory for the CPU backends, a torch CUDA tensor for ``cuda``) and reads res
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +21,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from srkern.formats import FORMATS, NP_DTYPES, Format, dtype_name
+from srkern.testing import format_grid
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: long-running test (minutes); deselect with -m 'not slow'")
-    config.addinivalue_line("markers", "backend: runs once per backend (the `backend` fixture)")
-    config.addinivalue_line("markers", "cuda: needs a CUDA device (CuPy / torch CUDA interop); skipped without one")
+# The markers (slow, mpi, backend, cuda) are declared once, in pyproject.toml.
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
@@ -120,12 +118,11 @@ class Backend:
         """A NumPy copy of a result (torch tensors through their bits, BF16/FP8 as ml_dtypes)."""
         if type(t).__module__.split(".")[0] == "torch":
             import torch
-            name = str(t.dtype).removeprefix("torch.")
+            name = dtype_name(t.dtype)
             c = t.detach().cpu().contiguous()
             width = c.element_size()
             raw = c.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[width]).numpy()
-            npdt = {"bfloat16": ml_dtypes.bfloat16, "float8_e4m3fn": ml_dtypes.float8_e4m3fn,
-                    "float8_e5m2": ml_dtypes.float8_e5m2}.get(name, np.dtype(name) if name != "bool" else np.bool_)
+            npdt = NP_DTYPES.get(name, np.dtype(name) if name != "bool" else np.bool_)
             return raw.view(npdt).copy()
         if type(t).__module__.split(".")[0] == "cupy":
             import cupy
@@ -156,53 +153,10 @@ def backend(request, monkeypatch) -> Backend:
     be.check_guards()
 
 
-@dataclass(frozen=True)
-class Fmt:
-    """One 16/8-bit target format as the tests see it."""
-    short: str  # id used in test names: bf16, f16, e4m3, e5m2
-    name: str  # srkern / ml_dtypes name
-    np_dtype: Any  # NumPy / ml_dtypes scalar type
-    uint: Any  # unsigned integer type of the same width (for bit views)
-    block: int  # elements per Philox block: 8 for 16-bit draws, 4 for 32-bit draws
-    draw_bits: int  # width of the random draw
-    has_inf: bool
-    torch_name: str
-
-    @property
-    def max(self) -> float:
-        return float(ml_dtypes.finfo(self.np_dtype).max)
-
-    @property
-    def smallest_subnormal(self) -> float:
-        return float(ml_dtypes.finfo(self.np_dtype).smallest_subnormal)
-
-    @property
-    def nbits(self) -> int:
-        return np.dtype(self.uint).itemsize * 8
-
-    def all_patterns(self) -> np.ndarray:
-        """Every bit pattern of the format, as an array of the format."""
-        return np.arange(2 ** self.nbits, dtype=np.uint64).astype(self.uint).view(self.np_dtype)
-
-    def grid(self) -> np.ndarray:
-        """Sorted non-negative finite values of the format (float64), 0 first."""
-        with np.errstate(invalid="ignore"):
-            v = self.all_patterns().astype(np.float64)
-        return np.unique(v[np.isfinite(v) & (v >= 0)])
-
-
-FORMATS = [
-    Fmt("bf16", "bfloat16", ml_dtypes.bfloat16, np.uint16, 8, 16, True, "bfloat16"),
-    Fmt("f16", "float16", np.float16, np.uint16, 4, 32, True, "float16"),
-    Fmt("e4m3", "float8_e4m3fn", ml_dtypes.float8_e4m3fn, np.uint8, 4, 32, False, "float8_e4m3fn"),
-    Fmt("e5m2", "float8_e5m2", ml_dtypes.float8_e5m2, np.uint8, 4, 32, True, "float8_e5m2"),
-]
-FORMAT_BY_NAME = {f.name: f for f in FORMATS}
-
-
-def fmt_params(formats: list[Fmt] = FORMATS) -> list:
-    """``pytest.param`` per format with a readable id (``dtype=bf16``)."""
-    return [pytest.param(f, id=f"dtype={f.short}") for f in formats]
+def fmt_params(formats: list[Format] | None = None) -> list:
+    """``pytest.param`` per format (default: all of ``srkern.formats.FORMATS``) with a readable
+    id (``dtype=bf16``, from ``Format.short``)."""
+    return [pytest.param(f, id=f"dtype={f.short}") for f in (FORMATS.values() if formats is None else formats)]
 
 
 def child_env() -> dict[str, str]:
@@ -219,48 +173,7 @@ def f32(bits) -> np.ndarray:
     return np.asarray(bits, dtype=np.uint64).astype(np.uint32).view(np.float32)
 
 
-def bits_of(a: Any) -> np.ndarray:
-    """The raw bits of a NumPy / ml_dtypes / torch array as an unsigned integer NumPy array."""
-    if type(a).__module__.split(".")[0] == "torch":
-        import torch
-        t = a.detach().cpu().contiguous()
-        width = t.element_size()
-        as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[width]
-        arr = t.view(as_int).numpy()
-        return arr.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[width])
-    a = np.asarray(a)
-    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[a.itemsize])
-
-
-def assert_same_bits(got: Any, want: Any, x: Any = None, what: str = "", nan_equal: bool = False) -> None:
-    """Fail with the first differing indices and bit patterns unless ``got`` and ``want`` match bit for bit.
-
-    ``x`` (the float32 input, optional) is printed beside each mismatch. With ``nan_equal``, any
-    NaN matches any NaN (payloads and signs free): for comparisons against libraries whose NaN
-    encodings the contract does not fix.
-    """
-    g, w = bits_of(got).reshape(-1), bits_of(want).reshape(-1)
-    assert g.shape == w.shape, f"{what}: {g.shape} elements, expected {w.shape}"
-    diff = g != w
-    if nan_equal and diff.any():
-        gv = np.asarray(got).reshape(-1).astype(np.float32) if not hasattr(got, "detach") else \
-            got.detach().float().numpy().reshape(-1)
-        wv = np.asarray(want).reshape(-1).astype(np.float32) if not hasattr(want, "detach") else \
-            want.detach().float().numpy().reshape(-1)
-        diff &= ~(np.isnan(gv) & np.isnan(wv))
-    if not diff.any():
-        return
-    idx = np.nonzero(diff)[0]
-    width = 2 * g.itemsize
-    xb = None if x is None else np.ascontiguousarray(x, dtype=np.float32).reshape(-1).view(np.uint32)
-    lines = [f"{what}: {idx.size} of {g.size} elements differ; first ones:"]
-    for i in idx[:10]:
-        src = "" if xb is None else f" x=0x{int(xb[i]):08x} ({float(xb.view(np.float32)[i])!r})"
-        lines.append(f"  [{i}]{src} got 0x{int(g[i]):0{width}x} want 0x{int(w[i]):0{width}x}")
-    pytest.fail("\n".join(lines), pytrace=False)
-
-
-def mixed_input(n: int, fmt: Fmt, seed: int = 0) -> np.ndarray:
+def mixed_input(n: int, fmt: Format, seed: int = 0) -> np.ndarray:
     """``n`` float32 values that exercise every branch of a cast to ``fmt``.
 
     A quarter each: random bit patterns (NaN payloads, infinities, everything), values spread
@@ -272,18 +185,18 @@ def mixed_input(n: int, fmt: Fmt, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     kind = rng.integers(0, 4, n)
     out = np.empty(n, dtype=np.float32)
-    grid = fmt.grid()
-    fi = ml_dtypes.finfo(fmt.np_dtype)
+    values = format_grid(fmt)
+    fi = ml_dtypes.finfo(fmt.np_type)
     sign = np.where(rng.integers(0, 2, n) == 1, -1.0, 1.0)
 
     raw = f32(rng.integers(0, 2 ** 32, n, dtype=np.uint64))
     e = rng.integers(int(fi.minexp) - int(fi.nmant) - 3, int(fi.maxexp) + 2, n)
     with np.errstate(over="ignore"):  # the top of BF16's range overflows float32 to Inf: fine
         spread = (sign * rng.uniform(1.0, 2.0, n) * np.exp2(e.astype(np.float64))).astype(np.float32)
-    on_grid = (sign * grid[rng.integers(0, grid.size, n)]).astype(np.float32)
+    on_grid = (sign * values[rng.integers(0, values.size, n)]).astype(np.float32)
     nudged = (on_grid.view(np.uint32).astype(np.int64) + rng.integers(-3, 4, n)).astype(np.uint32).view(np.float32)
-    k = rng.integers(0, grid.size - 1, n)
-    mid = (sign * (grid[k] + grid[k + 1]) / 2).astype(np.float32)  # exact: one more bit than the format
+    k = rng.integers(0, values.size - 1, n)
+    mid = (sign * (values[k] + values[k + 1]) / 2).astype(np.float32)  # exact: one more bit than the format
     mid = (mid.view(np.uint32).astype(np.int64) + rng.integers(-1, 2, n)).astype(np.uint32).view(np.float32)
     for kd, src in enumerate((raw, spread, nudged, mid)):
         out[kind == kd] = src[kind == kd]

@@ -1,20 +1,25 @@
 """srkern.adamw_step (kernels/adamw.cu) on every backend: bit-exact against the NumPy reference
-in every mode, grouping invariance, unbiasedness, the end-to-end stall of round-to-nearest,
-found_inf / grad_scale, bad input, tensors at the top of the 2^64 index space, and the gradient
-norm. Tests taking ``backend`` run once per backend (tests/conftest.py); every buffer they hand
-to a kernel has guard bytes on both sides, checked after the test."""
+in every mode, the boundaries between the CPU's 64-element runs and the shared block body,
+grouping invariance, unbiasedness, the end-to-end stall of round-to-nearest, found_inf /
+grad_scale, bad input, tensors at the top of the 2^64 index space, and the constants Python
+shares with the kernel headers. Tests taking ``backend`` run once per backend
+(tests/conftest.py); every buffer they hand to a kernel has guard bytes on both sides, checked
+after the test."""
 from __future__ import annotations
 
-import math
 import re
+import subprocess
+from types import SimpleNamespace
 
 import ml_dtypes
 import numpy as np
 import pytest
 
 import srkern
+from srkern import _backend, _build
+from srkern import adamw as A
 from srkern import reference as R
-from conftest import assert_same_bits, bits_of
+from srkern.testing import assert_same_bits, bits_of
 
 BF16 = ml_dtypes.bfloat16
 NP = {"bfloat16": BF16, "float32": np.float32}
@@ -105,6 +110,42 @@ def test_bit_exact_against_reference(backend, precision, grad_dtype, state_dtype
         run_kernel(dev, **kw)
         st = dict(get_state(backend, dev), grads=st["grads"])
         assert_state_equal(st, want, f"{precision} step {step}")
+
+
+# Where the CPU backends switch between their 64-element runs (kernels/cpu/adamw_tile.h: 8 full
+# Philox blocks, SIMD Philox tiles) and the shared block body (adamw.cu: adamw_block, full or
+# lane-masked): (sizes, offsets) of one launch, each layout putting a switch somewhere else.
+_CHUNK = _backend.kernel_defines("srk_launch.h", "ADAMW_CPU_CHUNK")[0]  # pairs per CPU work item
+RUN_LAYOUTS = {
+    # exactly one run; one element short of it; one over; two runs and one short
+    "64-63-65-at-block-starts": ([64, 63, 65, 127], [0, 64, 128, 200]),
+    # the same sizes starting inside a block: the head block is partial, runs start at block 1
+    "starts-mid-block": ([64, 63, 65, 72, 71], [3, 69, 133, 205, 281]),
+    # tensors ending inside a block right after a run, and a run that ends a tensor exactly
+    "ends-mid-block": ([64 + 5, 128 + 7, 64 * 3], [8, 80, 216]),
+    # a run whose 8 blocks cross the Philox counter's low-word wrap (block 2^32)
+    "run-across-block-2**32": ([200], [(2 ** 32 - 3) * 8 - 3]),
+    # one pair, then a tensor over a CPU work chunk's end that is not a multiple of 8 blocks of it:
+    # the run before the chunk end is cut short and the blocks left take the shared body
+    "run-cut-by-chunk": ([5, 8 * _CHUNK + 100], [0, 13]),
+    # many small tensors, none long enough for a run, packed with no gaps
+    "many-small": ([int(s) for s in np.random.default_rng(23).integers(1, 20, 150)], None),
+}
+
+
+@pytest.mark.parametrize("layout", list(RUN_LAYOUTS), ids=[f"layout={k}" for k in RUN_LAYOUTS])
+@pytest.mark.parametrize("precision,grad_dtype,state_dtype", CASES,
+                         ids=[f"mode={p}-grad={SHORT[g]}-state={SHORT[s]}" for p, g, s in CASES])
+def test_cpu_runs_and_shared_blocks(backend, precision, grad_dtype, state_dtype, layout):
+    # The CPU's fast path must equal the shared body bit for bit at every switch between them;
+    # both are compared with the NumPy oracle (on gpu-emu and cuda every block is the shared body).
+    sizes, offsets = RUN_LAYOUTS[layout]
+    st = make_state(precision, grad_dtype, state_dtype, sizes, seed=31)
+    kw = dict(HYPER, step=3, precision=precision, seed=0xC0FFEE, offsets=offsets)
+    want = run_reference(st, **kw)
+    dev = put_state(backend, st)
+    run_kernel(dev, **kw)
+    assert_state_equal(get_state(backend, dev), want, layout)
 
 
 @pytest.mark.parametrize("precision", ["bf16-sr", "bf16-kahan", "fp32-master"])
@@ -357,28 +398,6 @@ def test_bytes_per_param():
     assert srkern.bytes_per_param("fp32") == 12
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_grad_norm(backend, dtype):
-    # The global L2 norm (FP64 sums) matches NumPy's float64 norm, scaled by grad_scale, and
-    # flags non-finite gradients; the value is the same however often it is computed.
-    rng = np.random.default_rng(12)
-    host = [(rng.standard_normal(n) * 3).astype(NP[dtype]) for n in mixed_sizes(13, 10) + [5000, 70001]]
-    grads = [backend.put(g) for g in host]
-    want = math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in host))
-    got = srkern.grad_norm(grads)
-    assert got.finite and abs(got.norm - want) <= 1e-12 * want
-    assert srkern.grad_norm(grads) == got
-    half = srkern.grad_norm(grads, grad_scale=0.5)
-    assert abs(half.norm - want / 2) <= 1e-12 * want
-    for scale in (1e39, 1e-40):  # overflows FP32 / subnormal in FP32: refused, not Inf or NaN
-        with pytest.raises(ValueError, match="grad_scale"):
-            srkern.grad_norm(grads, grad_scale=scale)
-    for bad in (np.inf, np.nan):
-        host[3][0] = bad
-        grads[3] = backend.put(host[3])
-        assert not srkern.grad_norm(grads).finite
-
-
 def test_torch_tensors_work_in_place():
     # DLPack path: torch BF16 tensors are updated in place and equal the NumPy run.
     torch = pytest.importorskip("torch")
@@ -430,3 +449,46 @@ def test_tensors_at_the_top_of_the_index_space(backend, precision, grad_dtype, s
     dev = put_state(backend, st)
     run_kernel(dev, **kw)
     assert_state_equal(get_state(backend, dev), want, f"{layout}")
+
+
+# ---- constants shared with the kernel headers ----------------------------------------------------
+
+
+def compiler_defines(header: str) -> dict[str, int]:
+    """The integer macros of ``kernels/<header>`` as the C++ preprocessor sees them (``-dM``): a
+    reading of the header independent of srkern's own."""
+    cxx, _ = _build.cxx_compiler()
+    res = subprocess.run([cxx, "-dM", "-E", "-x", "c++", "-std=c++17", f"-I{_build.KERNEL_DIR}",
+                          str(_build.KERNEL_DIR / header)],
+                         capture_output=True, text=True, check=True)
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^#define (\w+) (\d+)u?$", res.stdout, re.M)}
+
+
+def test_python_uses_the_headers_table_and_launch_constants():
+    # The table width and first-unit column srkern.adamw writes, and the launch geometry
+    # srkern._backend sizes grids with, are the headers' values: a header changed without
+    # Python (or a Python constant typed in by hand) fails here.
+    table = compiler_defines("srk_table.h")
+    assert (A._TABLE_COLS, A._TABLE_UNIT0) == (table["SRK_TABLE_COLS"], table["SRK_TABLE_UNIT0"])
+    launch = compiler_defines("srk_launch.h")
+    assert (_backend.GPU_BLOCK, _backend.GPU_BLOCKS_PER_SM, _backend.EMU_SMS) == (
+        launch["SRK_GPU_BLOCK"], launch["SRK_GPU_BLOCKS_PER_SM"], launch["SRK_EMU_SMS"])
+    # The table as built: one row of that width per tensor, the first units in that column.
+    two = [SimpleNamespace(numel=3), SimpleNamespace(numel=5)]
+    table_rows, units = A._table(two, [[0, 0]] * 6, [0, 3], [1, 2])
+    assert table_rows.shape == (2, table["SRK_TABLE_COLS"]) and units == 3
+    assert table_rows[:, table["SRK_TABLE_UNIT0"]].tolist() == [0, 1]
+
+
+def test_kernel_defines_refuses_a_missing_name(tmp_path, monkeypatch):
+    # A constant renamed or turned into an expression in a header is an error at import, not a
+    # silently stale value.
+    (tmp_path / "x.h").write_text("#define SRK_A 7\n#define SRK_B (SRK_A + 1)\n#define SRK_C 5u\n")
+    monkeypatch.setattr(_build, "KERNEL_DIR", tmp_path)
+    _backend._header_defines.cache_clear()
+    try:
+        assert _backend.kernel_defines("x.h", "SRK_A", "SRK_C") == (7, 5)
+        with pytest.raises(_build.BuildError, match="SRK_B"):
+            _backend.kernel_defines("x.h", "SRK_A", "SRK_B")
+    finally:
+        _backend._header_defines.cache_clear()

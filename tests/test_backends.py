@@ -11,8 +11,9 @@ import pytest
 
 import srkern
 from srkern import _backend, _build, reference
+from srkern.testing import assert_same_bits
 
-from conftest import assert_same_bits, child_env
+from conftest import child_env
 
 
 def test_emu_refuses_arguments_of_the_wrong_width(monkeypatch):

@@ -25,15 +25,17 @@ import pytest
 import srkern
 from srkern import reference
 from srkern._tensor import View
+from srkern.formats import FORMATS, Format
+from srkern.testing import all_patterns, assert_same_bits, bits_of, first_difference, format_grid, mismatch_report
 
-from conftest import FORMATS, Fmt, assert_same_bits, bits_of, child_env, f32, fmt_params, mixed_input
+from conftest import child_env, f32, fmt_params, mixed_input
 
 ROUNDINGS = [pytest.param("stochastic", id="rounding=sr"), pytest.param("nearest", id="rounding=rn")]
 SATURATE = [pytest.param(False, id="sat=0"), pytest.param(True, id="sat=1")]
 SEED, STEP, STREAM = 0x9E3779B97F4A7C15, 12345, 3
 
 
-def offset_value(label: str, fmt: Fmt) -> int:
+def offset_value(label: str, fmt: Format) -> int:
     """Logical offsets by name: 0; odd (not block aligned); index crossing 2**32; block index q
     crossing 2**32 (the counter's high word) inside the tensor."""
     return {"0": 0, "odd": 3, "2**32-5": 2 ** 32 - 5, "G*2**32-5": fmt.block * 2 ** 32 - 5}[label]
@@ -41,7 +43,7 @@ def offset_value(label: str, fmt: Fmt) -> int:
 
 def _cases() -> list:
     cases = []
-    for f in FORMATS:
+    for f in FORMATS.values():
         for rnd in ("stochastic", "nearest"):
             for sat in (False, True):
                 sizes = [(n, off) for n in (0, 1, 7, 8, 9, 1023) for off in ("0", "odd", "2**32-5", "G*2**32-5")]
@@ -54,7 +56,7 @@ def _cases() -> list:
     return cases
 
 
-def ref(x, fmt: Fmt, rounding: str = "stochastic", **kw) -> np.ndarray:
+def ref(x, fmt: Format, rounding: str = "stochastic", **kw) -> np.ndarray:
     """The oracle's result for ``x`` (float32, any layout: C order is the logical order), shaped like x."""
     kw.setdefault("seed", SEED)
     x = np.asarray(x, dtype=np.float32)
@@ -70,12 +72,12 @@ def test_bit_exact(backend, fmt, rounding, saturate, n, off):
     x = mixed_input(n, fmt, seed=n)
     kw = dict(rounding=rounding, seed=SEED, offset=offset, step=STEP, stream=STREAM, saturate=saturate)
     got = backend.get(srkern.cast(backend.put(x), fmt.name, **kw))
-    assert got.dtype == np.dtype(fmt.np_dtype) and got.shape == x.shape
+    assert got.dtype == np.dtype(fmt.np_type) and got.shape == x.shape
     want = ref(x, fmt, rounding, offset=offset, step=STEP, stream=STREAM, saturate=saturate)
     assert_same_bits(got, want, x, f"cast to {fmt.name} offset={offset}")
     # Once more into out= prefilled with a pattern no result has: a lane the kernel fails to
     # write cannot pass by holding the right bits from an earlier allocation.
-    out = backend.put(_sentinel_out(n, fmt.np_dtype))
+    out = backend.put(_sentinel_out(n, fmt.np_type))
     srkern.cast(backend.put(x), fmt.name, out=out, **kw)
     assert_same_bits(backend.get(out), want, x, f"cast to {fmt.name} offset={offset} out=")
 
@@ -123,10 +125,10 @@ def test_bit_exact_offsets_near_2_64(backend, fmt, tmp_path):
     failures = []
     for c in cases:
         x = np.load(c["x"])
-        want = ref(x, fmt, c["rounding"], offset=c["offset"])
-        if not np.array_equal(got[c["id"]], bits_of(want)):
-            failures.append(c["id"])
-    assert not failures, f"{len(failures)} of {len(cases)} cases differ from the reference: {failures}"
+        rec = first_difference(got[c["id"]], bits_of(ref(x, fmt, c["rounding"], offset=c["offset"])))
+        if not rec["ok"]:
+            failures.append(mismatch_report(rec, c["id"], x, fmt.itemsize))
+    assert not failures, f"{len(failures)} of {len(cases)} cases differ from the reference:\n" + "\n".join(failures)
 
 
 # ---- layouts: slices, unaligned pointers, non-contiguous and N-d inputs ----------------------------
@@ -141,7 +143,7 @@ def test_slices(backend, fmt, start):
     x = backend.put(host)[start:start + n]
     want = ref(host[start:start + n], fmt, offset=77)
     assert_same_bits(backend.get(srkern.cast(x, fmt.name, seed=SEED, offset=77)), want, host[start:start + n], "slice")
-    sentinel = _sentinel_out(n + 8, fmt.np_dtype)
+    sentinel = _sentinel_out(n + 8, fmt.np_type)
     out_base = backend.put(sentinel)
     out = out_base[start:start + n]
     res = srkern.cast(x, fmt.name, seed=SEED, offset=77, out=out)
@@ -150,7 +152,7 @@ def test_slices(backend, fmt, start):
     # nothing outside the slice was written
     outside = np.ones(n + 8, dtype=bool)
     outside[start:start + n] = False
-    assert np.array_equal(bits_of(backend.get(out_base))[outside], bits_of(sentinel)[outside])
+    assert_same_bits(bits_of(backend.get(out_base))[outside], bits_of(sentinel)[outside], what="outside the slice")
 
 
 @pytest.mark.parametrize("fmt", fmt_params())
@@ -170,7 +172,7 @@ def test_pointer_not_element_aligned(backend, fmt, byte_shift):
     assert_same_bits(srkern.cast(x, fmt.name, seed=SEED), want, x, f"input at +{byte_shift} bytes")
     if fmt.nbits == 16:  # an out= that is not element-aligned is refused, nothing written
         obuf = np.full(2 * n + 8, 0xA5, dtype=np.uint8)
-        out = obuf[1:1 + 2 * n].view(fmt.np_dtype)
+        out = obuf[1:1 + 2 * n].view(fmt.np_type)
         with pytest.raises(ValueError, match="aligned to its element size"):
             srkern.cast(x, fmt.name, seed=SEED, out=out)
         assert (obuf == 0xA5).all()
@@ -185,9 +187,9 @@ def test_torch_slices(fmt):
         x = base[start:start + n]
         want = ref(x.numpy(), fmt, offset=5)
         got = srkern.cast(x, fmt.name, seed=SEED, offset=5)
-        assert isinstance(got, torch.Tensor) and got.dtype == getattr(torch, fmt.torch_name)
+        assert isinstance(got, torch.Tensor) and got.dtype == getattr(torch, fmt.name)
         assert_same_bits(got, want, x.numpy(), f"torch slice start={start}")
-        out_base = torch.zeros(n + 8, dtype=getattr(torch, fmt.torch_name))
+        out_base = torch.zeros(n + 8, dtype=getattr(torch, fmt.name))
         out = out_base[start:start + n]
         assert srkern.cast(x, fmt.name, seed=SEED, offset=5, out=out) is out
         assert_same_bits(out, want, x.numpy(), f"torch slice out= start={start}")
@@ -238,7 +240,7 @@ def test_non_contiguous_torch(fmt):
     # an upcast of a non-contiguous 16/8-bit tensor too
     low = srkern.cast(base, fmt.name, seed=SEED).t()
     up = srkern.cast(low, "float32")
-    assert_same_bits(up, low.contiguous().float(), what="non-contiguous upcast", nan_equal=True)
+    assert_same_bits(up, low.contiguous().float(), what="non-contiguous upcast", nan="any")
 
 
 @pytest.mark.parametrize("fmt", fmt_params())
@@ -257,32 +259,32 @@ def test_nd_shapes(backend, fmt, shape):
 
 def test_dtype_spellings():
     torch = pytest.importorskip("torch")
-    x = mixed_input(100, FORMATS[0], seed=1)
-    want = bits_of(srkern.cast(x, "bfloat16", seed=SEED))
+    x = mixed_input(100, FORMATS["bfloat16"], seed=1)
+    want = srkern.cast(x, "bfloat16", seed=SEED)
     for spelling in ("bf16", "BFloat16", torch.bfloat16, ml_dtypes.bfloat16, np.dtype(ml_dtypes.bfloat16)):
-        assert np.array_equal(bits_of(srkern.cast(x, spelling, seed=SEED)), want), spelling
+        assert_same_bits(srkern.cast(x, spelling, seed=SEED), want, x, f"dtype={spelling!r}")
     for spelling in (np.float16, torch.float16, "half"):
         assert srkern.cast(x, spelling, seed=SEED).dtype == np.float16
     assert srkern.cast(x, torch.float8_e4m3fn, seed=SEED).dtype == np.dtype(ml_dtypes.float8_e4m3fn)
 
 
 @pytest.mark.parametrize("src", fmt_params())
-@pytest.mark.parametrize("dst", [pytest.param(f, id=f"to={f.short}") for f in FORMATS])
+@pytest.mark.parametrize("dst", [pytest.param(f, id=f"to={f.short}") for f in FORMATS.values()])
 def test_between_low_precision_formats(backend, src, dst):
     # A 16/8-bit input rounds to another format through its exact FP32 value.
     with np.errstate(over="ignore", invalid="ignore"):
-        x = mixed_input(999, src, seed=3).astype(src.np_dtype)
+        x = mixed_input(999, src, seed=3).astype(src.np_type)
     got = backend.get(srkern.cast(backend.put(x), dst.name, seed=SEED, offset=1))
     assert_same_bits(got, ref(x.astype(np.float32), dst, offset=1), x.astype(np.float32), f"{src.name}->{dst.name}")
 
 
 def test_seed_none_uses_manual_seed():
-    x = mixed_input(4096, FORMATS[0], seed=5)
+    x = mixed_input(4096, FORMATS["bfloat16"], seed=5)
     srkern.manual_seed(1234)
     a, b = srkern.cast(x, "bfloat16"), srkern.cast(x, "bfloat16")
     srkern.manual_seed(1234)
     a2 = srkern.cast(x, "bfloat16")
-    assert np.array_equal(bits_of(a), bits_of(a2)), "manual_seed must make seed=None reproducible"
+    assert_same_bits(a2, a, x, "manual_seed must make seed=None reproducible")
     assert not np.array_equal(bits_of(a), bits_of(b)), "successive seed=None calls must draw new seeds"
 
 
@@ -290,7 +292,7 @@ def test_seed_none_uses_manual_seed():
 def test_seed_step_stream_select_the_bits(backend, fmt):
     # Each of seed, step and stream enters the draw (an ignored word would make two results equal;
     # with 4096 values that each round up with p = 1/2, that happens by chance with p = 2**-4096).
-    grid = fmt.grid()
+    grid = format_grid(fmt)
     k = int(np.searchsorted(grid, 1.0))
     x = backend.put(np.full(4096, (grid[k] + grid[k + 1]) / 2, dtype=np.float32))  # rounds up with p = 1/2
     base = bits_of(backend.get(srkern.cast(x, fmt.name, seed=1)))
@@ -304,7 +306,7 @@ def test_seed_step_stream_select_the_bits(backend, fmt):
 def test_sr_result_is_a_neighbour(backend, fmt):
     # Independent of the oracle: the grid is every finite value of the format (ml_dtypes), and
     # each SR result must be the value just below or just above |x| on it.
-    grid = fmt.grid()
+    grid = format_grid(fmt)
     rng = np.random.default_rng(6)
     n = 1 << 16
     e = rng.uniform(np.log2(fmt.smallest_subnormal) - 1, np.log2(fmt.max), n)
@@ -326,15 +328,15 @@ def test_sr_result_is_a_neighbour(backend, fmt):
 @pytest.mark.parametrize("saturate", SATURATE)
 def test_representable_values_pass_unchanged(backend, fmt, rounding, saturate):
     # Every finite value of the format (both zeros, all subnormals, max) comes back bit for bit.
-    pats = fmt.all_patterns()
+    pats = all_patterns(fmt)
     vals = pats[np.isfinite(pats.astype(np.float32))]
     got = backend.get(srkern.cast(backend.put(vals.astype(np.float32)), fmt.name, rounding=rounding,
                                   seed=SEED, saturate=saturate))
     assert_same_bits(got, vals, vals.astype(np.float32), "representable values")
 
 
-def _pattern(fmt: Fmt, value: float) -> int:
-    return int(bits_of(np.array([value], dtype=np.float32).astype(fmt.np_dtype))[0])
+def _pattern(fmt: Format, value: float) -> int:
+    return int(bits_of(np.array([value], dtype=np.float32).astype(fmt.np_type))[0])
 
 
 @pytest.mark.parametrize("fmt", fmt_params())
@@ -350,7 +352,7 @@ def test_edge_values(backend, fmt, rounding):
                                                    saturate=saturate)))[0])
 
     def is_nan(p):
-        return bool(np.isnan(np.array([p], dtype=fmt.uint).view(fmt.np_dtype).astype(np.float32))[0])
+        return bool(np.isnan(np.array([p], dtype=fmt.uint).view(fmt.np_type).astype(np.float32))[0])
 
     # zeros keep their sign
     assert cast1(0.0) == 0 and cast1(-0.0) == sign_bit
@@ -411,12 +413,12 @@ def test_edge_values(backend, fmt, rounding):
 
 # ---- statistics ------------------------------------------------------------------------------------
 
-def _stat_values(fmt: Fmt) -> list[tuple[float, float, float]]:
+def _stat_values(fmt: Format) -> list[tuple[float, float, float]]:
     """(x, T, U) triples: x strictly between neighbours T < U, over several binades including
     subnormals, the lowest normal binade, 1.0 and the top binade (U = largest finite)."""
-    grid = fmt.grid()
+    grid = format_grid(fmt)
     tiny = fmt.smallest_subnormal
-    normal_min = float(ml_dtypes.finfo(fmt.np_dtype).smallest_normal)
+    normal_min = float(ml_dtypes.finfo(fmt.np_type).smallest_normal)
     starts = [tiny * 3, normal_min, 1.0, fmt.max / 64, grid[-2]]
     out = []
     for t in starts:
@@ -470,7 +472,7 @@ def test_round_up_frequencies_chi_square(backend, fmt):
     #  * cells (value, run of 64 consecutive indices), df = 32 * 64: draws shared or correlated
     #    between lanes of one Philox block inflate the spread of these sums (by up to G times).
     rng = np.random.default_rng(21)
-    grid = fmt.grid()
+    grid = format_grid(fmt)
     grid = grid[(grid > 0) & (grid < fmt.max)]
     k_vals, n, run = 32, 4096, 64
     k = rng.integers(0, grid.size - 1, k_vals)
@@ -496,13 +498,9 @@ def test_round_up_frequencies_chi_square(backend, fmt):
 @pytest.mark.parametrize("fmt", fmt_params())
 def test_upcast_all_patterns(backend, fmt):
     # Every 16/8-bit pattern widens exactly, as ml_dtypes' astype(float32); NaN -> NaN with its sign.
-    x = fmt.all_patterns()
+    x = all_patterns(fmt)
     got = backend.get(srkern.cast(backend.put(x), "float32"))
-    want = x.astype(np.float32)
-    nan = np.isnan(want)
-    assert np.array_equal(np.isnan(got), nan)
-    assert np.array_equal(np.signbit(got[nan]), np.signbit(want[nan]))
-    assert_same_bits(got[~nan], want[~nan], what=f"{fmt.name} -> float32")
+    assert_same_bits(got, x.astype(np.float32), what=f"{fmt.name} -> float32", nan="sign")
 
 
 # ---- bad input: a clear error naming the argument, and no buffer changed ---------------------------
@@ -531,12 +529,12 @@ def test_bad_arguments(backend, case):
     kw, exc, word = BAD_CALLS[case]
     x = backend.put(np.arange(16, dtype=np.float32))
     out = backend.put(_sentinel_out())
-    before = bits_of(backend.get(out)).copy()
+    before = backend.get(out)
     kw = {"dtype": "bfloat16", **kw}
     with pytest.raises(exc, match=word):
         srkern.cast(x, kw.pop("dtype"), out=out, **kw)
-    assert np.array_equal(bits_of(backend.get(out)), before), "out= changed by a call that failed"
-    assert np.array_equal(backend.get(x), np.arange(16, dtype=np.float32))
+    assert_same_bits(backend.get(out), before, what="out= after a call that failed")
+    assert_same_bits(backend.get(x), np.arange(16, dtype=np.float32), what="x after a call that failed")
 
 
 @pytest.mark.parametrize("offset", [2 ** 64, 2 ** 64 + 5], ids=lambda o: f"offset={o}")
@@ -551,14 +549,14 @@ def test_offset_bound_for_empty_tensors(backend, offset):
 
 def test_non_float_input():
     out = _sentinel_out()
-    before = bits_of(out).copy()
+    before = out.copy()
     with pytest.raises(TypeError, match="x must be float32"):
         srkern.cast(np.arange(16, dtype=np.int32), "bfloat16", out=out)
     with pytest.raises(TypeError, match="x"):
         srkern.cast([1.0, 2.0], "bfloat16")
     with pytest.raises(ValueError, match="already float32"):
         srkern.cast(np.ones(4, np.float32), "float32")
-    assert np.array_equal(bits_of(out), before)
+    assert_same_bits(out, before, what="out= after calls that failed")
 
 
 def _bad_outs() -> dict:
@@ -583,13 +581,13 @@ def test_bad_out(case):
     if case == "overlap":
         out = base[8:16].view(ml_dtypes.bfloat16)
     x = base[:16]
-    before_out = None if isinstance(out, list) else bits_of(out).copy()
+    before_out = None if isinstance(out, list) else np.array(out, copy=True)
     before_base = base.copy()
     with pytest.raises(exc, match=text):
         srkern.cast(x, "bfloat16", seed=1, out=out)
     if before_out is not None:
-        assert np.array_equal(bits_of(out), before_out), "out= changed by a call that failed"
-    assert np.array_equal(base, before_base)
+        assert_same_bits(out, before_out, what="out= after a call that failed")
+    assert_same_bits(base, before_base, what="x's buffer after a call that failed")
 
 
 def test_out_on_other_device(monkeypatch):
@@ -597,7 +595,7 @@ def test_out_on_other_device(monkeypatch):
     # must refuse it before any kernel runs.
     cast_mod = importlib.import_module("srkern.cast")  # the module; srkern.cast is the function
     out = _sentinel_out()
-    before = bits_of(out).copy()
+    before = out.copy()
     real = cast_mod.as_view
 
     def fake_as_view(obj, name="x"):
@@ -609,7 +607,7 @@ def test_out_on_other_device(monkeypatch):
     monkeypatch.setattr(cast_mod, "as_view", fake_as_view)
     with pytest.raises(ValueError, match="out is on cuda:0, x on cpu:0"):
         srkern.cast(np.arange(16, dtype=np.float32), "bfloat16", seed=1, out=out)
-    assert np.array_equal(bits_of(out), before)
+    assert_same_bits(out, before, what="out= after a call that failed")
 
 
 def test_out_unreadable_device():
@@ -635,3 +633,52 @@ def test_torch_out_unchanged_on_error():
     with pytest.raises(TypeError, match="out has dtype"):
         srkern.cast(torch.ones(16), "float16", out=out)
     assert torch.equal(out, torch.full((16,), 3.0, dtype=torch.bfloat16))
+
+
+# ---- the CPU variants against the oracle at their seams --------------------------------------------
+#
+# Host builds cast full Philox blocks CAST_TILE at a time through kernels/cpu/cast_tile.h (SIMD
+# Philox tiles, the 32-bit FP16/FP8 encoder of kernels/cpu/round_small.h) and the at most two
+# partial blocks at the ends through the shared per-lane body; a call of SRK_CPU_PAR_TILES tiles
+# or more spreads its tiles over the OpenMP team. gpu-emu runs the shared bodies alone (one block
+# per thread, 16-byte accesses where aligned). Each case below puts a seam where a mix-up would
+# show: one block short of a tile, a tile exactly, one block into the next, a short last tile, the
+# thread-count threshold, a head partial block (offsets that are not a multiple of the block), a
+# tile whose block counter crosses 2**32, and a pointer one element off 16-byte alignment. The
+# tile constants are read from the headers, so the cases follow them if they are retuned.
+
+def _kernel_define(header: str, name: str) -> int:
+    """The integer value of ``#define name N`` in ``kernels/<header>``."""
+    import re
+    from srkern import _build
+    m = re.search(rf"^#define {name} (\d+)\b", (_build.KERNEL_DIR / header).read_text(), re.M)
+    assert m, f"#define {name} not found in kernels/{header}: update this test"
+    return int(m.group(1))
+
+
+def _tile_seam_cases(block: int) -> list[tuple[int, int, int]]:
+    """(n, offset, lead) triples around the tile and thread-count seams for a block of ``block`` lanes."""
+    tile = _kernel_define("cpu/cast_tile.h", "CAST_TILE") * block  # elements per tile
+    par = _kernel_define("srk_platform.h", "SRK_CPU_PAR_TILES")  # tiles from which the team runs
+    sizes = [tile - block, tile - 1, tile, tile + 1, tile + block, 2 * tile + block + 1,
+             par * tile - block, par * tile, par * tile + tile // 2 + 3]
+    offsets = [0, 1, block - 1, block + 3, block * 2 ** 32 - 3 * block - 1]
+    return [(n, off, lead) for n in sizes for off in offsets for lead in (0, 1) if lead == 0 or off == 0]
+
+
+@pytest.mark.parametrize("fmt", fmt_params())
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+@pytest.mark.parametrize("saturate", SATURATE)
+def test_cpu_tiles_match_the_oracle_at_the_seams(backend, fmt, rounding, saturate):
+    # Bit-exact against srkern.reference at every seam between the CPU tile path and the shared
+    # partial-block path (and, on gpu-emu, between the aligned and unaligned wide accesses). The
+    # output buffer starts as the complement of the expected bits, so a lane that no path writes
+    # cannot pass by chance.
+    for n, offset, lead in _tile_seam_cases(fmt.block):
+        x = mixed_input(n, fmt, seed=n + offset)
+        want = reference.round_float32(x, fmt.name, rounding, seed=SEED, offset=offset, step=STEP,
+                                       stream=STREAM, saturate=saturate)
+        out = backend.put((~bits_of(want)).view(want.dtype), lead=lead)
+        srkern.cast(backend.put(x, lead=lead), fmt.name, rounding=rounding, seed=SEED, offset=offset,
+                    step=STEP, stream=STREAM, saturate=saturate, out=out)
+        assert_same_bits(backend.get(out), want, x, f"cast to {fmt.name} n={n} offset={offset} lead={lead}")

@@ -12,8 +12,6 @@ whole file at about half a minute on 2 cores.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -31,17 +29,26 @@ WORLDS = (1, 2, 3, 4)
 
 sys.path.insert(0, str(ROOT / "tests"))
 import _dist_worker as worker  # noqa: E402
-from conftest import CPU_BACKENDS, backend_names  # noqa: E402
+from conftest import CPU_BACKENDS, backend_names, child_env  # noqa: E402
+from srkern.testing import assert_same_bits, bits_of, find_mpirun  # noqa: E402
 
-if shutil.which("mpirun") is None:  # pragma: no cover
-    pytest.skip("mpirun not found (pip install mpich)", allow_module_level=True)
+MPIRUN = find_mpirun()
+if MPIRUN is None:  # pragma: no cover
+    pytest.skip("mpirun not found beside this Python nor on PATH (pip install mpich)", allow_module_level=True)
+
+
+def mpirun_env(backend: str | None = None) -> dict[str, str]:
+    """The environment of a launch: ``MPIEXEC_TIMEOUT`` (mpirun itself ends a hung job), one
+    OpenMP thread per rank (ranks share the cores) and the backend, where given."""
+    env = dict(child_env(), MPIEXEC_TIMEOUT=str(TIMEOUT_S), OMP_NUM_THREADS="1")
+    if backend is not None:
+        env["SRKERN_BACKEND"] = backend
+    return env
 
 
 def mpirun(k: int, *args: str, check: bool = True, backend: str = "cpu") -> subprocess.CompletedProcess:
-    env = dict(os.environ, MPIEXEC_TIMEOUT=str(TIMEOUT_S), OMP_NUM_THREADS="1", SRKERN_BACKEND=backend,
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = ["mpirun", "-n", str(k), sys.executable, str(WORKER), *args]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S + 30)
+    cmd = [MPIRUN, "-n", str(k), sys.executable, str(WORKER), *args]
+    res = subprocess.run(cmd, env=mpirun_env(backend), capture_output=True, text=True, timeout=TIMEOUT_S + 30)
     if check and res.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} exited {res.returncode}\n--- stdout\n{res.stdout[-3000:]}"
                     f"\n--- stderr\n{res.stderr[-5000:]}", pytrace=False)
@@ -72,13 +79,6 @@ def failures(result: dict, prefix: str) -> list[str]:
 
 def read_bits(path: Path, dtype) -> np.ndarray:
     return np.fromfile(path, dtype=dtype)
-
-
-def assert_bits(got: np.ndarray, want: np.ndarray, what: str) -> None:
-    assert got.shape == want.shape, f"{what}: {got.shape} vs {want.shape}"
-    d = np.nonzero(got != want)[0]
-    assert d.size == 0, f"{what}: {d.size} of {got.size} differ; first: " + ", ".join(
-        f"[{i}] 0x{int(got[i]):x} vs 0x{int(want[i]):x}" for i in d[:8])
 
 
 # ---- reduce-scatter and all-gather ---------------------------------------------------------------
@@ -114,7 +114,7 @@ def single_process_adamw(precision: str, state_dtype: str | None = None) -> np.n
     import torch
     import srkern.torch as srt
     w0 = worker.inv_initial(precision)
-    flat = torch.from_numpy(worker.bits(w0).view(np.int16 if w0.itemsize == 2 else np.int32).copy())
+    flat = torch.from_numpy(bits_of(w0).view(np.int16 if w0.itemsize == 2 else np.int32).copy())
     flat = flat.view(torch.bfloat16 if w0.itemsize == 2 else torch.float32)
     a = worker.INV_SIZES[0]
     p1 = torch.nn.Parameter(flat[:a].clone())
@@ -127,7 +127,7 @@ def single_process_adamw(precision: str, state_dtype: str | None = None) -> np.n
         w_np = w.view(torch.int16 if w.dtype == torch.bfloat16 else torch.int32).numpy()
         w_np = w_np.view(worker.BF16 if w.dtype == torch.bfloat16 else np.float32)
         g = worker.inv_grad(w_np, t)
-        gt = torch.from_numpy(worker.bits(g).view(np.int16 if g.itemsize == 2 else np.int32).copy())
+        gt = torch.from_numpy(bits_of(g).view(np.int16 if g.itemsize == 2 else np.int32).copy())
         gt = gt.view(torch.bfloat16 if g.itemsize == 2 else torch.float32)
         p1.grad, p2.grad = gt[:a].clone(), gt[a:].clone()
         opt.step()
@@ -148,12 +148,12 @@ def single_process_adamw_step(precision: str, state_dtype: str | None = None) ->
     comp = np.zeros(w.size, worker.BF16) if precision == "bf16-kahan" else None
     for t in range(1, worker.INV_STEPS + 1):
         g = worker.inv_grad(w, t)
-        for sl, h in zip((slice(0, a), slice(a, None)), worker.INV_HYPER):
+        for sl, h in zip((slice(0, a), slice(a, None)), worker.INV_HYPER, strict=True):
             srkern.adamw_step([w[sl]], [g[sl]], [m[sl]], [v[sl]], step=t, precision=precision,
                               master_params=None if master is None else [master[sl]],
                               compensation=None if comp is None else [comp[sl]],
                               seed=worker.SEED, offsets=[sl.start], **h)
-    return worker.bits(w)
+    return bits_of(w)
 
 
 INV_CASES = [(m, None) for m in worker.MODES] + [("bf16-sr", "float32")]
@@ -169,10 +169,11 @@ def test_sharded_adamw_world_size_invariance(runs, precision, state_dtype):
     dt = np.uint32 if precision == "fp32" else np.uint16
     got = {k: read_bits(runs[k][0] / f"{name}-w{k}.bin", dt) for k in WORLDS}
     for k in WORLDS[1:]:
-        assert_bits(got[k], got[1], f"{name}: world {k} vs world 1")
-    assert_bits(got[1], single_process_adamw_step(precision, state_dtype), f"{name}: world 1 vs srkern.adamw_step")
-    assert_bits(got[1], single_process_adamw(precision, state_dtype), f"{name}: world 1 vs srkern.torch.AdamW")
-    w0 = worker.bits(worker.inv_initial(precision))
+        assert_same_bits(got[k], got[1], what=f"{name}: world {k} vs world 1")
+    assert_same_bits(got[1], single_process_adamw_step(precision, state_dtype),
+                     what=f"{name}: world 1 vs srkern.adamw_step")
+    assert_same_bits(got[1], single_process_adamw(precision, state_dtype), what=f"{name}: world 1 vs srkern.torch.AdamW")
+    w0 = bits_of(worker.inv_initial(precision))
     assert (got[1] != w0).mean() > 0.5, "the weights barely moved: the test would not see a difference"
 
 
@@ -183,7 +184,7 @@ def test_sharded_adamw_torch_class_matches_single_process(runs):
     import srkern.torch as srt
     got = {k: read_bits(runs[k][0] / f"train-w{k}.bin", np.uint16) for k in WORLDS}
     for k in WORLDS[1:]:
-        assert_bits(got[k], got[1], f"torch ShardedAdamW: world {k} vs world 1")
+        assert_same_bits(got[k], got[1], what=f"torch ShardedAdamW: world {k} vs world 1")
     torch.set_num_threads(1)
     model = worker.torch_model()
     opt = srt.AdamW(model.parameters(), precision="bf16-sr", seed=worker.SEED, **worker.TRAIN_HYPER)
@@ -192,7 +193,7 @@ def test_sharded_adamw_torch_class_matches_single_process(runs):
         worker.torch_loss(model, t).backward()
         opt.step()
     ref = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).view(torch.int16).numpy().view(np.uint16)
-    assert_bits(got[1], ref, "torch ShardedAdamW (world 1) vs srkern.torch.AdamW")
+    assert_same_bits(got[1], ref, what="torch ShardedAdamW (world 1) vs srkern.torch.AdamW")
 
 
 def test_kill_and_resume_on_another_world_size(runs, mpi_backend, tmp_path):
@@ -207,14 +208,17 @@ def test_kill_and_resume_on_another_world_size(runs, mpi_backend, tmp_path):
     mpirun(2, "train", "--out", str(tmp_path), "--steps", "6", "--resume", str(tmp_path / "ckpt"), "--tag=-resumed",
            backend=mpi_backend)
     resumed = read_bits(tmp_path / "train-resumed-w2.bin", np.uint16)
-    assert_bits(resumed, read_bits(runs[4][0] / "train-w4.bin", np.uint16), "resumed (3 -> 2 ranks) vs uninterrupted")
+    assert_same_bits(resumed, read_bits(runs[4][0] / "train-w4.bin", np.uint16),
+                     what="resumed (3 -> 2 ranks) vs uninterrupted")
 
 
 @pytest.mark.parametrize("k", (2, 3, 4), ids=lambda k: f"world={k}")
 def test_corrupted_and_mismatched_checkpoints_refused(runs, k):
-    # Missing / truncated / bit-flipped shard, missing / garbled manifest, manifest that does not
-    # match the model (n, precision, world size, a path leaving the folder), a model of another
-    # size: CheckpointError on every rank and every buffer unchanged; the good one round-trips.
+    # Each damage (missing / truncated / bit-flipped shard, missing / garbled manifest; another
+    # format version, contract, n, precision, sections or groups; invalid hyper-parameters, world
+    # size, step or a path leaving the folder; a model of another size) must raise its own cause
+    # on every rank: CheckpointCorrupt or CheckpointMismatch with the message that names it, every
+    # buffer unchanged. The good checkpoint round-trips.
     folder, res = runs[k]
     bad = [f for f in res["failures"] if "checkpoint" in f or "state changed" in f or "step changed" in f
            or "round trip" in f or "message" in f]

@@ -13,12 +13,15 @@ import pytest
 import srkern
 from srkern import reference
 
-from conftest import FORMATS, Fmt, assert_same_bits, cupy_or_skip, fmt_params, mixed_input
+from srkern.formats import FORMATS, Format
+from srkern.testing import assert_same_bits
+
+from conftest import cupy_or_skip, fmt_params, mixed_input
 
 SEED = 77
 
 
-def _ref(x32: np.ndarray, fmt: Fmt, **kw) -> np.ndarray:
+def _ref(x32: np.ndarray, fmt: Format, **kw) -> np.ndarray:
     return reference.round_float32(x32, fmt.name, seed=SEED, **kw).reshape(x32.shape)
 
 
@@ -31,8 +34,8 @@ except ImportError:  # the NumPy and JAX tests below still run
 needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
 
 
-def _tdt(fmt: Fmt):
-    return getattr(torch, fmt.torch_name)
+def _tdt(fmt: Format):
+    return getattr(torch, fmt.name)
 
 
 @needs_torch
@@ -46,7 +49,7 @@ def test_torch_round_trip(fmt):
     assert_same_bits(low, _ref(x32, fmt, offset=3), x32, f"torch float32 -> {fmt.name}")
     back = srkern.cast(low, "float32")
     assert isinstance(back, torch.Tensor) and back.dtype == torch.float32
-    assert_same_bits(back, low.float(), what=f"torch {fmt.name} -> float32", nan_equal=True)
+    assert_same_bits(back, low.float(), what=f"torch {fmt.name} -> float32", nan="any")
 
 
 @needs_torch
@@ -55,8 +58,9 @@ def test_torch_low_precision_input(fmt):
     # BF16 and FP8 torch tensors are read through DLPack (FP8 as bytes, re-labelled).
     src = torch.from_numpy(mixed_input(500, fmt, seed=2)).to(_tdt(fmt))
     up = srkern.cast(src, torch.float32)
-    assert_same_bits(up, src.float(), what=f"torch {fmt.name} upcast", nan_equal=True)
-    other = FORMATS[(FORMATS.index(fmt) + 1) % len(FORMATS)]
+    assert_same_bits(up, src.float(), what=f"torch {fmt.name} upcast", nan="any")
+    order = list(FORMATS.values())
+    other = order[(order.index(fmt) + 1) % len(order)]
     got = srkern.cast(src, other.name, seed=SEED)
     assert got.dtype == _tdt(other)
     assert_same_bits(got, _ref(src.float().numpy(), other), what=f"torch {fmt.name} -> {other.name}")
@@ -73,7 +77,7 @@ def test_torch_out_is_written_in_place(fmt):
     assert_same_bits(out, _ref(x.numpy(), fmt), x.numpy(), "torch out=")
     up = torch.empty(1024, dtype=torch.float32)
     assert srkern.cast(out, "float32", out=up) is up
-    assert_same_bits(up, out.float(), what="torch upcast out=", nan_equal=True)
+    assert_same_bits(up, out.float(), what="torch upcast out=", nan="any")
 
 
 @needs_torch
@@ -82,9 +86,9 @@ def test_torch_requires_grad():
     x = torch.linspace(-3, 3, 999, requires_grad=True)
     y = srkern.cast(x, torch.bfloat16, seed=SEED)
     assert y.dtype == torch.bfloat16 and not y.requires_grad
-    assert_same_bits(y, _ref(x.detach().numpy(), FORMATS[0]), x.detach().numpy(), "requires_grad input")
+    assert_same_bits(y, _ref(x.detach().numpy(), FORMATS["bfloat16"]), x.detach().numpy(), "requires_grad input")
     z = (x * 2)[1:]  # a non-leaf view with a grad_fn
-    assert_same_bits(srkern.cast(z, "bfloat16", seed=SEED), _ref(z.detach().numpy(), FORMATS[0]),
+    assert_same_bits(srkern.cast(z, "bfloat16", seed=SEED), _ref(z.detach().numpy(), FORMATS["bfloat16"]),
                      what="non-leaf input")
     assert x.grad is None
 
@@ -94,18 +98,18 @@ def test_torch_requires_grad():
 @pytest.mark.parametrize("fmt", fmt_params())
 def test_numpy_round_trip(fmt):
     x = mixed_input(777, fmt, seed=4).reshape(3, 259)
-    low = srkern.cast(x, fmt.np_dtype, seed=SEED)
-    assert type(low) is np.ndarray and low.dtype == np.dtype(fmt.np_dtype) and low.shape == x.shape
+    low = srkern.cast(x, fmt.np_type, seed=SEED)
+    assert type(low) is np.ndarray and low.dtype == np.dtype(fmt.np_type) and low.shape == x.shape
     assert_same_bits(low, _ref(x, fmt), x, f"numpy -> {fmt.name}")
     back = srkern.cast(low, np.float32)
     assert type(back) is np.ndarray and back.dtype == np.float32
-    assert_same_bits(back, low.astype(np.float32), what=f"numpy {fmt.name} -> float32", nan_equal=True)
+    assert_same_bits(back, low.astype(np.float32), what=f"numpy {fmt.name} -> float32", nan="any")
 
 
 @pytest.mark.parametrize("fmt", fmt_params())
 def test_numpy_out_is_written_in_place(fmt):
     x = mixed_input(1000, fmt, seed=5)
-    out = np.empty(1000, dtype=fmt.np_dtype)
+    out = np.empty(1000, dtype=fmt.np_type)
     ptr = out.ctypes.data
     assert srkern.cast(x, fmt.name, seed=SEED, out=out) is out and out.ctypes.data == ptr
     assert_same_bits(out, _ref(x, fmt), x, "numpy out=")
@@ -123,10 +127,10 @@ def test_generic_dlpack_producer():
         def __dlpack_device__(self):
             return self.t.__dlpack_device__()
 
-    x32 = mixed_input(100, FORMATS[0], seed=6)
+    x32 = mixed_input(100, FORMATS["bfloat16"], seed=6)
     got = srkern.cast(Producer(x32), "bfloat16", seed=SEED)
     assert type(got) is np.ndarray and got.dtype == np.dtype(ml_dtypes.bfloat16)
-    assert_same_bits(got, _ref(x32, FORMATS[0]), x32, "generic producer")
+    assert_same_bits(got, _ref(x32, FORMATS["bfloat16"]), x32, "generic producer")
     # A strided tensor from such a producer cannot be copied to C order by srkern: refused, not
     # misread as dense.
     with pytest.raises(ValueError, match="strided dlpack tensor"):
@@ -142,12 +146,12 @@ def test_jax_round_trip(fmt):
     x32 = mixed_input(513, fmt, seed=7)
     x = jnp.asarray(x32)
     low = srkern.cast(x, fmt.name, seed=SEED)
-    assert isinstance(low, jax.Array) and low.dtype == jnp.dtype(fmt.np_dtype)
+    assert isinstance(low, jax.Array) and low.dtype == jnp.dtype(fmt.np_type)
     assert_same_bits(np.asarray(low), _ref(x32, fmt), x32, f"jax -> {fmt.name}")
     back = srkern.cast(low, "float32")
     assert isinstance(back, jax.Array) and back.dtype == jnp.float32
     assert_same_bits(np.asarray(back), np.asarray(low).astype(np.float32), what=f"jax {fmt.name} -> float32",
-                     nan_equal=True)
+                     nan="any")
 
 
 def test_jax_bf16_input():
@@ -161,9 +165,9 @@ def test_jax_bf16_input():
 
 
 
-def _cupy_dtype_or_skip(cupy, fmt: Fmt) -> None:
+def _cupy_dtype_or_skip(cupy, fmt: Format) -> None:
     try:
-        cupy.empty(1, dtype=fmt.np_dtype)
+        cupy.empty(1, dtype=fmt.np_type)
     except Exception as e:
         pytest.skip(f"this CuPy cannot hold {fmt.name} arrays: {e}")
 
@@ -179,10 +183,10 @@ def test_cupy_round_trip(fmt):
     x = cupy.asarray(x32)
     for rounding in ("stochastic", "nearest"):
         low = srkern.cast(x, fmt.name, rounding=rounding, seed=SEED, offset=5)
-        assert isinstance(low, cupy.ndarray) and low.dtype == np.dtype(fmt.np_dtype)
+        assert isinstance(low, cupy.ndarray) and low.dtype == np.dtype(fmt.np_type)
         want = reference.round_float32(x32, fmt.name, rounding, seed=SEED, offset=5)
         assert_same_bits(cupy.asnumpy(low), want, x32, f"cupy -> {fmt.name} ({rounding})")
-    out = cupy.empty(x.shape, dtype=fmt.np_dtype)
+    out = cupy.empty(x.shape, dtype=fmt.np_type)
     ptr = out.data.ptr
     with cupy.cuda.Stream(non_blocking=True):
         assert srkern.cast(x, fmt.name, seed=SEED, offset=5, out=out) is out and out.data.ptr == ptr
@@ -190,7 +194,7 @@ def test_cupy_round_trip(fmt):
                          x32, "cupy out= on a side stream")
     up = srkern.cast(out, "float32")
     assert isinstance(up, cupy.ndarray)
-    assert_same_bits(cupy.asnumpy(up), cupy.asnumpy(out).astype(np.float32), what="cupy upcast", nan_equal=True)
+    assert_same_bits(cupy.asnumpy(up), cupy.asnumpy(out).astype(np.float32), what="cupy upcast", nan="any")
 
 
 @pytest.mark.cuda  # CUDA interop: run by benchmarks/gpu_check.py on the device
@@ -198,10 +202,10 @@ def test_cupy_round_trip(fmt):
 def test_torch_cuda():
     if not torch.cuda.is_available():
         pytest.skip("torch has no CUDA device here")
-    x32 = mixed_input(100003, FORMATS[0], seed=11)
+    x32 = mixed_input(100003, FORMATS["bfloat16"], seed=11)
     low = srkern.cast(torch.from_numpy(x32).cuda(), torch.bfloat16, seed=SEED)
     assert low.is_cuda
-    assert_same_bits(low.cpu(), _ref(x32, FORMATS[0]), x32, "torch cuda -> bfloat16")
+    assert_same_bits(low.cpu(), _ref(x32, FORMATS["bfloat16"]), x32, "torch cuda -> bfloat16")
 
 
 # ---- DLPack stream argument (no GPU needed) ---------------------------------------------------------

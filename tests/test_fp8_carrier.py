@@ -13,14 +13,13 @@ import pytest
 import srkern
 from srkern import reference
 
-from conftest import FORMATS, Fmt, assert_same_bits, cupy_or_skip, fmt_params, mixed_input
+from srkern.formats import FORMATS, FP8_DTYPES, Format
+from srkern.testing import all_patterns, assert_same_bits
+
+from conftest import cupy_or_skip, fmt_params, mixed_input
 
 SEED = 4242
-FP8 = [f for f in FORMATS if f.nbits == 8]
-
-
-def _bits(a) -> np.ndarray:
-    return np.asarray(a).view(np.uint8)
+FP8 = [FORMATS[name] for name in FP8_DTYPES]
 
 
 @pytest.mark.parametrize("fmt", fmt_params(FP8))
@@ -33,7 +32,7 @@ def test_cast_into_uint8_out(backend, fmt):
         assert srkern.cast(x, fmt.name, rounding=rounding, seed=SEED, offset=7, out=out) is out
         assert_same_bits(backend.get(out), want.view(np.uint8), x32, f"{fmt.name} ({rounding}) into uint8 out=")
     # The ml_dtypes route gives the same bits.
-    got = srkern.cast(backend.put(x32), fmt.np_dtype, seed=SEED, offset=7)
+    got = srkern.cast(backend.put(x32), fmt.np_type, seed=SEED, offset=7)
     want = reference.round_float32(x32, fmt.name, seed=SEED, offset=7)
     assert_same_bits(backend.get(got), want, x32, f"{fmt.name} as an FP8 array")
 
@@ -42,26 +41,26 @@ def test_cast_into_uint8_out(backend, fmt):
 def test_uint8_input_with_x_dtype(backend, fmt):
     # Every bit pattern of the format, upcast exactly and re-rounded to each other format, through
     # the uint8 carrier and through the ml_dtypes array: the same bits.
-    patterns = fmt.all_patterns()
+    patterns = all_patterns(fmt)
     carrier = backend.put(patterns.view(np.uint8))
     up = srkern.cast(carrier, "float32", x_dtype=fmt.name)
     assert_same_bits(backend.get(up), srkern.cast(patterns, "float32"), what=f"{fmt.name} carrier -> float32")
-    for other in FORMATS:
-        got = srkern.cast(carrier, other.name, x_dtype=fmt.np_dtype, seed=SEED, offset=3)
+    for other in FORMATS.values():
+        got = srkern.cast(carrier, other.name, x_dtype=fmt.np_type, seed=SEED, offset=3)
         want = srkern.cast(patterns, other.name, seed=SEED, offset=3)
         assert_same_bits(backend.get(got), want, what=f"{fmt.name} carrier -> {other.name}")
     # Into a uint8 out= as well (carrier to carrier).
     other = FP8[1 - FP8.index(fmt)]
     out = backend.put(np.zeros(patterns.shape, np.uint8))
     assert srkern.cast(carrier, other.name, x_dtype=fmt.name, seed=SEED, out=out) is out
-    assert_same_bits(backend.get(out), _bits(srkern.cast(patterns, other.name, seed=SEED)),
+    assert_same_bits(backend.get(out), srkern.cast(patterns, other.name, seed=SEED),
                      what=f"{fmt.name} carrier -> {other.name} carrier")
 
 
 @pytest.mark.parametrize("fmt", fmt_params(FP8))
 def test_strided_uint8_input(fmt):
     # A strided carrier is copied to C order and keeps its format.
-    patterns = fmt.all_patterns()
+    patterns = all_patterns(fmt)
     carrier = patterns.view(np.uint8).reshape(16, 16)[:, ::3]
     got = srkern.cast(carrier, "bfloat16", x_dtype=fmt.name, seed=SEED)
     want = srkern.cast(np.ascontiguousarray(patterns.reshape(16, 16)[:, ::3]), "bfloat16", seed=SEED)
@@ -70,7 +69,7 @@ def test_strided_uint8_input(fmt):
 
 
 def test_x_dtype_aliases():
-    patterns = FP8[0].all_patterns()
+    patterns = all_patterns(FP8[0])
     want = srkern.cast(patterns, "float32")
     for alias in ("e4m3", "float8_e4m3fn", ml_dtypes.float8_e4m3fn, np.dtype(ml_dtypes.float8_e4m3fn)):
         assert_same_bits(srkern.cast(patterns.view(np.uint8), "float32", x_dtype=alias), want, what=str(alias))
@@ -110,7 +109,7 @@ def test_refusals_are_clear_and_write_nothing():
 
 def test_numpy_results_keep_ml_dtypes():
     # Only CuPy results are carriers: a NumPy uint8 input rounded to FP8 gives an ml_dtypes array.
-    bits = FP8[0].all_patterns().view(np.uint8)
+    bits = all_patterns(FP8[0]).view(np.uint8)
     got = srkern.cast(bits, "float8_e5m2", x_dtype="float8_e4m3fn", seed=SEED)
     assert got.dtype == np.dtype(ml_dtypes.float8_e5m2)
 
@@ -120,7 +119,7 @@ def test_jax_gpu_results_are_bitcast_back_to_fp8():
     # Exercised here through JAX's CPU DLPack import of a NumPy carrier.
     jax = pytest.importorskip("jax")
     from srkern import _tensor
-    patterns = FP8[1].all_patterns()
+    patterns = all_patterns(FP8[1])
     v = _tensor.View(None, "jax", 0, patterns.shape, (1,), "float8_e5m2", "cuda", 0, False)
     try:
         got = _tensor.finish(patterns.view(np.uint8).copy(), v, "float8_e5m2")
@@ -136,7 +135,7 @@ def test_jax_gpu_results_are_bitcast_back_to_fp8():
 
 @pytest.mark.cuda  # CUDA interop: run by benchmarks/gpu_check.py on the device
 @pytest.mark.parametrize("fmt", fmt_params(FP8))
-def test_cupy_fp8_is_carried_as_uint8(fmt: Fmt):
+def test_cupy_fp8_is_carried_as_uint8(fmt: Format):
     cupy = cupy_or_skip()
     x32 = mixed_input(100003, fmt, seed=9)
     x = cupy.asarray(x32)
@@ -151,7 +150,7 @@ def test_cupy_fp8_is_carried_as_uint8(fmt: Fmt):
         assert srkern.cast(x, fmt.name, seed=SEED, offset=5, out=out) is out and out.data.ptr == ptr
         assert_same_bits(cupy.asnumpy(out), reference.round_float32(x32, fmt.name, seed=SEED, offset=5)
                          .view(np.uint8), x32, "cupy uint8 out= on a side stream")
-    host = cupy.asnumpy(out).view(fmt.np_dtype)
+    host = cupy.asnumpy(out).view(fmt.np_type)
     up = srkern.cast(out, "float32", x_dtype=fmt.name)
     assert isinstance(up, cupy.ndarray) and up.dtype == np.float32
     assert_same_bits(cupy.asnumpy(up), srkern.cast(host, "float32"), what=f"cupy {fmt.name} carrier upcast")

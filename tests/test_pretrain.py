@@ -9,13 +9,15 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+import srkern
+from srkern.testing import find_mpirun
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "python" / "pretrain.py"
@@ -52,7 +54,7 @@ def test_corpus_and_batches_are_deterministic() -> None:
     cfg = pretrain.parse_args(TINY + ["--steps", "3"])
     d1, d2 = pretrain.Batches(a, cfg), pretrain.Batches(b, cfg)
     for s in range(3):
-        assert all(torch.equal(u, v) for u, v in zip(d1.train(s), d2.train(s)))
+        assert all(torch.equal(u, v) for u, v in zip(d1.train(s), d2.train(s), strict=True))
     x, y = d1.train(0)
     assert x.shape == (8, 32) and torch.equal(x[:, 1:], y[:, :-1])  # targets = inputs shifted
     # With two ranks, the two halves of the global batch together are the one-rank batch.
@@ -65,17 +67,21 @@ def test_smoke_every_strategy(tmp_path: Path) -> None:
     rep = pretrain.main(TINY + ["--steps", "4", "--eval-every", "2", "--eval-batches", "1",
                                 "--warmup", "2", "--out", str(tmp_path)])
     names = [r["strategy"] for r in rep["results"]]
-    assert names == list(pretrain.STRATEGIES)
+    assert names == list(pretrain.STRATEGIES) and sorted(names) == sorted(srkern.PRECISIONS)  # every mode once
+    by = {r["strategy"]: r for r in rep["results"]}
     for r in rep["results"]:
         assert r["history"]["step"] == [0, 2, 4]
         for k in ("train_loss", "val_loss", "step_time_s", "tokens_per_s"):
             assert math.isfinite(r[k]) and r[k] > 0, (r["strategy"], k, r[k])
-        # Same initial weights: every BF16-compute strategy starts at the same validation loss
-        # to the bit; FP32 compute of the same weights differs only by BF16 activation rounding.
-        start, bf16_start = r["history"]["val_loss"][0], rep["results"][1]["history"]["val_loss"][0]
-        assert start == bf16_start if r["strategy"] != "fp32" else abs(start - bf16_start) < 0.02
         assert r["val_loss"] < r["history"]["val_loss"][0]  # 4 steps at lr 3e-3 do learn
-    by = {r["strategy"]: r for r in rep["results"]}
+    # Same initial weights: every other BF16-compute strategy starts at fp32-master's validation
+    # loss to the bit; FP32 compute of the same weights differs only by BF16 activation rounding.
+    bf16_start = by["fp32-master"]["history"]["val_loss"][0]
+    for name in names:
+        if name == "fp32-master":
+            continue
+        start = by[name]["history"]["val_loss"][0]
+        assert start == bf16_start if name != "fp32" else abs(start - bf16_start) < 0.02, (name, start, bf16_start)
     # The paper's memory argument: BF16 + SR needs no FP32 master copy.
     assert by["bf16-sr"]["weight_opt_bytes_per_param"] < by["fp32-master"]["weight_opt_bytes_per_param"]
     table = (tmp_path / "table.md").read_text()
@@ -116,7 +122,7 @@ def test_small_lr_nearest_stalls_sr_tracks_mixed_precision(tmp_path: Path) -> No
 
 
 @pytest.mark.mpi
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not found (pip install mpich)")
+@pytest.mark.skipif(find_mpirun() is None, reason="mpirun not found (pip install mpich)")
 def test_sharded_two_ranks_matches_one_process(tmp_path: Path) -> None:
     # `mpirun -n 2 ... --sharded`: each rank takes half of every batch and ShardedAdamW averages
     # the gradients, so the run follows the one-process run. fp32 reduces in FP32: only the
@@ -127,13 +133,13 @@ def test_sharded_two_ranks_matches_one_process(tmp_path: Path) -> None:
                    "--strategies", "fp32,bf16-sr"]
     one = pretrain.main(argv + ["--out", str(tmp_path / "one")])
     env = dict(os.environ, MPIEXEC_TIMEOUT="240", OMP_NUM_THREADS="1")
-    cmd = ["mpirun", "-n", "2", sys.executable, str(SCRIPT), *argv, "--sharded",
+    cmd = [find_mpirun(), "-n", "2", sys.executable, str(SCRIPT), *argv, "--sharded",
            "--out", str(tmp_path / "two")]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert two["world_size"] == 2
-    for r1, r2, tol in zip(one["results"], two["results"], (1e-3, 2e-3)):
+    for r1, r2, tol in zip(one["results"], two["results"], (1e-3, 2e-3), strict=True):
         assert r1["strategy"] == r2["strategy"]
         gap = abs(r1["val_loss"] - r2["val_loss"])
         assert gap < tol, (r1["strategy"], r1["val_loss"], r2["val_loss"])

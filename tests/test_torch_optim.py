@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 
 import pytest
 
 torch = pytest.importorskip("torch")
 import srkern.torch as srt  # noqa: E402
-from conftest import assert_same_bits  # noqa: E402
+from srkern.checkpoint import CheckpointCorrupt, CheckpointMismatch  # noqa: E402
+from srkern.precisions import PRECISIONS  # noqa: E402
+from srkern.testing import assert_same_bits  # noqa: E402
 
 HYPER = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 
@@ -77,7 +80,7 @@ def test_fp32_master_matches_torch_mixed_precision_over_100_steps():
     for t in range(100):
         opt_a.zero_grad()
         loss_of(a, t).backward()
-        for w, p in zip(masters, a.parameters()):
+        for w, p in zip(masters, a.parameters(), strict=True):
             w.grad = p.grad.float()
         opt_a.step()
         opt_b.step()
@@ -90,7 +93,7 @@ def test_fp32_master_matches_torch_mixed_precision_over_100_steps():
                      what="BF16 weights vs rn(master)")
 
 
-MODES = ["bf16-sr", "bf16-nearest", "bf16-kahan", "fp32-master", "fp32"]
+MODES = list(PRECISIONS)
 
 
 @pytest.mark.parametrize("precision", MODES, ids=[f"mode={m}" for m in MODES])
@@ -124,7 +127,7 @@ def test_state_dict_round_trip_continues_bit_exact(precision):
     if precision == "fp32-master":
         assert o2.state[next(m2.parameters())]["master"].dtype == torch.float32
     run(m2, o2, range(4, 8))
-    for (name, p), q in zip(ref.named_parameters(), m2.parameters()):
+    for (name, p), q in zip(ref.named_parameters(), m2.parameters(), strict=True):
         assert_same_bits(q, p, what=f"{precision}: {name} after resume")
 
 
@@ -169,24 +172,75 @@ def test_bytes_per_param_and_checks():
         srt.AdamW(model.parameters(), precision="fp8")
 
 
-def test_mismatched_state_dict_refused_and_nothing_loaded():
+def _saved_state_dict() -> dict:
+    """The state dict of a bf16-sr AdamW (seed 1) after one step of the small BF16 model."""
     a = small_model(torch.bfloat16)
     oa = srt.AdamW(a.parameters(), seed=1, **HYPER)
     loss_of(a, 0).backward()
     oa.step()
-    sd = copy.deepcopy(oa.state_dict())
-    other = srt.AdamW(small_model(torch.bfloat16).parameters(), seed=2, precision="bf16-kahan", **HYPER)
-    with pytest.raises(ValueError, match="precision"):
-        other.load_state_dict(sd)
-    assert other.seed == 2 and len(other.state) == 0
-    smaller = srt.AdamW(list(small_model(torch.bfloat16).parameters())[:2], seed=3, **HYPER)
-    with pytest.raises(ValueError, match="layout"):
-        smaller.load_state_dict(sd)
-    assert smaller.seed == 3 and len(smaller.state) == 0
-    bare = dict(sd)
-    bare.pop("srkern")
-    with pytest.raises(ValueError, match="srkern"):
-        smaller.load_state_dict(bare)
+    return copy.deepcopy(oa.state_dict())
+
+
+def _set(*path, value):
+    """A damage that sets ``sd[path[0]][path[1]]... = value``."""
+    def hurt(sd):
+        d = sd
+        for k in path[:-1]:
+            d = d[k]
+        d[path[-1]] = value(d[path[-1]]) if callable(value) else value
+    return hurt
+
+
+# name: (the damage, the loading optimizer's settings, the error class, the message naming the cause)
+REFUSED = {
+    "no srkern entry": (lambda sd: sd.pop("srkern"), {}, CheckpointMismatch,
+                        "not an srkern.torch.AdamW state dict (no 'srkern' entry)"),
+    "format version": (_set("srkern", "format_version", value=2), {}, CheckpointMismatch,
+                       "not a srkern.torch.AdamW v1 checkpoint (format 'srkern.torch.AdamW', version 2)"),
+    "contract": (_set("srkern", "contract", value="2.0"), {}, CheckpointMismatch, "written under bit contract v2.0"),
+    "precision": (lambda sd: None, {"precision": "bf16-kahan"}, CheckpointMismatch,
+                  "precision: 'bf16-sr' in the checkpoint, 'bf16-kahan' here"),
+    "state dtype": (lambda sd: None, {"state_dtype": "float32"}, CheckpointMismatch,
+                    "state_dtype: 'bfloat16' in the checkpoint, 'float32' here"),
+    "fewer parameters": (lambda sd: None, {"first": 2}, CheckpointMismatch,
+                         "layout: 4 parameters in the checkpoint, 2 here"),
+    "layout": (_set("srkern", "offsets", 1, value=lambda o: o + 8), {}, CheckpointMismatch,
+               "layout differs at parameter 1: (520, 32) in the checkpoint, (512, 32) here"),
+    "moment dtype": (_set("state", 0, "exp_avg", value=lambda t: t.float()), {}, CheckpointMismatch,
+                     "state of parameter 0: [('exp_avg', 'float32'), ('exp_avg_sq', 'bfloat16')] in the checkpoint"),
+    "moment size": (_set("state", 2, "exp_avg_sq", value=lambda t: t.reshape(-1)[:-1]), {}, CheckpointMismatch,
+                    "state[2]['exp_avg_sq'] has 127 elements, parameter 2 has 128"),
+    "hyper-parameter": (_set("param_groups", 0, "lr", value=float("nan")), {}, CheckpointCorrupt,
+                        "parameter group 0: lr"),
+    "step": (_set("srkern", "step", value=2**32), {}, CheckpointCorrupt, "step must be in [0, 2**32)"),
+    "missing field": (lambda sd: sd["srkern"].pop("numels"), {}, CheckpointCorrupt,
+                      "malformed srkern.torch.AdamW state dict: KeyError: 'numels'"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED), ids=[f"damage={c.replace(' ', '-')}" for c in REFUSED])
+def test_mismatched_state_dict_refused_and_nothing_loaded(case):
+    # Each damage is refused for its own cause (the error class and the message that names it;
+    # both classes are ValueErrors), before anything is loaded: seed, step and state unchanged.
+    hurt, settings, cls, words = REFUSED[case]
+    sd = _saved_state_dict()
+    hurt(sd)
+    settings = dict(settings)
+    params = list(small_model(torch.bfloat16).parameters())[:settings.pop("first", None)]
+    target = srt.AdamW(params, seed=2, **HYPER, **settings)
+    with pytest.raises(cls, match=re.escape(words)) as err:
+        target.load_state_dict(sd)
+    assert isinstance(err.value, ValueError)
+    assert target.seed == 2 and target._step == 0 and len(target.state) == 0
+
+
+def test_state_dict_without_format_fields_loads():
+    # State dicts written before the format fields existed are format version 1: they still load.
+    sd = _saved_state_dict()
+    del sd["srkern"]["format"], sd["srkern"]["format_version"]
+    target = srt.AdamW(small_model(torch.bfloat16).parameters(), seed=2, **HYPER)
+    target.load_state_dict(sd)
+    assert target.seed == 1 and target._step == 1 and len(target.state) == 4
 
 
 def test_found_inf_and_grad_scale_through_the_optimizer():
@@ -200,14 +254,14 @@ def test_found_inf_and_grad_scale_through_the_optimizer():
     before = [p.detach().clone() for p in a.parameters()]
     oa.step(found_inf=torch.ones(1))
     ob.step(found_inf=torch.ones(1))
-    for p, q in zip(a.parameters(), before):
+    for p, q in zip(a.parameters(), before, strict=True):
         assert_same_bits(p, q, what="weights after a skipped step")
     assert all(torch.all(oa.state[p]["exp_avg"] == 0) for p in a.parameters())
     for p in b.parameters():
         p.grad = p.grad * 0.5
     oa.step(grad_scale=0.5)
     ob.step()
-    for p, q in zip(a.parameters(), b.parameters()):
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert_same_bits(p, q, what="grad_scale vs pre-scaled gradients")
 
 
@@ -221,7 +275,7 @@ def _assert_unchanged(opt: srt.AdamW, before: tuple[int, list[torch.Tensor], dic
     step, weights, state = before
     assert opt._step == step, f"{what}: step count moved from {step} to {opt._step}"
     params = opt._params()
-    for i, (p, q) in enumerate(zip(params, weights)):
+    for i, (p, q) in enumerate(zip(params, weights, strict=True)):
         assert_same_bits(p, q, what=f"{what}: param {i}")
     now = {i: opt.state[p] for i, p in enumerate(params) if p in opt.state and opt.state[p]}
     assert sorted(now) == sorted(i for i, st in state.items() if st), f"{what}: state entries changed"

@@ -1,0 +1,264 @@
+"""Transport for srkern's collectives: :class:`Communicator` over mpi4py (and NCCL for CUDA
+buffers), the collective argument check, and :func:`abort_on_error`.
+
+CPU buffers (NumPy, PyTorch CPU) go through MPI itself. CUDA buffers go through NCCL
+(``cupy.cuda.nccl``; the unique id is made on rank 0 and broadcast over MPI), on the producing
+framework's current stream; with ``cuda="mpi"`` they go through a CUDA-aware MPI instead, after
+the stream is synchronized. Every transfer is bytes: no reduction ever happens inside MPI or
+NCCL, so the sums are srkern's (``srkern.dist``).
+
+Failure. Invalid arguments are checked on every rank before any exchange
+(:meth:`Communicator.check_args`); if any rank's check fails, every rank raises (the first
+failing rank's message), so bad input never leaves ranks waiting. A rank that raises inside
+:func:`abort_on_error` prints its traceback and calls ``MPI_Abort``; the launcher then ends
+every rank at once, so no rank waits forever in a collective. Against a rank that hangs without
+raising, run under a launcher timeout: MPICH's ``MPIEXEC_TIMEOUT=<seconds> mpirun ...``.
+
+MPI counts and displacements are 32-bit, so on the MPI path a single message of more than
+2**31 - 1 elements (one rank's part of a reduce-scatter, or a whole all-gathered vector) is
+not supported.
+
+mpi4py is imported on first use, so ``import srkern`` works without it.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import traceback
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+import numpy as np
+
+from . import _backend
+from ._tensor import View
+
+T = TypeVar("T")
+
+
+def _mpi():
+    try:
+        from mpi4py import MPI
+    except ImportError as e:  # pragma: no cover - mpi4py is a test dependency
+        raise ImportError("srkern's collectives need mpi4py and an MPI library: pip install 'srkern[mpi]'") from e
+    return MPI
+
+
+class Communicator:
+    """Collective transport for srkern over an mpi4py communicator.
+
+    Args:
+        mpi_comm: an ``mpi4py.MPI.Comm`` (default ``MPI.COMM_WORLD``).
+        cuda: how CUDA buffers travel: ``"nccl"`` (default; ``cupy.cuda.nccl``, one NCCL
+            communicator per device, created on first use, collectively) or ``"mpi"``
+            (CUDA-aware MPI; the tensor's stream is synchronized before MPI touches it).
+
+    ``bytes_sent`` / ``bytes_received`` count payload bytes exchanged with other ranks.
+    """
+
+    def __init__(self, mpi_comm: Any = None, *, cuda: str = "nccl") -> None:
+        MPI = _mpi()
+        if cuda not in ("nccl", "mpi"):
+            raise ValueError(f"cuda must be 'nccl' or 'mpi', got {cuda!r}")
+        self.mpi = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
+        self.rank: int = self.mpi.Get_rank()
+        self.size: int = self.mpi.Get_size()
+        self.cuda = cuda
+        self._nccl: dict[int, Any] = {}
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    # -- small helpers
+    def barrier(self) -> None:
+        self.mpi.Barrier()
+
+    def bcast_int(self, value: int, root: int = 0) -> int:
+        buf = np.array([value], dtype=np.uint64)
+        self.mpi.Bcast(buf, root=root)
+        return int(buf[0])
+
+    def all_agree(self, values: Sequence[int]) -> bool:
+        """Whether every rank passed the same integers (one MIN and one MAX allreduce).
+
+        Each value is taken modulo 2**64 and compared as its two 32-bit halves, so values that
+        differ in any of the 64 bits (bit 63 included) disagree."""
+        MPI = _mpi()
+        a = np.array([h for v in values for h in ((int(v) >> 32) & 0xFFFFFFFF, int(v) & 0xFFFFFFFF)],
+                     dtype=np.int64)
+        lo, hi = np.empty_like(a), np.empty_like(a)
+        self.mpi.Allreduce(a, lo, op=MPI.MIN)
+        self.mpi.Allreduce(a, hi, op=MPI.MAX)
+        return bool(np.array_equal(lo, hi))
+
+    def all_ok(self, ok: bool) -> bool:
+        """Logical AND of ``ok`` over ranks."""
+        MPI = _mpi()
+        return bool(self.mpi.allreduce(int(bool(ok)), op=MPI.MIN))
+
+    def raise_together(self, err: BaseException | None) -> None:
+        """Collective: if ``err`` is set on any rank, raise on every rank.
+
+        Every rank raises the first failing rank's error, as ``TypeError`` if that was one and
+        else ``ValueError``, with the message ``"rank R: <message>"``. One allreduce when no rank
+        failed (plus one allgather of the messages when one did).
+        """
+        if self.all_ok(err is None):
+            return
+        mine = None if err is None else (type(err).__name__, str(err))
+        r, (kind, msg) = next((r, m) for r, m in enumerate(self.mpi.allgather(mine)) if m is not None)
+        raise (TypeError if kind == "TypeError" else ValueError)(f"rank {r}: {msg}") from err
+
+    def check_args(self, check: Callable[[], tuple[T, Sequence[int] | None]], mismatch: str = "") -> T:
+        """Collective argument check, run before any exchange; returns ``check``'s value.
+
+        ``check()`` validates this rank's arguments and returns ``(value, codes)``. If it raises
+        ``ValueError`` or ``TypeError`` on any rank, every rank raises (:meth:`raise_together`).
+        Then, unless ``codes`` is None, every rank must have passed the same integers
+        (:meth:`all_agree`), else every rank raises ``ValueError(mismatch)``. A call site returns
+        codes on every rank or on none, so the ranks always run the same collectives.
+        """
+        err: Exception | None = None
+        value, codes = None, None
+        try:
+            value, codes = check()
+        except (ValueError, TypeError) as e:
+            err = e
+        self.raise_together(err)
+        if codes is not None and not self.all_agree(codes):
+            raise ValueError(mismatch)
+        return value
+
+    def abort(self, code: int = 1) -> None:
+        """End every rank of the job now (NCCL communicators first, then ``MPI_Abort``)."""
+        for c in self._nccl.values():
+            with contextlib.suppress(Exception):
+                c.abort()
+        self.mpi.Abort(code)
+
+    # -- NCCL
+    def _nccl_comm(self, device_id: int):
+        if device_id not in self._nccl:
+            from cupy.cuda import nccl
+            import cupy
+            if not nccl.available:
+                raise RuntimeError("CUDA buffers need NCCL: pip install nvidia-nccl-cu13 "
+                                   "(or use Communicator(..., cuda='mpi') with a CUDA-aware MPI)")
+            uid = nccl.get_unique_id() if self.rank == 0 else None
+            uid = self.mpi.bcast(uid, root=0)
+            with cupy.cuda.Device(device_id):
+                self._nccl[device_id] = nccl.NcclCommunicator(self.size, uid, self.rank)
+        return self._nccl[device_id]
+
+    # -- the two exchanges everything is built on (counts and displacements in elements)
+    def alltoallv(self, send: View, counts: Sequence[int], displs: Sequence[int],
+                  recv: View, rcounts: Sequence[int], rdispls: Sequence[int], stream: int = 0) -> None:
+        """Send ``counts[r]`` elements at ``displs[r]`` of ``send`` to rank r; receive
+        ``rcounts[r]`` elements from rank r at ``rdispls[r]`` of ``recv``. Same dtype both sides."""
+        isz = send.itemsize
+        self.bytes_sent += isz * (sum(counts) - counts[self.rank])
+        self.bytes_received += isz * (sum(rcounts) - rcounts[self.rank])
+        if send.device == "cuda" and self.cuda == "nccl":
+            from cupy.cuda import nccl
+            c = self._nccl_comm(send.device_id)
+            nccl.groupStart()
+            for peer in range(self.size):
+                if peer == self.rank:
+                    continue
+                if counts[peer]:
+                    c.send(send.ptr + displs[peer] * isz, counts[peer] * isz, nccl.NCCL_UINT8, peer, stream)
+                if rcounts[peer]:
+                    c.recv(recv.ptr + rdispls[peer] * isz, rcounts[peer] * isz, nccl.NCCL_UINT8, peer, stream)
+            nccl.groupEnd()
+            self._device_copy(recv, rdispls[self.rank], send, displs[self.rank], counts[self.rank], stream)
+            return
+        self._sync(send, stream)
+        t = _mpi_type(isz)
+        self.mpi.Alltoallv([_mpi_buf(send), (list(counts), list(displs)), t],
+                           [_mpi_buf(recv), (list(rcounts), list(rdispls)), t])
+
+    def allgatherv(self, shard: View, out: View, counts: Sequence[int], displs: Sequence[int],
+                   stream: int = 0) -> None:
+        """Gather every rank's ``shard`` (``counts[r]`` elements) into ``out`` at ``displs[r]``.
+        ``shard`` may be ``out``'s own slice (then nothing is copied locally)."""
+        isz = out.itemsize
+        mine = counts[self.rank]
+        self.bytes_sent += isz * mine * (self.size - 1)
+        self.bytes_received += isz * (sum(counts) - mine)
+        in_place = shard.ptr == out.ptr + displs[self.rank] * isz
+        if out.device == "cuda" and self.cuda == "nccl":
+            from cupy.cuda import nccl
+            c = self._nccl_comm(out.device_id)
+            nccl.groupStart()
+            for peer in range(self.size):
+                if peer == self.rank:
+                    continue
+                if mine:
+                    c.send(shard.ptr, mine * isz, nccl.NCCL_UINT8, peer, stream)
+                if counts[peer]:
+                    c.recv(out.ptr + displs[peer] * isz, counts[peer] * isz, nccl.NCCL_UINT8, peer, stream)
+            nccl.groupEnd()
+            if not in_place:
+                self._device_copy(out, displs[self.rank], shard, 0, mine, stream)
+            return
+        MPI = _mpi()
+        self._sync(out, stream)
+        t = _mpi_type(isz)
+        sendbuf = MPI.IN_PLACE if in_place else [_mpi_buf(shard), mine, t]
+        self.mpi.Allgatherv(sendbuf, [_mpi_buf(out), (list(counts), list(displs)), t])
+
+    def bcast_view(self, v: View, stream: int = 0, root: int = 0) -> None:
+        """Overwrite ``v`` on every rank with rank ``root``'s bytes, through MPI (host memory,
+        or device memory with a CUDA-aware MPI once ``stream`` is synchronized)."""
+        self._sync(v, stream)
+        self.mpi.Bcast([_mpi_buf(v), v.nbytes, _mpi().BYTE], root=root)
+
+    # -- device helpers
+    def _sync(self, v: View, stream: int) -> None:
+        """Finish pending GPU work on ``stream`` before MPI reads or writes device memory."""
+        if v.device == "cuda":
+            _backend.synchronize(stream, v.device_id)
+
+    @staticmethod
+    def _device_copy(dst: View, doff: int, src: View, soff: int, count: int, stream: int) -> None:
+        if count == 0:
+            return
+        import cupy
+        isz = dst.itemsize
+        d, s = dst.ptr + doff * isz, src.ptr + soff * isz
+        if d != s:
+            with cupy.cuda.Device(dst.device_id):
+                cupy.cuda.runtime.memcpyAsync(d, s, count * isz, cupy.cuda.runtime.memcpyDeviceToDevice, stream)
+
+
+def _mpi_type(itemsize: int):
+    MPI = _mpi()
+    return {1: MPI.UINT8_T, 2: MPI.UINT16_T, 4: MPI.UINT32_T, 8: MPI.UINT64_T}[itemsize]
+
+
+def _mpi_buf(v: View):
+    return _mpi().buffer.fromaddress(v.ptr, v.nbytes) if v.nbytes else _mpi().buffer.fromaddress(0, 0)
+
+
+@contextlib.contextmanager
+def abort_on_error(comm: "Communicator | Any" = None) -> Iterator[None]:
+    """Run the body; if it raises on any rank, print the error with the rank and abort the job.
+
+    Without this, an exception on one rank leaves the others blocked in their next collective.
+    ``MPI_Abort`` makes the launcher (mpirun) kill every rank and exit non-zero at once.
+    """
+    try:
+        yield
+    except BaseException as e:  # SystemExit(0) and KeyboardInterrupt abort too: the job is over
+        if isinstance(e, SystemExit) and e.code in (0, None):
+            raise
+        c = comm if isinstance(comm, Communicator) else None
+        mpi = c.mpi if c else (comm if comm is not None else _mpi().COMM_WORLD)
+        rank = mpi.Get_rank()
+        sys.stdout.flush()
+        sys.stderr.write(f"srkern: rank {rank} of {mpi.Get_size()} raised "
+                         f"{type(e).__name__}: {e}; aborting all ranks\n")
+        traceback.print_exc(file=sys.stderr)
+        sys.stderr.flush()
+        if c is not None:
+            c.abort(1)  # NCCL communicators first, then MPI_Abort
+        else:
+            mpi.Abort(1)

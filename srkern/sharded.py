@@ -1,0 +1,212 @@
+"""``ShardedAdamWCore``: ZeRO-style sharded srkern AdamW on one flat parameter vector, for any
+framework (NumPy, PyTorch, CuPy buffers). ``srkern.torch.ShardedAdamW`` is the PyTorch
+optimizer built on it; checkpoints are ``srkern.checkpoint``'s sharded folders.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from . import _contract
+from ._collective import COLLECTIVE_STREAM, OPS, WIRE_DTYPES, all_gather_views, reduce_scatter_views
+from ._tensor import View, as_view, empty_like, stream_of
+from .adamw import adamw_step
+from .cast import cast
+from .checkpoint import check_hyper, host_bytes, load_sharded, save_sharded, state_sections, write_host_bytes
+from .comm import Communicator
+from .layout import shard_range
+from .precisions import PRECISIONS, bytes_per_param, default_state_dtype, mode, param_dtype
+
+
+def _zeros(like: View, dtype: str, n: int) -> Any:
+    z = empty_like(like, dtype, (n,))
+    if like.framework == "torch":
+        z.zero_()
+    elif like.device == "cuda":
+        z.fill(0)
+    else:
+        z[...] = 0
+    return z
+
+
+@dataclass
+class GroupRange:
+    """A parameter group's slice [start, stop) of the flat vector."""
+    start: int
+    stop: int
+
+
+class ShardedAdamWCore:
+    """ZeRO-style sharded srkern AdamW on one flat parameter vector, for any framework.
+
+    Every rank holds the whole flat parameter vector ``flat_params`` (and a gradient vector
+    ``flat_grads`` of the same length that the caller fills before :meth:`step`). Rank ``r``
+    owns ``[start, stop) = shard_range(n, world, r)``: only there does it keep the moments (and
+    FP32 master weights in ``"fp32-master"``, the BF16 compensation in ``"bf16-kahan"``).
+
+    :meth:`step` is: reduce-scatter of ``flat_grads`` (``op``, FP32 sum in rank order, rounded
+    to ``reduce_dtype`` with SR by contract v1, stream ``collective``), then
+    ``srkern.adamw_step`` on the owned shard with ``offsets`` = the shard's global flat offsets
+    (so every random bit equals the single-process run's), then an all-gather of the weights
+    in place. Hence, for the same reduced gradient, the weights are bit-identical for every
+    world size and to ``srkern.torch.AdamW`` in one process.
+
+    Args:
+        flat_params: contiguous 1-D tensor (NumPy, PyTorch, CuPy), dtype ``param_dtype(precision)``,
+            the same on every rank (rank 0's values are broadcast at construction).
+        comm: :class:`srkern.comm.Communicator`.
+        precision: one of ``srkern.precisions.PRECISIONS`` (see ``srkern.adamw_step``).
+        groups: ``[(start, stop), ...]`` flat slices with their own hyper-parameters, in order,
+            covering ``[0, n)``; default one group.
+        state_dtype: dtype of the moments in the BF16 modes (``"bfloat16"`` default or
+            ``"float32"``); FP32 in ``"fp32-master"`` and ``"fp32"``.
+        seed: 64-bit seed shared by all ranks (``None``: rank 0 draws one and broadcasts it).
+        grad_dtype: dtype of ``flat_grads`` (default: the parameters' dtype).
+        reduce_dtype: dtype of the reduced gradient shard: ``"bfloat16"`` (SR) or ``"float32"``
+            (unrounded; default for ``"fp32"``).
+        wire_dtype: ``None`` or ``"bfloat16"`` to send FP32 gradients as SR-rounded BF16.
+        op: ``"avg"`` (default) or ``"sum"`` over ranks.
+    """
+
+    def __init__(self, flat_params: Any, comm: Communicator, *, precision: str = "bf16-sr",
+                 groups: Sequence[tuple[int, int]] | None = None, state_dtype: str | None = None,
+                 seed: int | None = None, grad_dtype: str | None = None, reduce_dtype: str | None = None,
+                 wire_dtype: str | None = None, op: str = "avg") -> None:
+        def check():
+            mode(precision)
+            if op not in OPS:
+                raise ValueError(f"op must be one of {OPS}, got {op!r}")
+            pv = as_view(flat_params, "flat_params")
+            if pv.dtype != param_dtype(precision) or len(pv.shape) != 1 or not pv.contiguous:
+                raise ValueError(f"flat_params must be a contiguous 1-D {param_dtype(precision)} tensor "
+                                 f"for precision {precision!r}, got {pv.dtype} of shape {pv.shape}")
+            sd = state_dtype or default_state_dtype(precision)
+            bytes_per_param(precision, sd)  # raises if the mode does not allow state_dtype
+            gd = grad_dtype or pv.dtype
+            rd = reduce_dtype or ("float32" if precision == "fp32" else "bfloat16")
+            if gd not in WIRE_DTYPES or rd not in WIRE_DTYPES:
+                raise ValueError("grad_dtype and reduce_dtype must be 'bfloat16' or 'float32'")
+            if wire_dtype not in (None, gd, "bfloat16"):
+                raise ValueError(f"wire_dtype must be None or 'bfloat16', got {wire_dtype!r}")
+            wd = wire_dtype or gd
+            n = pv.numel
+            gs = [(0, n)] if groups is None else [(int(a), int(b)) for a, b in groups]
+            if gs and (gs[0][0] != 0 or gs[-1][1] != n or any(a > b for a, b in gs)
+                       or any(gs[i][1] != gs[i + 1][0] for i in range(len(gs) - 1))):
+                raise ValueError(f"groups must be consecutive flat slices covering [0, {n}), got {gs}")
+            dts = list(WIRE_DTYPES)
+            codes = [n, list(PRECISIONS).index(precision), len(gs), OPS.index(op), dts.index(sd),
+                     dts.index(gd), dts.index(rd), dts.index(wd)]
+            return (pv, sd, gd, rd, wd, gs), codes
+
+        pv, state_dtype, grad_dtype, reduce_dtype, wire_dtype, groups = comm.check_args(
+            check, "ShardedAdamW built with different sizes or settings on different ranks")
+        self.comm, self.precision, self.op = comm, precision, op
+        self.n = pv.numel
+        self.state_dtype, self.grad_dtype, self.reduce_dtype = state_dtype, grad_dtype, reduce_dtype
+        self.wire_dtype = wire_dtype
+        self.groups = [GroupRange(a, b) for a, b in groups]
+        seed = _contract.resolve_seed(seed) if comm.rank == 0 else 0
+        self.seed = comm.bcast_int(seed)
+        self.step_count = 0
+        self.flat_params = flat_params
+        self.start, self.stop = shard_range(self.n, comm.size, comm.rank)
+        m = self.stop - self.start
+        self.flat_grads = _zeros(pv, grad_dtype, self.n)
+        self.grad_shard = _zeros(pv, reduce_dtype, m)
+        self.master = self.compensation = None
+        for name, dtype in state_sections(precision, state_dtype):  # exp_avg, exp_avg_sq[, master][, compensation]
+            setattr(self, name, _zeros(pv, dtype, m))
+        # One set of weights for all: rank 0's.
+        self._bcast_params()
+        if self.master is not None and m:  # FP32 master weights start as the exact upcast of the model
+            cast(self.param_shard, "float32", out=self.master)
+
+    # -- views
+    @property
+    def param_shard(self) -> Any:
+        return self.flat_params[self.start:self.stop]
+
+    def _bcast_params(self) -> None:
+        v = as_view(self.flat_params, "flat_params")
+        if v.device == "cuda" and self.comm.cuda == "nccl":
+            data = host_bytes(self.flat_params)  # once, at construction or load: not a hot path
+            data = self.comm.mpi.bcast(data, root=0)
+            write_host_bytes(self.flat_params, data)
+            return
+        self.comm.bcast_view(v, stream_of(v))
+
+    def _gather_params(self) -> None:
+        all_gather_views(as_view(self.param_shard, "param_shard"), as_view(self.flat_params, "flat_params"),
+                         self.comm)
+
+    def state_sections(self) -> list[tuple[str, Any]]:
+        """(name, shard tensor) of everything this rank owns, in checkpoint order."""
+        return [("param", self.param_shard)] + [
+            (name, getattr(self, name)) for name, _ in state_sections(self.precision, self.state_dtype)]
+
+    def optimizer_bytes(self) -> dict[str, int]:
+        """Bytes of optimizer state on this rank (moments, master, compensation, reduced-gradient shard)."""
+        sizes = {name: as_view(t, name).nbytes for name, t in self.state_sections() if name != "param"}
+        sizes["grad_shard"] = as_view(self.grad_shard, "grad_shard").nbytes
+        return sizes
+
+    # -- the step
+    def step(self, hypers: Sequence[dict], *, grad_scale: float = 1.0) -> None:
+        """One optimizer step: reduce-scatter ``flat_grads``, AdamW on the shard, all-gather weights.
+
+        ``hypers[i]`` holds group i's ``lr``, ``betas``, ``eps``, ``weight_decay``. Collective.
+        """
+        # On every rank, before any exchange: a rank with an empty shard never calls adamw_step,
+        # so it would not notice bad values and would wait for the others forever.
+        def check():
+            if len(hypers) != len(self.groups):
+                raise ValueError(f"hypers: expected {len(self.groups)} groups, got {len(hypers)}")
+            for h in hypers:
+                check_hyper(h, grad_scale)
+            return None, None
+
+        self.comm.check_args(check)
+        t = self.step_count + 1
+        reduce_scatter_views(as_view(self.flat_grads, "flat_grads"), as_view(self.grad_shard, "grad_shard"),
+                             self.comm, op=self.op, rounding="stochastic", seed=self.seed, step=t,
+                             stream=COLLECTIVE_STREAM, wire=self.wire_dtype)
+        s = self.start
+        for g, h in zip(self.groups, hypers, strict=True):
+            a, b = max(g.start, s), min(g.stop, self.stop)
+            if a >= b:
+                continue
+            sl = slice(a - s, b - s)
+            adamw_step([self.flat_params[a:b]], [self.grad_shard[sl]], [self.exp_avg[sl]],
+                       [self.exp_avg_sq[sl]], step=t, lr=h["lr"], betas=tuple(h["betas"]),
+                       eps=h["eps"], weight_decay=h["weight_decay"], precision=self.precision,
+                       master_params=None if self.master is None else [self.master[sl]],
+                       compensation=None if self.compensation is None else [self.compensation[sl]],
+                       grad_scale=grad_scale, seed=self.seed, offsets=[a])
+        self._gather_params()
+        self.step_count = t
+
+    # -- checkpoints
+    def save(self, path: str | os.PathLike, layout: Any = None, extra: dict | None = None) -> None:
+        """Write the sharded state to folder ``path`` (collective; format in ``srkern.checkpoint``).
+
+        One raw ``.bin`` per rank (sections ``param, exp_avg, exp_avg_sq[, master][, compensation]``
+        of its shard) and ``manifest.json`` (world size, step, seed, precision, dtypes, ``layout``,
+        ``extra``, and per shard its range, size and SHA-256), each written atomically.
+        """
+        save_sharded(self, path, layout, extra)
+
+    def load(self, path: str | os.PathLike, layout: Any = None) -> dict:
+        """Load a checkpoint written by :meth:`save` on any world size (collective); re-shards.
+
+        Everything is checked first on every rank (manifest fields against this model,
+        presence, size and SHA-256 of every shard file); on any problem every rank raises
+        :class:`srkern.checkpoint.CheckpointError` (its subclass names the cause) and no buffer
+        is changed. Returns the manifest.
+        """
+        man = load_sharded(self, path, layout)
+        self._gather_params()
+        self.step_count = int(man["step"])
+        self.seed = int(man["seed"])
+        return man
