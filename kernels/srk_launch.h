@@ -20,3 +20,12 @@
 // 64-element runs of kernels/cpu/adamw_tile.h stay whole. 2048 pairs = 16K elements, ~20 us of
 // work: scheduling costs well under 1%.
 #define ADAMW_CPU_CHUNK 2048
+
+// CPU tiled loops (casts, upcasts): below SRK_CPU_PAR_TILES tiles a call runs on the calling
+// thread, because waking the OpenMP team costs more than the work (and on a loaded machine a
+// descheduled team member stalls the call for a whole time slice).
+#define SRK_CPU_PAR_TILES 64
+// CPU casts: Philox blocks per tile, the unit of the outer (OpenMP) loop (kernels/cpu/cast_tile.h).
+#define CAST_TILE 32
+// CPU upcasts: elements per unit of the outer (OpenMP) loop (kernels/cpu/upcast_table.h).
+#define UPCAST_CHUNK 4096

@@ -12,6 +12,8 @@
 //
 // Nothing here includes a system header on the GPU side: NVRTC compiles the file as is.
 #pragma once
+// SRK_LOOP_TILES below reads SRK_CPU_PAR_TILES from the launch geometry.
+#include "srk_launch.h"
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__) || defined(SRK_EMU)
 #define SRK_GPU 1
@@ -75,10 +77,8 @@ typedef uintptr_t uptr;
 #define SRK_LOOP(i, n) \
   SRK_PARALLEL(1) SRK_PRAGMA(omp for simd schedule(static) nowait) for (i64 i = 0; i < (i64)(n); ++i)
 // The outer loop of tiled kernels, whose body vectorises itself (inner `omp simd` loops): plain
-// static OpenMP scheduling, one contiguous run of tiles per thread. Below SRK_CPU_PAR_TILES
-// tiles the loop runs on the calling thread: waking the OpenMP team costs more than the work
-// (and on a loaded machine a descheduled team member stalls the call for a whole time slice).
-#define SRK_CPU_PAR_TILES 64
+// static OpenMP scheduling, one contiguous run of tiles per thread; below SRK_CPU_PAR_TILES
+// (srk_launch.h) tiles it runs on the calling thread.
 #define SRK_LOOP_TILES(i, n) \
   SRK_PARALLEL((i64)(n) >= SRK_CPU_PAR_TILES) SRK_PRAGMA(omp for schedule(static) nowait) \
   for (i64 i = 0; i < (i64)(n); ++i)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -35,29 +34,8 @@ _SLOT_BITS = {"p": None, "q": np.uint64, "Q": None, "I": None, "i": np.uint32, "
 BACKENDS = _build.BACKENDS
 DEFAULT_BACKEND = "cpu"
 
-_DEFINE = re.compile(r"^[ \t]*#[ \t]*define[ \t]+(\w+)[ \t]+(\d+)u?\b", re.M)
-
-
-@functools.lru_cache(maxsize=None)
-def _header_defines(header: str) -> dict[str, int]:
-    return {m.group(1): int(m.group(2)) for m in _DEFINE.finditer((_build.KERNEL_DIR / header).read_text())}
-
-
-def kernel_defines(header: str, *names: str) -> tuple[int, ...]:
-    """The values of the integer ``#define`` lines named ``names`` in ``kernels/<header>``, in order.
-
-    Constants that kernels and Python share (table columns, launch geometry, the norm's layout)
-    are written once, in the kernel headers, and read here; a name that is missing (renamed, or
-    no longer a plain integer) raises ``BuildError`` instead of going out of sync."""
-    found = _header_defines(header)
-    missing = [n for n in names if n not in found]
-    if missing:
-        raise _build.BuildError(f"kernels/{header} has no integer #define {', '.join(missing)}")
-    return tuple(found[n] for n in names)
-
-
 # The launch geometry of every backend, from kernels/srk_launch.h (where the choice is explained).
-GPU_BLOCK, GPU_BLOCKS_PER_SM, EMU_SMS = kernel_defines(
+GPU_BLOCK, GPU_BLOCKS_PER_SM, EMU_SMS = _build.kernel_defines(
     "srk_launch.h", "SRK_GPU_BLOCK", "SRK_GPU_BLOCKS_PER_SM", "SRK_EMU_SMS")
 
 

@@ -59,12 +59,34 @@ BACKENDS = ("cpu", "cpu-portable", "gpu-emu")
 # No flush-to-zero (said explicitly), no contraction, correctly rounded division and sqrt.
 NVRTC_FLAGS = ("--std=c++17", "--fmad=false", "--ftz=false", "--prec-div=true", "--prec-sqrt=true")
 
-_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*(?://.*)?$', re.M)  # a trailing // comment allowed
 _lock = threading.Lock()
 
 
 class BuildError(RuntimeError):
     """A kernel could not be compiled, or a tool it needs is missing."""
+
+
+_DEFINE = re.compile(r"^[ \t]*#[ \t]*define[ \t]+(\w+)[ \t]+(\d+)u?\b", re.M)
+
+
+@functools.lru_cache(maxsize=None)
+def header_defines(header: str) -> dict[str, int]:
+    """Every integer ``#define`` of ``kernels/<header>`` (a ``u`` suffix allowed), by name."""
+    return {m.group(1): int(m.group(2)) for m in _DEFINE.finditer((KERNEL_DIR / header).read_text())}
+
+
+def kernel_defines(header: str, *names: str) -> tuple[int, ...]:
+    """The values of the integer ``#define`` lines named ``names`` in ``kernels/<header>``, in order.
+
+    Constants that kernels and Python share (table columns, launch geometry, the norm's layout)
+    are written once, in the kernel headers, and read here; a name that is missing (renamed, or
+    no longer a plain integer) raises ``BuildError`` instead of going out of sync."""
+    found = header_defines(header)
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise BuildError(f"kernels/{header} has no integer #define {', '.join(missing)}")
+    return tuple(found[n] for n in names)
 
 
 def expand_source(name: str, prelude: str = "") -> str:

@@ -5,13 +5,16 @@ and everything else (the package, the NumPy reference, the tests) takes them fro
 """
 from __future__ import annotations
 
+import math
 import re
 import secrets
 import threading
 
+from typing import Any
+
 import numpy as np
 
-from ._build import KERNEL_DIR
+from ._build import header_defines
 
 CONTRACT_VERSION = "1.1"
 """The bit contract this srkern implements, "major.minor". v1.1 = v1 (Philox layout, streams,
@@ -41,10 +44,9 @@ def contract_compatible(version) -> bool:
     except ValueError:
         return False
 
-_STREAM_RE = re.compile(r"#define\s+SRK_STREAM_(\w+)\s+(\d+)u")
 STREAMS: dict[str, int] = {
-    m.group(1).lower(): int(m.group(2))
-    for m in _STREAM_RE.finditer((KERNEL_DIR / "srk_round.h").read_text())
+    name.removeprefix("SRK_STREAM_").lower(): value
+    for name, value in header_defines("srk_round.h").items() if name.startswith("SRK_STREAM_")
 }
 """Random-stream ids by purpose: cast, param, exp_avg, exp_avg_sq, compensation, collective, wire."""
 
@@ -88,3 +90,27 @@ def check_offset(name: str, value, n: int) -> int:
 
 def resolve_seed(seed) -> int:
     return next_seed() if seed is None else check_u64("seed", seed)
+
+
+# The smallest normal FP32 magnitude. Scalars are rounded to FP32 on the host, where the caller's
+# floating-point mode applies (torch.set_flush_denormal(True) turns a subnormal result into 0), so
+# a scalar that would be subnormal in FP32 is refused instead: no host rounding depends on the mode.
+FP32_MIN_NORMAL = 2.0 ** -126
+
+
+def check_f32(name: str, value: Any, lo: float, lo_open: bool = False, hi: float | None = None) -> float:
+    """``value`` as a float that is finite also in FP32 (the kernels' precision), in range, and
+    zero or normal in FP32."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    with np.errstate(over="ignore"):
+        finite32 = math.isfinite(v) and math.isfinite(float(np.float32(v)))
+    bad = not finite32 or v < lo or (lo_open and v == lo) or (hi is not None and v >= hi)
+    if bad:
+        rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'})"
+        raise ValueError(f"{name} must be finite (in FP32) and in {rng}, got {value!r}")
+    if v != 0.0 and abs(v) < FP32_MIN_NORMAL:
+        raise ValueError(f"{name}={value!r} is below FP32's smallest normal number (2**-126): "
+                         "it would be subnormal or zero in the kernel")
+    return v

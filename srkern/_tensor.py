@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from .formats import FLOAT_DTYPES, FP8_DTYPES, NP_DTYPES, dtype_name  # noqa: F401 (re-exported)

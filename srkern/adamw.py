@@ -12,24 +12,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import _backend, _contract
-from ._tensor import View, as_view, check_disjoint, stream_of
+from . import _backend, _contract, _table
+from ._tensor import as_view, check_disjoint, stream_of
 from .layout import flat_offsets
 from .precisions import PRECISIONS, bytes_per_param, default_state_dtype, mode as _precision, step_bytes_per_param  # noqa: F401 (re-exported)
 
-_GRAD_DTYPES = ("bfloat16", "float32")
-_SUFFIX = {"bfloat16": "bf16", "float32": "f32"}
-# The tensor table of adamw.cu and norm.cu (kernels/srk_table.h): row width, first-unit column.
-_TABLE_COLS, _TABLE_UNIT0 = _backend.kernel_defines("srk_table.h", "SRK_TABLE_COLS", "SRK_TABLE_UNIT0")
-
-
 # ---- host-side scalars --------------------------------------------------------------------------
-
-
-# The smallest normal FP32 magnitude. Scalars are rounded to FP32 on the host, where the caller's
-# floating-point mode applies (torch.set_flush_denormal(True) turns a subnormal result into 0), so
-# a scalar that would be subnormal in FP32 is refused instead: no host rounding depends on the mode.
-_FP32_MIN_NORMAL = 2.0 ** -126
 
 
 def _scalars(step: int, lr: float, betas: tuple[float, float], eps: float,
@@ -47,29 +35,11 @@ def _scalars(step: int, lr: float, betas: tuple[float, float], eps: float,
     if bad:
         raise ValueError(f"lr={lr!r}, weight_decay={weight_decay!r} at step {step} give kernel scalars "
                          f"{bad} that overflow FP32")
-    tiny = [k for k, v in sc.items() if v != 0.0 and abs(v) < _FP32_MIN_NORMAL]
+    tiny = [k for k, v in sc.items() if v != 0.0 and abs(v) < _contract.FP32_MIN_NORMAL]
     if tiny:
         raise ValueError(f"lr={lr!r}, weight_decay={weight_decay!r} at step {step} give kernel scalars "
                          f"{tiny} below FP32's smallest normal number (2**-126)")
     return sc
-
-
-def _check_float(name: str, value: Any, lo: float, lo_open: bool = False, hi: float | None = None) -> float:
-    """``value`` as a float that is finite also in FP32 (the kernels' precision), in range, and
-    zero or normal in FP32."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    v = float(value)
-    with np.errstate(over="ignore"):
-        finite32 = math.isfinite(v) and math.isfinite(float(np.float32(v)))
-    bad = not finite32 or v < lo or (lo_open and v == lo) or (hi is not None and v >= hi)
-    if bad:
-        rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'})"
-        raise ValueError(f"{name} must be finite (in FP32) and in {rng}, got {value!r}")
-    if v != 0.0 and abs(v) < _FP32_MIN_NORMAL:
-        raise ValueError(f"{name}={value!r} is below FP32's smallest normal number (2**-126): "
-                         "it would be subnormal or zero in the kernel")
-    return v
 
 
 def check_hyperparameters(lr: Any, betas: Any, eps: Any, weight_decay: Any,
@@ -79,79 +49,18 @@ def check_hyperparameters(lr: Any, betas: Any, eps: Any, weight_decay: Any,
     lr >= 0, 0 <= beta < 1, eps > 0, weight_decay >= 0, grad_scale any real; all finite in FP32.
     Returns them as floats; raises ``ValueError``/``TypeError`` naming the bad argument.
     """
-    lr = _check_float("lr", lr, 0.0)
+    lr = _contract.check_f32("lr", lr, 0.0)
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    b1 = _check_float("betas[0]", betas[0], 0.0, hi=1.0)
-    b2 = _check_float("betas[1]", betas[1], 0.0, hi=1.0)
-    eps = _check_float("eps", eps, 0.0, lo_open=True)
-    weight_decay = _check_float("weight_decay", weight_decay, 0.0)
-    grad_scale = _check_float("grad_scale", grad_scale, -math.inf)
+    b1 = _contract.check_f32("betas[0]", betas[0], 0.0, hi=1.0)
+    b2 = _contract.check_f32("betas[1]", betas[1], 0.0, hi=1.0)
+    eps = _contract.check_f32("eps", eps, 0.0, lo_open=True)
+    weight_decay = _contract.check_f32("weight_decay", weight_decay, 0.0)
+    grad_scale = _contract.check_f32("grad_scale", grad_scale, -math.inf)
     return lr, (b1, b2), eps, weight_decay, grad_scale
 
 
 # ---- validation ---------------------------------------------------------------------------------
-
-
-def _views(name: str, xs: Any, n: int | None, allow_none: bool = False) -> list[View | None]:
-    if xs is None or isinstance(xs, (str, bytes)) or not hasattr(xs, "__len__"):
-        raise TypeError(f"{name} must be a list or tuple of tensors, got {type(xs).__name__}")
-    if n is not None and len(xs) != n:
-        raise ValueError(f"{name} has {len(xs)} tensors, params has {n}")
-    out: list[View | None] = []
-    for i, x in enumerate(xs):
-        if x is None:
-            if allow_none:
-                out.append(None)
-                continue
-            raise ValueError(f"{name}[{i}] is None (a parameter with no gradient): pass only "
-                             "parameters that have gradients")
-        out.append(as_view(x, f"{name}[{i}]"))
-    return out
-
-
-def _check_list(name: str, views: Sequence[View], params: Sequence[View], dtypes: tuple[str, ...],
-                written: bool) -> None:
-    for i, (v, p) in enumerate(zip(views, params)):
-        if v.dtype not in dtypes:
-            raise TypeError(f"{name}[{i}] has dtype {v.dtype}; this precision needs {' or '.join(dtypes)}")
-        if v.shape != p.shape:
-            raise ValueError(f"{name}[{i}] has shape {v.shape}, params[{i}] has {p.shape}")
-        if (v.device, v.device_id) != (params[0].device, params[0].device_id):
-            raise ValueError(f"{name}[{i}] is on {v.device}:{v.device_id}, params[0] on "
-                             f"{params[0].device}:{params[0].device_id}: one call runs on one device")
-        if not v.contiguous:
-            raise ValueError(f"{name}[{i}] must be contiguous and aligned to its element size (it is read/written in place)")
-        if written and v.readonly:
-            raise ValueError(f"{name}[{i}] is read-only")
-    if views and len({v.dtype for v in views}) > 1:
-        raise TypeError(f"{name} mixes dtypes {sorted({v.dtype for v in views})}: one dtype per call")
-
-
-def _table(params: Sequence[View], cols: Sequence[Sequence[int]], offsets: Sequence[int],
-           units: Sequence[int]) -> tuple[np.ndarray, int]:
-    """The kernels' tensor table (``kernels/srk_table.h``; one row per tensor: the six buffer
-    pointers of ``cols``, the size, the logical offset and the first work unit) and the total
-    number of work units, where tensor ``t`` has ``units[t]`` of them."""
-    table = np.zeros((len(params), _TABLE_COLS), dtype=np.uint64)
-    b0 = 0
-    for t, p in enumerate(params):
-        table[t, :6] = [c[t] for c in cols]
-        table[t, 6] = p.numel
-        table[t, 7] = offsets[t]
-        table[t, _TABLE_UNIT0] = b0
-        b0 += units[t]
-    return table, b0
-
-
-def _device_table(table: np.ndarray, v: View, stream: int) -> tuple[Any, int]:
-    """The table where the kernel can read it: (keep-alive object, pointer)."""
-    if v.device == "cpu":
-        return table, table.ctypes.data
-    import cupy
-    with cupy.cuda.Device(v.device_id), _backend.cupy_stream(stream, v.device_id):
-        d = cupy.asarray(table)
-    return d, d.data.ptr
 
 
 # ---- public functions ---------------------------------------------------------------------------
@@ -233,11 +142,11 @@ def _plan_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[A
         raise ValueError("step must be >= 1 (the first AdamW step is step 1)")
     lr, (b1, b2), eps, weight_decay, grad_scale = check_hyperparameters(lr, betas, eps, weight_decay, grad_scale)
 
-    pv = _views("params", params, None)
+    pv = _table.views("params", params, None)
     n = len(pv)
-    gv = _views("grads", grads, n)
-    mv = _views("exp_avgs", exp_avgs, n)
-    vv = _views("exp_avg_sqs", exp_avg_sqs, n)
+    gv = _table.views("grads", grads, n)
+    mv = _table.views("exp_avgs", exp_avgs, n)
+    vv = _table.views("exp_avg_sqs", exp_avg_sqs, n)
     if prec.master and master_params is None:
         raise ValueError("precision 'fp32-master' needs master_params (FP32 copies of params)")
     if not prec.master and master_params is not None:
@@ -246,23 +155,23 @@ def _plan_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[A
         raise ValueError("precision 'bf16-kahan' needs compensation (BF16 buffers, zeros at start)")
     if not prec.compensation and compensation is not None:
         raise ValueError(f"compensation is only used by 'bf16-kahan', not {precision!r}")
-    wv = _views("master_params", master_params, n) if prec.master else []
-    cv = _views("compensation", compensation, n) if prec.compensation else []
+    wv = _table.views("master_params", master_params, n) if prec.master else []
+    cv = _table.views("compensation", compensation, n) if prec.compensation else []
     if n == 0:
         return None
 
     if any(p.framework == "jax" for p in pv):
         raise TypeError("params: JAX arrays are immutable; adamw_step works in place")
-    _check_list("params", pv, pv, (prec.param_dtype,), True)
-    _check_list("grads", gv, pv, _GRAD_DTYPES, False)
-    _check_list("exp_avgs", mv, pv, prec.state_dtypes, True)
-    _check_list("exp_avg_sqs", vv, pv, prec.state_dtypes, True)
+    _table.check_list("params", pv, pv, (prec.param_dtype,), True)
+    _table.check_list("grads", gv, pv, _table.GRAD_DTYPES, False)
+    _table.check_list("exp_avgs", mv, pv, prec.state_dtypes, True)
+    _table.check_list("exp_avg_sqs", vv, pv, prec.state_dtypes, True)
     if mv[0].dtype != vv[0].dtype:
         raise TypeError(f"exp_avgs are {mv[0].dtype} but exp_avg_sqs are {vv[0].dtype}: use one dtype")
     if wv:
-        _check_list("master_params", wv, pv, ("float32",), True)
+        _table.check_list("master_params", wv, pv, ("float32",), True)
     if cv:
-        _check_list("compensation", cv, pv, ("bfloat16",), True)
+        _table.check_list("compensation", cv, pv, ("bfloat16",), True)
     fi = None
     if found_inf is not None:
         fi = as_view(found_inf, "found_inf")
@@ -285,15 +194,15 @@ def _plan_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[A
     # Units of the update: (tensor, Philox block) pairs; a tensor covers blocks
     # offset // 8 .. (offset + n - 1) // 8.
     blocks = [0 if p.numel == 0 else (o + p.numel - 1) // 8 - o // 8 + 1 for p, o in zip(pv, offs, strict=True)]
-    table, npairs = _table(pv, cols, offs, blocks)
+    table, npairs = _table.table(pv, cols, offs, blocks)
     if npairs == 0:
         return None
-    kernel = f"adamw_{prec.kernel}_g{_SUFFIX[gv[0].dtype]}_s{_SUFFIX[mv[0].dtype]}"
+    kernel = f"adamw_{prec.kernel}_g{_table.SUFFIX[gv[0].dtype]}_s{_table.SUFFIX[mv[0].dtype]}"
 
     def launch() -> None:
         # All checks passed: from here on buffers are written.
         stream = stream_of(pv[0])
-        keep, tptr = _device_table(table, pv[0], stream)
+        keep, tptr = _table.device_table(table, pv[0], stream)
         _backend.launch("adamw", kernel, [
             ("p", tptr), ("q", n), ("q", npairs), ("Q", seed), ("Q", step),
             ("f", sc["b1"]), ("f", sc["omb1"]), ("f", sc["b2"]), ("f", sc["omb2"]),

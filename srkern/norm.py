@@ -11,13 +11,12 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from . import _backend
+from . import _backend, _build, _contract, _table
 from ._tensor import stream_of
-from .adamw import _GRAD_DTYPES, _SUFFIX, _check_float, _check_list, _device_table, _table, _views
 
 # The partial layout, from kernels/norm.cu: spans of _NORM_THREADS partials x _NORM_CHUNK
 # elements per tensor, groups of _NORM_LANES elements.
-_NORM_LANES, _NORM_THREADS, _NORM_CHUNK = _backend.kernel_defines(
+_NORM_LANES, _NORM_THREADS, _NORM_CHUNK = _build.kernel_defines(
     "norm.cu", "NORM_LANES", "NORM_THREADS", "NORM_CHUNK")
 _NORM_SPAN = _NORM_THREADS * _NORM_CHUNK  # elements per span (65536)
 
@@ -61,20 +60,20 @@ def grad_norm(grads: Sequence[Any], *, grad_scale: float = 1.0) -> GradNorm:
 
 def _sumsq_partials(grads: Sequence[Any], *, grad_scale: float = 1.0) -> np.ndarray:
     """The kernel's FP64 partial sums of squares (layout: :func:`grad_norm`), as a NumPy array."""
-    grad_scale = _check_float("grad_scale", grad_scale, -math.inf)
-    gv = _views("grads", grads, None)
+    grad_scale = _contract.check_f32("grad_scale", grad_scale, -math.inf)
+    gv = _table.views("grads", grads, None)
     if not gv:
         return np.zeros(0, dtype=np.float64)
-    _check_list("grads", gv, gv, _GRAD_DTYPES, False)
+    _table.check_list("grads", gv, gv, _table.GRAD_DTYPES, False)
     # Units of the norm: partials, _NORM_THREADS per span of _NORM_SPAN elements (see grad_norm).
     zero = [0] * len(gv)
-    table, nparts = _table(gv, [zero, [g.ptr for g in gv], zero, zero, zero, zero], zero,
+    table, nparts = _table.table(gv, [zero, [g.ptr for g in gv], zero, zero, zero, zero], zero,
                            [_NORM_THREADS * -(-g.numel // _NORM_SPAN) for g in gv])
     if nparts == 0:
         return np.zeros(0, dtype=np.float64)
     g0 = gv[0]
     stream = stream_of(g0)
-    keep, tptr = _device_table(table, g0, stream)
+    keep, tptr = _table.device_table(table, g0, stream)
     if g0.device == "cpu":
         partial = np.empty(nparts, dtype=np.float64)
         pptr = partial.ctypes.data
@@ -83,7 +82,7 @@ def _sumsq_partials(grads: Sequence[Any], *, grad_scale: float = 1.0) -> np.ndar
         with cupy.cuda.Device(g0.device_id), _backend.cupy_stream(stream, g0.device_id):
             dpart = cupy.empty(nparts, dtype=np.float64)
         pptr = dpart.data.ptr
-    _backend.launch("norm", f"norm_sumsq_g{_SUFFIX[g0.dtype]}", [
+    _backend.launch("norm", f"norm_sumsq_g{_table.SUFFIX[g0.dtype]}", [
         ("p", tptr), ("q", len(gv)), ("q", nparts), ("f", float(np.float32(grad_scale))),
         ("p", pptr)], device=g0.device, device_id=g0.device_id, units=nparts, stream=stream)
     if g0.device != "cpu":

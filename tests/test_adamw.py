@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import srkern
-from srkern import _backend, _build
+from srkern import _backend, _build, _table
 from srkern import adamw as A
 from srkern import reference as R
 from srkern.testing import assert_same_bits, bits_of
@@ -115,7 +115,7 @@ def test_bit_exact_against_reference(backend, precision, grad_dtype, state_dtype
 # Where the CPU backends switch between their 64-element runs (kernels/cpu/adamw_tile.h: 8 full
 # Philox blocks, SIMD Philox tiles) and the shared block body (adamw.cu: adamw_block, full or
 # lane-masked): (sizes, offsets) of one launch, each layout putting a switch somewhere else.
-_CHUNK = _backend.kernel_defines("srk_launch.h", "ADAMW_CPU_CHUNK")[0]  # pairs per CPU work item
+_CHUNK = _build.kernel_defines("srk_launch.h", "ADAMW_CPU_CHUNK")[0]  # pairs per CPU work item
 RUN_LAYOUTS = {
     # exactly one run; one element short of it; one over; two runs and one short
     "64-63-65-at-block-starts": ([64, 63, 65, 127], [0, 64, 128, 200]),
@@ -139,13 +139,17 @@ RUN_LAYOUTS = {
 def test_cpu_runs_and_shared_blocks(backend, precision, grad_dtype, state_dtype, layout):
     # The CPU's fast path must equal the shared body bit for bit at every switch between them;
     # both are compared with the NumPy oracle (on gpu-emu and cuda every block is the shared body).
-    sizes, offsets = RUN_LAYOUTS[layout]
+    step_matches_reference(backend, precision, grad_dtype, state_dtype, *RUN_LAYOUTS[layout], layout)
+
+
+def step_matches_reference(backend, precision, grad_dtype, state_dtype, sizes, offsets, what):
+    """One step of tensors of ``sizes`` at ``offsets`` on ``backend`` equals the oracle's, bit for bit."""
     st = make_state(precision, grad_dtype, state_dtype, sizes, seed=31)
     kw = dict(HYPER, step=3, precision=precision, seed=0xC0FFEE, offsets=offsets)
     want = run_reference(st, **kw)
     dev = put_state(backend, st)
     run_kernel(dev, **kw)
-    assert_state_equal(get_state(backend, dev), want, layout)
+    assert_state_equal(get_state(backend, dev), want, what)
 
 
 @pytest.mark.parametrize("precision", ["bf16-sr", "bf16-kahan", "fp32-master"])
@@ -442,13 +446,7 @@ TOP_LAYOUTS = {
 @pytest.mark.parametrize("precision,grad_dtype,state_dtype", CASES,
                          ids=[f"mode={p}-grad={SHORT[g]}-state={SHORT[s]}" for p, g, s in CASES])
 def test_tensors_at_the_top_of_the_index_space(backend, precision, grad_dtype, state_dtype, layout):
-    sizes, offsets = TOP_LAYOUTS[layout]
-    st = make_state(precision, grad_dtype, state_dtype, sizes, seed=17)
-    kw = dict(HYPER, step=2, precision=precision, seed=0xFEED, offsets=offsets)
-    want = run_reference(st, **kw)
-    dev = put_state(backend, st)
-    run_kernel(dev, **kw)
-    assert_state_equal(get_state(backend, dev), want, f"{layout}")
+    step_matches_reference(backend, precision, grad_dtype, state_dtype, *TOP_LAYOUTS[layout], layout)
 
 
 # ---- constants shared with the kernel headers ----------------------------------------------------
@@ -469,13 +467,13 @@ def test_python_uses_the_headers_table_and_launch_constants():
     # srkern._backend sizes grids with, are the headers' values: a header changed without
     # Python (or a Python constant typed in by hand) fails here.
     table = compiler_defines("srk_table.h")
-    assert (A._TABLE_COLS, A._TABLE_UNIT0) == (table["SRK_TABLE_COLS"], table["SRK_TABLE_UNIT0"])
+    assert (_table.TABLE_COLS, _table.TABLE_UNIT0) == (table["SRK_TABLE_COLS"], table["SRK_TABLE_UNIT0"])
     launch = compiler_defines("srk_launch.h")
     assert (_backend.GPU_BLOCK, _backend.GPU_BLOCKS_PER_SM, _backend.EMU_SMS) == (
         launch["SRK_GPU_BLOCK"], launch["SRK_GPU_BLOCKS_PER_SM"], launch["SRK_EMU_SMS"])
     # The table as built: one row of that width per tensor, the first units in that column.
     two = [SimpleNamespace(numel=3), SimpleNamespace(numel=5)]
-    table_rows, units = A._table(two, [[0, 0]] * 6, [0, 3], [1, 2])
+    table_rows, units = _table.table(two, [[0, 0]] * 6, [0, 3], [1, 2])
     assert table_rows.shape == (2, table["SRK_TABLE_COLS"]) and units == 3
     assert table_rows[:, table["SRK_TABLE_UNIT0"]].tolist() == [0, 1]
 
@@ -485,10 +483,10 @@ def test_kernel_defines_refuses_a_missing_name(tmp_path, monkeypatch):
     # silently stale value.
     (tmp_path / "x.h").write_text("#define SRK_A 7\n#define SRK_B (SRK_A + 1)\n#define SRK_C 5u\n")
     monkeypatch.setattr(_build, "KERNEL_DIR", tmp_path)
-    _backend._header_defines.cache_clear()
+    _build.header_defines.cache_clear()
     try:
-        assert _backend.kernel_defines("x.h", "SRK_A", "SRK_C") == (7, 5)
+        assert _build.kernel_defines("x.h", "SRK_A", "SRK_C") == (7, 5)
         with pytest.raises(_build.BuildError, match="SRK_B"):
-            _backend.kernel_defines("x.h", "SRK_A", "SRK_B")
+            _build.kernel_defines("x.h", "SRK_A", "SRK_B")
     finally:
-        _backend._header_defines.cache_clear()
+        _build.header_defines.cache_clear()

@@ -647,19 +647,11 @@ def test_torch_out_unchanged_on_error():
 # tile whose block counter crosses 2**32, and a pointer one element off 16-byte alignment. The
 # tile constants are read from the headers, so the cases follow them if they are retuned.
 
-def _kernel_define(header: str, name: str) -> int:
-    """The integer value of ``#define name N`` in ``kernels/<header>``."""
-    import re
-    from srkern import _build
-    m = re.search(rf"^#define {name} (\d+)\b", (_build.KERNEL_DIR / header).read_text(), re.M)
-    assert m, f"#define {name} not found in kernels/{header}: update this test"
-    return int(m.group(1))
-
-
 def _tile_seam_cases(block: int) -> list[tuple[int, int, int]]:
     """(n, offset, lead) triples around the tile and thread-count seams for a block of ``block`` lanes."""
-    tile = _kernel_define("cpu/cast_tile.h", "CAST_TILE") * block  # elements per tile
-    par = _kernel_define("srk_platform.h", "SRK_CPU_PAR_TILES")  # tiles from which the team runs
+    from srkern import _build
+    tile_blocks, par = _build.kernel_defines("srk_launch.h", "CAST_TILE", "SRK_CPU_PAR_TILES")
+    tile = tile_blocks * block  # elements per tile; par: tiles from which the team runs
     sizes = [tile - block, tile - 1, tile, tile + 1, tile + block, 2 * tile + block + 1,
              par * tile - block, par * tile, par * tile + tile // 2 + 3]
     offsets = [0, 1, block - 1, block + 3, block * 2 ** 32 - 3 * block - 1]

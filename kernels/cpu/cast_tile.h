@@ -20,8 +20,6 @@
 #include "cpu/round_small.h"
 
 #ifndef SRK_GPU
-// Blocks per tile, the unit of the outer (OpenMP) loop.
-#define CAST_TILE 32
 
 // The CPU lane math of a cast lane struct C: rounding with SAT fixed at compile time (the
 // common saturate=0 loop carries no clamp), and the draw of element j of a tile buffer.

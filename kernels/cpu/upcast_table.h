@@ -15,8 +15,6 @@
 #include "srk_round.h"
 
 #ifndef SRK_GPU
-// Elements per unit of the outer (OpenMP) loop.
-#define UPCAST_CHUNK 4096
 
 template <class D> struct UpcastCpu;
 
