@@ -23,7 +23,7 @@ PACKAGE = ROOT / "srkern"
 LAYERS = {
     "facts": ("_files", "formats", "precisions", "testing"),
     "build": ("_build", "_contract", "layout", "_tensor"),
-    "launch": ("_backend",),
+    "launch": ("_backend", "_table"),
     "families": ("cast", "adamw", "norm", "reference", "comm", "_collective"),
     "composites": ("checkpoint", "sharded", "dist"),
     "frameworks": ("torch",),
@@ -128,3 +128,14 @@ def test_every_kernel_file_ships_in_the_wheel():
     files = [p.relative_to(kernel_dir).as_posix() for p in kernel_dir.rglob("*") if p.is_file()]
     shipped = [f for f in files if any(fnmatch.fnmatchcase(f, g) and f.count("/") == g.count("/") for g in globs)]
     assert sorted(files) == sorted(shipped), f"not shipped: {sorted(set(files) - set(shipped))}"
+
+
+def test_readme_import_table_is_the_import_graph():
+    # The README's "who imports whom" table is read by people deciding where code goes: it must
+    # be the graph the code has, not the graph it once had.
+    text = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| `(\w+)` \| ((?:`\w+`(?:, )?)+|—) \|$", text, re.M)
+    documented = {m: set(re.findall(r"`(\w+)`", deps)) for m, deps in rows}
+    actual = {m: d for m, d in package_imports().items() if m != "__main__"}
+    assert documented == actual, {m: (sorted(documented.get(m, ())), sorted(actual.get(m, ())))
+                                  for m in set(documented) | set(actual) if documented.get(m) != actual.get(m)}
