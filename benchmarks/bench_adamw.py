@@ -69,7 +69,7 @@ import pytest
 
 import _common
 import srkern
-from srkern.adamw import PRECISIONS, bytes_per_param, step_bytes_per_param
+from srkern.precisions import PRECISIONS, bytes_per_param, step_bytes_per_param
 
 HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 SEED = 0x5EED

@@ -27,8 +27,10 @@ import pytest
 import _common
 import srkern
 from bench_adamw import HEADLINE_TENSORS, copy_fn, split
+from srkern.formats import KERNEL_SUFFIX, NP_DTYPES
 
-DTYPES = {"bf16": ("bfloat16", 2), "f32": ("float32", 4)}
+# grad dtype by its short name, and bytes per element read (the norm reads each gradient once)
+DTYPES = {KERNEL_SUFFIX[d]: (d, NP_DTYPES[d].itemsize) for d in ("bfloat16", "float32")}
 TORCH = "torch get_total_norm (foreach)"
 COPY = "torch copy_ (roofline)"
 

@@ -7,8 +7,9 @@
 // for every (block, thread) of the grid srkern/_backend.py computes for a CUDA launch.
 //
 // What is here: the built-in index variables (per host thread, so blocks can run on OpenMP
-// threads), CUDA's vector types with CUDA's size and alignment (a misaligned float4 access is
-// undefined behaviour that UBSan's alignment check reports), and the intrinsics the kernels use.
+// threads) and the intrinsics the kernels use. Wide accesses go through srk_vec.h's SrkPacked,
+// which carries its own alignment, so a misaligned 16-byte access is undefined behaviour that
+// UBSan's alignment check reports here as it would fault on a GPU.
 // What is deliberately missing: __syncthreads, __shared__, atomics, warp functions. A kernel that
 // starts to use one fails to build here until this header gives it its semantics (for example
 // by running the threads of a block as coroutines), because running threads one after another
@@ -32,10 +33,6 @@ struct dim3 { unsigned int x, y, z; };
 static thread_local uint3 threadIdx, blockIdx;
 static thread_local dim3 blockDim, gridDim;
 
-struct alignas(16) float4 { float x, y, z, w; };
-struct alignas(16) uint4 { unsigned int x, y, z, w; };
-struct alignas(8) uint2 { unsigned int x, y; };
-static inline float4 make_float4(float x, float y, float z, float w) { float4 r = {x, y, z, w}; return r; }
 
 static inline unsigned int __float_as_uint(float f) { unsigned int u; memcpy(&u, &f, 4); return u; }
 static inline float __uint_as_float(unsigned int u) { float f; memcpy(&f, &u, 4); return f; }

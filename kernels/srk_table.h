@@ -1,7 +1,7 @@
 // srk_table.h: the tensor table of the multi-tensor kernels (adamw.cu, norm.cu), and how they
 // read and write the table's BF16 / FP32 elements.
 //
-// One launch covers a list of tensors. The host (srkern/adamw.py, _table) writes one row of
+// One launch covers a list of tensors. The host (srkern/_table.py, table) writes one row of
 // SRK_TABLE_COLS u64 per tensor: six buffer pointers, the element count, the logical index of
 // element 0 and the first work unit of the tensor in the launch (work units: (tensor, Philox
 // block) pairs for AdamW, partial sums for the norm). A thread finds its tensor by binary search

@@ -7,7 +7,8 @@ from ._contract import CONTRACT_VERSION, STREAMS, manual_seed
 from ._build import BuildError
 from .cast import cast
 from . import dist  # Communicator, reduce_scatter, all_gather, ShardedAdamWCore (mpi4py loaded on first use)
-from .adamw import PRECISIONS, adamw_step, bytes_per_param
+from .adamw import adamw_step
+from .precisions import PRECISIONS, bytes_per_param
 from .norm import GradNorm, grad_norm
 
 __version__ = "0.1.0"

@@ -9,6 +9,7 @@ vector, with the shards laid out by ``srkern.layout.shard_range``.
 from __future__ import annotations
 
 from . import _backend, _contract
+from .formats import KERNEL_SUFFIX
 from ._tensor import View, as_view, empty_like, stream_of
 from .cast import cast
 from .comm import Communicator
@@ -21,7 +22,6 @@ COLLECTIVE_STREAM = _contract.STREAMS["collective"]
 
 OPS = ("avg", "sum")
 WIRE_DTYPES = ("float32", "bfloat16")
-_KSUFFIX = {"float32": "f32", "bfloat16": "bf16"}
 
 
 def reduce_scatter_views(xv: View, outv: View, comm: Communicator, *, op: str, rounding: str, seed: int,
@@ -45,10 +45,10 @@ def reduce_scatter_views(xv: View, outv: View, comm: Communicator, *, op: str, r
     div = float(world) if op == "avg" else 1.0
     base = [("p", rv.ptr), ("q", m), ("i", world), ("f", div), ("p", outv.ptr), ("q", m)]
     if outv.dtype == "float32":
-        _backend.launch("dist", f"dist_reduce_{_KSUFFIX[wire]}_f32", base, device=xv.device,
+        _backend.launch("dist", f"dist_reduce_{KERNEL_SUFFIX[wire]}_f32", base, device=xv.device,
                         device_id=xv.device_id, units=m, stream=cs)
     else:
-        kernel = f"dist_reduce_{_KSUFFIX[wire]}_bf16_{'sr' if rounding == 'stochastic' else 'rn'}"
+        kernel = f"dist_reduce_{KERNEL_SUFFIX[wire]}_bf16_{'sr' if rounding == 'stochastic' else 'rn'}"
         _backend.launch("dist", kernel, base + [("Q", start), ("Q", seed), ("Q", step), ("I", stream)],
                         device=xv.device, device_id=xv.device_id, units=-(-m // 8) + 2, stream=cs)
 

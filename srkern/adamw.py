@@ -60,8 +60,6 @@ def check_hyperparameters(lr: Any, betas: Any, eps: Any, weight_decay: Any,
     return lr, (b1, b2), eps, weight_decay, grad_scale
 
 
-# ---- validation ---------------------------------------------------------------------------------
-
 
 # ---- public functions ---------------------------------------------------------------------------
 

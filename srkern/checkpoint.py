@@ -221,6 +221,17 @@ def save_sharded(core: Any, path: str | os.PathLike, layout: Any = None, extra: 
 def check_manifest(man: dict, core: Any, layout: Any) -> None:
     """Every manifest field against ``core``; :class:`CheckpointMismatch` or :class:`CheckpointCorrupt`."""
     check_format(man, SHARDED_FORMAT, SHARDED_VERSION, "contract_version")
+    # JSON numbers compare equal across types (100.0 == 100), but a float start or size would
+    # fail later, in the copy loop of some ranks only: every count must be a plain int.
+    counts = [("n", man["n"]), ("world_size", man["world_size"])]
+    counts += [(f"shards[{k}].{f}", sh.get(f) if isinstance(sh, dict) else None)
+               for k, sh in enumerate(man["shards"] if isinstance(man["shards"], list) else [None])
+               for f in ("start", "stop", "bytes")]
+    bad = [name for name, v in counts if type(v) is not int]
+    if bad:
+        raise CheckpointCorrupt(f"manifest fields {bad} must be integers")
+    if not isinstance(man["extra"], dict):
+        raise CheckpointCorrupt(f"manifest field extra must be an object, got {type(man['extra']).__name__}")
     expect_equal("number of parameters", man["n"], core.n)
     expect_equal("precision", man["precision"], core.precision)
     expect_equal("state sections", man["sections"], _sections_of(core))

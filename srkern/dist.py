@@ -34,6 +34,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import _contract
+from .cast import ROUNDINGS
 from ._collective import (COLLECTIVE_STREAM, OPS, WIRE_DTYPES, WIRE_STREAM, all_gather_views,
                           reduce_scatter_views)
 from ._tensor import View, as_view, contiguous, empty_like, finish
@@ -46,7 +47,6 @@ __all__ = ["Communicator", "abort_on_error", "reduce_scatter", "all_gather", "sh
            "SHARD_ALIGN", "ShardedAdamWCore", "CheckpointError", "CheckpointCorrupt",
            "CheckpointMismatch", "OPS", "ROUNDINGS", "WIRE_STREAM", "COLLECTIVE_STREAM"]
 
-ROUNDINGS = ("stochastic", "nearest")
 
 
 def _check_out(out: Any, name: str, dtype: str, n: int, ref: View) -> View:

@@ -61,6 +61,9 @@ FORMATS_BY_SHORT: dict[str, Format] = {f.short: f for f in FORMATS.values()}
 FP8_DTYPES = tuple(name for name in FORMATS if name.startswith("float8"))
 FLOAT_DTYPES = ("float32", *FORMATS)  # what srkern.cast reads and writes
 
+KERNEL_SUFFIX: dict[str, str] = {"float32": "f32", **{f.name: f.short for f in FORMATS.values()}}
+"""The dtype part of kernel names (``cast_f32_bf16_sr``, ``adamw_bf16_sr_gf32_sbf16``) and of test ids."""
+
 NP_DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype(np.float32),
     "float64": np.dtype(np.float64),

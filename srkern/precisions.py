@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-_ITEMSIZE = {"bfloat16": 2, "float32": 4}
+from .formats import NP_DTYPES
+
+_ITEMSIZE = {name: NP_DTYPES[name].itemsize for name in ("bfloat16", "float32")}
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Written for clarity over speed: Philox rounds as in Random123, and rounding by t
 the contract (truncate onto the grid, compare the scaled remainder with the draw) using
 float64/integer arithmetic rather than the kernels' bit tricks, so that the two can disagree if
 either is wrong. The facts it shares with the package rather than re-deriving (the format table,
-the stream ids read from ``kernels/srk_round.h``, the flat layout and the shard split) are
+the stream ids read from ``kernels/srk_round.h``, the flat layout) are
 imported from their one home; every formula, including the AdamW host scalars, is its own.
 """
 from __future__ import annotations

@@ -56,14 +56,18 @@ def _nan_mask(a: np.ndarray) -> np.ndarray:
         return np.isnan(np.ascontiguousarray(a).astype(np.float64 if a.itemsize == 8 else np.float32)).reshape(-1)
 
 
-def first_difference(got: Any, want: Any, nan: str = "exact", limit: int = 10) -> dict:
+def first_difference(got: Any, want: Any, nan: str = "exact", limit: int = 10, shape_free: bool = False) -> dict:
     """Compare bit for bit. Returns ``{"ok", "n", "mismatches", "first": [(index, got, want)],
     "error"}``: ``first`` lists up to ``limit`` differing flat indices with both bit patterns;
-    ``error`` is set (and ``ok`` false) when the sizes or widths differ."""
+    ``error`` is set (and ``ok`` false) when the shapes (unless ``shape_free``: the flat bits
+    alone), sizes or widths differ."""
     if nan not in NAN_RULES:
         raise ValueError(f"nan must be one of {NAN_RULES}, got {nan!r}")
     ga, wa = np.asarray(host_array(got)), np.asarray(host_array(want))
     g, w = bits_of(ga), bits_of(wa)
+    if ga.shape != wa.shape and not shape_free:
+        return {"ok": False, "n": int(w.size), "mismatches": None, "first": [],
+                "error": f"shape {ga.shape}, expected {wa.shape}"}
     if g.shape != w.shape or g.itemsize != w.itemsize:
         return {"ok": False, "n": int(w.size), "mismatches": None, "first": [],
                 "error": f"{g.size} elements of {g.itemsize} bytes, expected {w.size} of {w.itemsize}"}
@@ -93,10 +97,12 @@ def mismatch_report(rec: dict, what: str = "", x: Any = None, width: int | None 
     return "\n".join(lines)
 
 
-def assert_same_bits(got: Any, want: Any, x: Any = None, what: str = "", nan: str = "exact") -> None:
+def assert_same_bits(got: Any, want: Any, x: Any = None, what: str = "", nan: str = "exact",
+                     shape_free: bool = False) -> None:
     """Raise ``AssertionError`` with the first differing indices and bit patterns unless ``got``
-    and ``want`` hold the same bits (any framework; ``nan`` as in :func:`first_difference`)."""
-    rec = first_difference(got, want, nan)
+    and ``want`` have the same shape and bits (any framework; ``nan`` and ``shape_free`` as in
+    :func:`first_difference`)."""
+    rec = first_difference(got, want, nan, shape_free=shape_free)
     if not rec["ok"]:
         raise AssertionError(mismatch_report(rec, what, x, bits_of(want).itemsize))
 

@@ -47,7 +47,7 @@ class AdamW(torch.optim.Optimizer):
         precision: ``"bf16-sr"`` (BF16 weights and moments, SR on every write),
             ``"bf16-nearest"``, ``"bf16-kahan"``, ``"fp32-master"`` (FP32 master weights kept
             here, the BF16 model weights written round-to-nearest) or ``"fp32"``; see
-            :data:`srkern.adamw.PRECISIONS`.
+            :data:`srkern.precisions.PRECISIONS`.
         seed: 64-bit Philox key (share it across data-parallel replicas); None draws one from
             :func:`srkern.manual_seed`'s generator.
         state_dtype: moment dtype, ``"bfloat16"`` (default in the BF16 modes) or ``"float32"``.
@@ -285,24 +285,30 @@ class ShardedAdamW(torch.optim.Optimizer):
                  state_dtype: str | None = None, seed: int | None = None,
                  reduce_dtype: str | None = None, wire_dtype: str | None = None,
                  op: str = "avg") -> None:
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        check_hyper(defaults)
-        super().__init__(params, defaults)
-        mode(precision)
         comm = comm if isinstance(comm, Communicator) else Communicator(comm)
-        want = _TORCH_DTYPES[param_dtype(precision)]
-        plist = [p for g in self.param_groups for p in g["params"]]
-        if not plist:
-            raise ValueError("ShardedAdamW got no parameters")
-        dev = plist[0].device
-        for i, p in enumerate(plist):
-            if p.dtype != want:
-                raise TypeError(f"parameter {i} has dtype {p.dtype}; precision {precision!r} "
-                                f"needs {want} parameters")
-            if p.device != dev:
-                raise ValueError(f"parameter {i} is on {p.device}, parameter 0 on {dev}")
-        if len({id(p) for p in plist}) != len(plist):
-            raise ValueError("a parameter appears twice")
+
+        def check() -> tuple[list[torch.Tensor], None]:
+            # This rank's arguments; run through check_args, so that a bad argument on one rank
+            # raises on every rank instead of leaving the others waiting in the core's exchanges.
+            defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+            check_hyper(defaults)
+            torch.optim.Optimizer.__init__(self, params, defaults)
+            want = _TORCH_DTYPES[param_dtype(precision)]
+            plist = [p for g in self.param_groups for p in g["params"]]
+            if not plist:
+                raise ValueError("ShardedAdamW got no parameters")
+            for i, p in enumerate(plist):
+                if p.dtype != want:
+                    raise TypeError(f"parameter {i} has dtype {p.dtype}; precision {precision!r} "
+                                    f"needs {want} parameters")
+                if p.device != plist[0].device:
+                    raise ValueError(f"parameter {i} is on {p.device}, parameter 0 on {plist[0].device}")
+            if len({id(p) for p in plist}) != len(plist):
+                raise ValueError("a parameter appears twice")
+            return plist, None
+
+        plist = comm.check_args(check)
+        want, dev = plist[0].dtype, plist[0].device
         self._params = plist
         sizes = [p.numel() for p in plist]
         self._offsets = flat_offsets(sizes)

@@ -226,6 +226,10 @@ def check_corrupt(comm: dist.Communicator, ck: Checks, folder: Path) -> None:
         "escaping-path": (edit(shards=[dict(man["shards"][0], file="../" + man["shards"][0]["file"])]
                                + man["shards"][1:]), dist.CheckpointCorrupt, "bad shard entry"),
         "step-out-of-range": (edit(step=2**32), dist.CheckpointCorrupt, "step must be in [0, 2**32)"),
+        # 0.0 == 0 in JSON, but a float offset would break the copy loop of some ranks only
+        "float-start": (edit(shards=[dict(man["shards"][0], start=0.0)] + man["shards"][1:]),
+                        dist.CheckpointCorrupt, "manifest fields ['shards[0].start'] must be integers"),
+        "extra-not-object": (edit(extra=[]), dist.CheckpointCorrupt, "extra must be an object, got list"),
     }
 
     def refused(target, path: Path, kind: str, cls: type, words: str) -> None:
@@ -314,6 +318,13 @@ def check_errors(comm: dist.Communicator, ck: Checks, folder: Path) -> int:
     expect_raise("state_dtype bfloat16 for fp32-master", ValueError, "state_dtype",
                  lambda: dist.ShardedAdamWCore(inv_initial("fp32-master")[:10].copy(), comm,
                                                precision="fp32-master", state_dtype="bfloat16"))
+    # The torch optimizer with a bad argument on one rank only (FP32 weights for bf16-sr): every
+    # rank raises at construction, none waits in the core's exchanges.
+    import torch
+    from srkern.torch import ShardedAdamW
+    wrong = torch.zeros(12, dtype=torch.float32 if r == W - 1 else torch.bfloat16)
+    expect_raise("ShardedAdamW with FP32 weights on one rank", TypeError, "dtype",
+                 lambda: ShardedAdamW([wrong], comm, precision="bf16-sr", seed=SEED))
     # save() into a folder rank 0 cannot create (a file is in the way): CheckpointError everywhere.
     blocker = folder / "a-file"
     if r == 0:

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import srkern
+from srkern.formats import KERNEL_SUFFIX
 from srkern import _backend, _build, _table
-from srkern import adamw as A
 from srkern import reference as R
 from srkern.testing import assert_same_bits, bits_of
 
@@ -94,7 +94,7 @@ def snapshot(st: dict, be=None) -> dict:
 
 CASES = [(p, g, s) for p, mode in srkern.PRECISIONS.items()
          for g in ("bfloat16", "float32") for s in mode.state_dtypes]
-SHORT = {"bfloat16": "bf16", "float32": "f32"}
+SHORT = KERNEL_SUFFIX  # kernel-name suffixes, as in test ids
 
 
 @pytest.mark.parametrize("precision,grad_dtype,state_dtype", CASES,
@@ -414,7 +414,7 @@ def test_torch_tensors_work_in_place():
     run_kernel(ts, step=1, precision="bf16-sr", seed=2, **HYPER)
     run_kernel(ref, step=1, precision="bf16-sr", seed=2, **HYPER)
     for key in ("params", "exp_avgs", "exp_avg_sqs"):
-        for a, b in zip(ts[key], ref[key]):
+        for a, b in zip(ts[key], ref[key], strict=True):
             assert_same_bits(a, b, what=key)
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import srkern
+from srkern.formats import KERNEL_SUFFIX
 from srkern import norm as N
 from srkern import reference as R
 from srkern.testing import assert_same_bits
@@ -20,7 +21,7 @@ from test_adamw import compiler_defines, mixed_sizes
 
 BF16 = ml_dtypes.bfloat16
 NP = {"bfloat16": BF16, "float32": np.float32}
-SHORT = {"bfloat16": "bf16", "float32": "f32"}
+SHORT = KERNEL_SUFFIX  # kernel-name suffixes, as in test ids
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])

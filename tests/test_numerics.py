@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 import srkern
+from srkern.formats import KERNEL_SUFFIX
 from srkern import _backend, _build
 from srkern import norm as N
 from srkern import reference as R
@@ -35,7 +36,7 @@ from srkern.testing import assert_same_bits, bits_of
 from conftest import CPU_BACKENDS
 
 BF16 = ml_dtypes.bfloat16
-SHORT = {"bfloat16": "bf16", "float32": "f32"}  # kernel-name suffixes, as in test ids
+SHORT = KERNEL_SUFFIX  # kernel-name suffixes, as in test ids
 CANON = R.CANONICAL_NAN
 
 # NaNs of both signs, quiet and signalling, with payloads (the canonical ones are there too, so

@@ -99,3 +99,11 @@ def test_streams_are_distinct_and_name_every_purpose():
     assert set(STREAMS) == {"cast", "param", "exp_avg", "exp_avg_sq", "compensation", "collective", "wire"}
     assert len(set(STREAMS.values())) == len(STREAMS), STREAMS
     assert all(0 <= v < 2 ** 32 for v in STREAMS.values()), STREAMS
+
+
+def test_stream_ids_are_the_contract_values():
+    # The ids are part of bit contract v1 (the README states them): renumbering one would change
+    # every random bit drawn for that purpose, so the values are pinned here, not read.
+    from srkern import STREAMS
+    assert STREAMS == {"cast": 0, "param": 1, "exp_avg": 2, "exp_avg_sq": 3, "compensation": 4,
+                       "collective": 5, "wire": 6}

@@ -221,17 +221,31 @@ REFUSED = {
 @pytest.mark.parametrize("case", list(REFUSED), ids=[f"damage={c.replace(' ', '-')}" for c in REFUSED])
 def test_mismatched_state_dict_refused_and_nothing_loaded(case):
     # Each damage is refused for its own cause (the error class and the message that names it;
-    # both classes are ValueErrors), before anything is loaded: seed, step and state unchanged.
+    # both classes are ValueErrors), before anything is loaded: the target has taken a step of
+    # its own, and its seed, step count, weights and every state tensor keep their bits.
     hurt, settings, cls, words = REFUSED[case]
     sd = _saved_state_dict()
     hurt(sd)
     settings = dict(settings)
-    params = list(small_model(torch.bfloat16).parameters())[:settings.pop("first", None)]
+    model = small_model(torch.bfloat16)
+    params = list(model.parameters())[:settings.pop("first", None)]
     target = srt.AdamW(params, seed=2, **HYPER, **settings)
+    loss_of(model, 1).backward()
+    target.step()
+
+    def snapshot():
+        tensors = [p.detach().clone() for p in params]
+        tensors += [t.clone() for p in params for t in target.state[p].values() if torch.is_tensor(t)]
+        return target.seed, target._step, tensors
+
+    before = snapshot()
     with pytest.raises(cls, match=re.escape(words)) as err:
         target.load_state_dict(sd)
     assert isinstance(err.value, ValueError)
-    assert target.seed == 2 and target._step == 0 and len(target.state) == 0
+    after = snapshot()
+    assert after[:2] == before[:2] == (2, 1)
+    for a, b in zip(after[2], before[2], strict=True):
+        assert_same_bits(a, b, what=f"{case}: a buffer changed")
 
 
 def test_state_dict_without_format_fields_loads():
