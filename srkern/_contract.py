@@ -9,7 +9,6 @@ import math
 import re
 import secrets
 import threading
-
 from typing import Any
 
 import numpy as np
