@@ -1199,6 +1199,13 @@ class Runner:
     def allowed(self, name: str) -> float:
         return max(0.0, min(self.budgets[name], self.left()))
 
+    def spent(self, name: str, budget: float) -> bool:
+        """Whether stage ``name``'s ``budget`` is under 5 s; if so the stage is recorded as not run."""
+        if budget >= 5:
+            return False
+        self.record(name, {"ok": False, "seconds": 0.0, "error": "not run: the total time budget was spent"})
+        return True
+
     def record(self, name: str, rec: dict) -> None:
         rec.setdefault("budget", self.budgets.get(name))
         self.stages[name] = rec
@@ -1394,8 +1401,7 @@ class Runner:
     def stage_tests(self) -> None:
         t0 = time.monotonic()
         budget = self.allowed("tests")
-        if budget < 5:
-            self.record("tests", {"ok": False, "seconds": 0.0, "error": "not run: the total time budget was spent"})
+        if self.spent("tests", budget):
             return
         xml = self.out / "tests.xml"
         if xml.exists():
@@ -1427,8 +1433,7 @@ class Runner:
     def stage_bench(self) -> None:
         t0 = time.monotonic()
         budget = self.allowed("bench")
-        if budget < 5:
-            self.record("bench", {"ok": False, "seconds": 0.0, "error": "not run: the total time budget was spent"})
+        if self.spent("bench", budget):
             return
         soft = max(1.0, budget - 8)  # the child stops starting entries here; the rest is for its start
         rc, to = self.run_child(self.child_cmd("bench", "--stage-budget", str(soft)), budget, self.out / "bench.log")
@@ -1471,8 +1476,7 @@ class Runner:
             cmd = [tool, "--tool", "memcheck", "--leak-check", "no", "--error-exitcode", "86",
                    "--print-limit", "30", *self.child_cmd("sanitize-payload")]
             res["tool"] = tool
-        if budget < 5:
-            self.record("sanitizer", {"ok": False, "seconds": 0.0, "error": "not run: the total time budget was spent"})
+        if self.spent("sanitizer", budget):
             return
         rc, to = self.run_child(cmd, budget, log, env=env)
         text = log.read_text(errors="replace") if log.exists() else ""
