@@ -35,15 +35,18 @@ def mixed_sizes(seed: int, count: int = 40) -> list[int]:
     return SIZES + rng.integers(0, 300, count).tolist()
 
 
-def make_state(precision: str, grad_dtype: str, state_dtype: str, sizes: list[int], seed: int = 0) -> dict:
-    """Buffers of one optimizer with plausible mid-training values (moments not zero)."""
+def make_state(precision: str, grad_dtype: str, state_dtype: str, sizes: list[int], seed: int = 0,
+               grad_scale: float | None = None) -> dict:
+    """Buffers of one optimizer with plausible mid-training values (moments not zero). Gradients
+    spread over six decades (10**-6 .. 1), or, with ``grad_scale``, normal values of that scale."""
     rng = np.random.default_rng(seed)
     mode = srkern.PRECISIONS[precision]
     out = {k: [] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "master_params", "compensation")}
     for n in sizes:
         w = rng.standard_normal(n).astype(np.float32)
         out["params"].append(w.astype(NP[mode.param_dtype]))
-        g = (rng.standard_normal(n) * 10.0 ** rng.integers(-6, 1, n)).astype(np.float32)
+        g = rng.standard_normal(n) * (10.0 ** rng.integers(-6, 1, n) if grad_scale is None else grad_scale)
+        g = g.astype(np.float32)
         out["grads"].append(g.astype(NP[grad_dtype]))
         out["exp_avgs"].append((rng.standard_normal(n) * 1e-2).astype(NP[state_dtype]))
         out["exp_avg_sqs"].append((rng.random(n) * 1e-4).astype(NP[state_dtype]))

@@ -34,6 +34,7 @@ from srkern.formats import NP_DTYPES as NP, dtype_name
 from srkern.testing import assert_same_bits, bits_of
 
 from conftest import CPU_BACKENDS
+from test_adamw import make_state
 
 BF16 = ml_dtypes.bfloat16
 SHORT = KERNEL_SUFFIX  # kernel-name suffixes, as in test ids
@@ -99,25 +100,6 @@ def noncanonical_nans_of_both_signs(arrays: list[np.ndarray]) -> bool:
 # ---- AdamW ------------------------------------------------------------------------------------------
 
 
-def make_state(precision: str, grad_dtype: str, state_dtype: str, sizes: list[int], seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    mode = srkern.PRECISIONS[precision]
-    st: dict = {k: [] for k in BUFFERS + ("grads",)}
-    for n in sizes:
-        w = rng.standard_normal(n).astype(np.float32)
-        st["params"].append(w.astype(NP[mode.param_dtype]))
-        st["grads"].append((rng.standard_normal(n) * 1e-2).astype(NP[grad_dtype]))
-        st["exp_avgs"].append((rng.standard_normal(n) * 1e-2).astype(NP[state_dtype]))
-        st["exp_avg_sqs"].append((rng.random(n) * 1e-4).astype(NP[state_dtype]))
-        st["master_params"].append(w.copy())
-        st["compensation"].append((rng.standard_normal(n) * 1e-4).astype(BF16))
-    if not mode.master:
-        st["master_params"] = None
-    if not mode.compensation:
-        st["compensation"] = None
-    return st
-
-
 def run_adamw(backend, st: dict, **kw) -> dict:
     """One step on ``backend`` copies of ``st``; returns the buffers as NumPy arrays."""
     dev = {k: None if v is None else [backend.put(x) for x in v] for k, v in st.items()}
@@ -153,7 +135,7 @@ def test_adamw_nans_are_canonical(backend, precision, grad_dtype, state_dtype):
     # by arithmetic: x86's own is the negative 0xffc00000): every stored NaN is the canonical
     # one and every buffer equals the oracle bit for bit.
     rng = np.random.default_rng(31)
-    st = make_state(precision, grad_dtype, state_dtype, SIZES, seed=32)
+    st = make_state(precision, grad_dtype, state_dtype, SIZES, seed=32, grad_scale=1e-2)
     for key in ("grads",) + BUFFERS:
         if st[key] is not None:
             st[key] = [sprinkle_nans(x, rng, 0.04) for x in st[key]]
