@@ -13,11 +13,9 @@ import numpy as np
 
 from . import _backend, _build
 from ._tensor import View, as_view
-from .formats import KERNEL_SUFFIX
 
 TABLE_COLS, TABLE_UNIT0 = _build.kernel_defines("srk_table.h", "SRK_TABLE_COLS", "SRK_TABLE_UNIT0")
 GRAD_DTYPES = ("bfloat16", "float32")
-SUFFIX = KERNEL_SUFFIX  # dtype -> kernel-name suffix
 
 
 def views(name: str, xs: Any, n: int | None, allow_none: bool = False) -> list[View | None]:

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import _backend, _contract, _table
+from .formats import KERNEL_SUFFIX
 from ._tensor import as_view, check_disjoint, stream_of
 from .layout import flat_offsets
 from .precisions import PRECISIONS, bytes_per_param, default_state_dtype, mode as _precision, step_bytes_per_param  # noqa: F401 (re-exported)
@@ -195,7 +196,7 @@ def _plan_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[A
     table, npairs = _table.table(pv, cols, offs, blocks)
     if npairs == 0:
         return None
-    kernel = f"adamw_{prec.kernel}_g{_table.SUFFIX[gv[0].dtype]}_s{_table.SUFFIX[mv[0].dtype]}"
+    kernel = f"adamw_{prec.kernel}_g{KERNEL_SUFFIX[gv[0].dtype]}_s{KERNEL_SUFFIX[mv[0].dtype]}"
 
     def launch() -> None:
         # All checks passed: from here on buffers are written.

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from . import _backend, _build, _contract, _table
+from .formats import KERNEL_SUFFIX
 from ._tensor import stream_of
 
 # The partial layout, from kernels/norm.cu: spans of _NORM_THREADS partials x _NORM_CHUNK
@@ -82,7 +83,7 @@ def _sumsq_partials(grads: Sequence[Any], *, grad_scale: float = 1.0) -> np.ndar
         with cupy.cuda.Device(g0.device_id), _backend.cupy_stream(stream, g0.device_id):
             dpart = cupy.empty(nparts, dtype=np.float64)
         pptr = dpart.data.ptr
-    _backend.launch("norm", f"norm_sumsq_g{_table.SUFFIX[g0.dtype]}", [
+    _backend.launch("norm", f"norm_sumsq_g{KERNEL_SUFFIX[g0.dtype]}", [
         ("p", tptr), ("q", len(gv)), ("q", nparts), ("f", float(np.float32(grad_scale))),
         ("p", pptr)], device=g0.device, device_id=g0.device_id, units=nparts, stream=stream)
     if g0.device != "cpu":
