@@ -168,6 +168,25 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def run_mpi(k: int, script: Path | str, *args: str, timeout: float = 60, backend: str = "cpu",
+            env: dict[str, str] | None = None):
+    """``mpirun -n k python script args...`` with a hard limit: ``MPIEXEC_TIMEOUT`` makes mpirun
+    end a hung job after ``timeout`` seconds, and the subprocess itself is killed 15 s later, so a
+    hang fails the one test that launched it. One OpenMP thread per rank (the ranks share the
+    cores). Returns the ``CompletedProcess`` (stdout and stderr as text); skips without mpirun."""
+    import subprocess
+    import sys
+
+    from srkern.testing import find_mpirun
+    mpirun = find_mpirun()
+    if mpirun is None:
+        pytest.skip("mpirun not found beside this Python nor on PATH (pip install mpich)")
+    full = dict(child_env(), MPIEXEC_TIMEOUT=str(int(timeout)), OMP_NUM_THREADS="1", SRKERN_BACKEND=backend)
+    full.update(env or {})
+    cmd = [mpirun, "-n", str(k), sys.executable, str(script), *args]
+    return subprocess.run(cmd, env=full, capture_output=True, text=True, timeout=timeout + 15)
+
+
 def f32(bits) -> np.ndarray:
     """float32 array from uint32 bit patterns."""
     return np.asarray(bits, dtype=np.uint64).astype(np.uint32).view(np.float32)
