@@ -52,7 +52,7 @@ def cpu_backend_status() -> tuple[bool, str]:
     with tempfile.TemporaryDirectory(prefix="srkern-info-") as tmp:
         os.environ["SRKERN_CACHE_DIR"] = os.path.join(tmp, "cache")
         try:
-            lib = ctypes.CDLL(str(_build.cpu_library_path("philox")))
+            lib = _build.load_cpu_library("philox")
             fn = lib.philox_blocks
             fn.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint64,
                            ctypes.c_int64, ctypes.c_void_p]

@@ -15,16 +15,35 @@
   Not ``cupy.RawModule(code=...)``: CuPy appends ``-ftz=true`` to every NVRTC compile, so the
   program it loads would flush subnormals and would not be the one ``regs``/``ptx`` check.
 
-Disk-cache rules: the folder is private to the user (0700); the key is a SHA-256 of the expanded
-source, the compiler's path and version (NVRTC's for GPUs), the flags and the machine (the GPU
-architecture); writes are atomic (write to
-a temporary file, fsync, rename), because several MPI ranks compile at once; an entry that is
-not owned by the user, is writable by group or others, or whose bytes do not match the hash
-recorded beside it, is rebuilt and never loaded.
+Disk-cache rules:
+
+* The folder is private to the user (0700, owned by the user), and so is the way to it: every
+  folder above it must be the user's or root's and writable by nobody else, except a sticky
+  folder owned by root or by the user (``/tmp``), where others cannot rename what is not theirs.
+  Anything else is refused with a ``BuildError`` naming the folder, before anything is created,
+  as is a cache path that is not a folder, cannot be made, or is not writable by its owner.
+  Whoever can write the cache folder itself (the user, root) can replace the code: by design.
+* The key is a SHA-256 of the expanded source, the compiler's path and version (NVRTC's for
+  GPUs), the flags and the machine (the GPU architecture); writes are atomic (write to a
+  temporary file, fsync, rename), because several MPI ranks compile at once.
+* An entry is opened once, without following links and without blocking (a FIFO at its name
+  does not hang), checked on that open file (a regular file, owned by the user, not writable by
+  group or others), and its bytes are hashed; a CPU library is then loaded from that same open
+  file (``/proc/self/fd/N``), never looked up by name again, so a file swapped in after the
+  check is not what runs. Linux only, as ``/proc`` is.
+* An entry that fails a check (a symbolic link, a folder, a FIFO, someone else's file, bytes that
+  do not match the digest recorded beside it, or no ELF header) is never loaded: it is rebuilt,
+  with a ``RuntimeWarning`` saying why (a missing entry is rebuilt silently). An empty folder at
+  an entry's name is removed first; a folder with something in it is not srkern's to delete, so
+  that is a ``BuildError`` naming it.
+* A compiler that exits 0 without writing a shared library (no file, or no ELF header) is a
+  ``BuildError`` naming the compiler and the kernel, and nothing is cached.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import functools
 import hashlib
 import os
@@ -35,6 +54,7 @@ import stat
 import subprocess
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -61,6 +81,14 @@ NVRTC_FLAGS = ("--std=c++17", "--fmad=false", "--ftz=false", "--prec-div=true", 
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*(?://.*)?$', re.M)  # a trailing // comment allowed
 _lock = threading.Lock()
+# A shared library (or cubin) starts with the ELF magic, and an ELF64 header alone is 64 bytes.
+_ELF_MAGIC = b"\x7fELF"
+_ELF_MIN_SIZE = 64
+# The open file of every library loaded through /proc/self/fd/N stays open while the process
+# lives (loaded libraries are never unloaded anyway): glibc's dlopen hands back an already
+# loaded library whose path string matches, so a closed and reused N would name the earlier
+# library instead of the new one (seen with glibc 2.36).
+_loaded_fds: list[int] = []
 
 
 class BuildError(RuntimeError):
@@ -123,13 +151,55 @@ def cache_dir() -> Path:
     else:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         path = Path(base) / "srkern"
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.stat()
-    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+    # Resolved once: the checks below hold for this path, which has no symbolic link left that
+    # someone could later point elsewhere.
+    path = Path(os.path.realpath(path))
+    uid = os.getuid()
+    _check_ancestors(path, uid)
+    try:
+        # Each missing folder is made 0700 (os.makedirs would give the ones above the last the
+        # umask's mode, which may be group-writable).
+        for folder in (*reversed(path.parents), path):
+            if not os.path.lexists(folder):
+                with contextlib.suppress(FileExistsError):  # another rank made it first
+                    os.mkdir(folder, 0o700)
+        st = path.stat()
+    except OSError as e:
+        raise BuildError(f"cache folder {path} cannot be made ({e.strerror}: {e.filename}); "
+                         "set SRKERN_CACHE_DIR to a folder you can write") from e
+    if not stat.S_ISDIR(st.st_mode):
+        raise BuildError(f"cache folder {path} is not a folder; remove it or set SRKERN_CACHE_DIR")
+    if st.st_uid != uid or st.st_mode & 0o022:
         raise BuildError(f"cache folder {path} is not private to this user "
                          f"(owner uid {st.st_uid}, mode {oct(st.st_mode & 0o777)}); "
                          "fix its permissions or set SRKERN_CACHE_DIR")
+    if st.st_mode & 0o700 != 0o700:
+        raise BuildError(f"cache folder {path} is not readable, writable and searchable by its "
+                         f"owner (mode {oct(st.st_mode & 0o777)}): chmod 700 it or set SRKERN_CACHE_DIR")
     return path
+
+
+def _check_ancestors(path: Path, uid: int) -> None:
+    """Refuse ``path`` if another user could rename or replace it or a folder on the way to it:
+    every existing folder above it must be owned by ``uid`` or root and writable by nobody else,
+    unless it is sticky (then others cannot rename what they do not own)."""
+    for folder in reversed(path.parents):  # from / down
+        try:
+            st = os.stat(folder)
+        except FileNotFoundError:
+            return  # this one and those below it are made by cache_dir, 0700
+        except OSError as e:
+            raise BuildError(f"cache folder {path} cannot be checked: {folder}: {e.strerror}; "
+                             "set SRKERN_CACHE_DIR") from e
+        if not stat.S_ISDIR(st.st_mode):
+            raise BuildError(f"cache folder {path} cannot be made: {folder} is not a folder; "
+                             "set SRKERN_CACHE_DIR")
+        sticky = st.st_mode & stat.S_ISVTX
+        if st.st_uid not in (uid, 0) or (st.st_mode & 0o022 and not sticky):
+            raise BuildError(f"cache folder {path} is refused: the folder {folder} above it can be "
+                             f"written by another user (owner uid {st.st_uid}, mode "
+                             f"{oct(st.st_mode & 0o7777)}), who could swap the cached code; set "
+                             "SRKERN_CACHE_DIR to a folder below ones only you or root can write")
 
 
 @functools.lru_cache(maxsize=None)
@@ -163,21 +233,73 @@ def _machine_id() -> str:
     return platform.machine() + "\n" + flags
 
 
-def _read_trusted(path: Path) -> bytes | None:
-    """The bytes of ``path`` if it is a regular file owned by this user and not writable by group
-    or others (checked on the open file itself), else None."""
+def _open_entry(path: Path) -> tuple[int | None, str | None]:
+    """(an open file descriptor of ``path``, None) if it is a regular file owned by this user and
+    not writable by group or others (checked on the open file itself), else (None, why not);
+    why is None for a missing entry, which is nothing to warn about."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        return None
+        # No link followed; non-blocking, so a FIFO at the name cannot hang the open.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, "is a symbolic link" if e.errno == errno.ELOOP else f"cannot be opened ({e.strerror})"
+    st = os.fstat(fd)
+    why = ("is not a regular file" if not stat.S_ISREG(st.st_mode) else
+           f"is owned by uid {st.st_uid}" if st.st_uid != os.getuid() else
+           "is writable by group or others" if st.st_mode & 0o022 else None)
+    if why:
+        os.close(fd)
+        return None, why
+    return fd, None
+
+
+def _read_fd(fd: int) -> bytes:
+    with os.fdopen(os.dup(fd), "rb") as f:
+        return f.read()
+
+
+def _read_trusted(path: Path) -> tuple[bytes | None, str | None]:
+    """(the bytes of ``path``, None) if :func:`_open_entry` trusts it, else (None, why not)."""
+    fd, why = _open_entry(path)
+    if fd is None:
+        return None, why
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
-            return None
-        with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read()
+        return _read_fd(fd), None
     finally:
         os.close(fd)
+
+
+def _is_elf(data: bytes) -> bool:
+    return len(data) >= _ELF_MIN_SIZE and data.startswith(_ELF_MAGIC)
+
+
+def _rebuild_warning(path: Path, why: str) -> None:
+    warnings.warn(f"srkern: cache entry {path} {why}; it is not used, and is rebuilt",
+                  RuntimeWarning, stacklevel=3)
+
+
+def _make_room(path: Path) -> None:
+    """Remove an empty folder standing where cache entry ``path`` belongs (a rename cannot
+    replace a folder); a folder with something in it is not srkern's to delete."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        try:
+            os.rmdir(path)
+        except OSError as e:
+            raise BuildError(f"{path} is a folder where a cache entry of srkern belongs, and it "
+                             f"cannot be removed ({e.strerror}): remove it") from e
+
+
+def _write_entries(entries: list[tuple[Path, bytes]]) -> None:
+    """Write cache entries atomically, in order; a file system error is a BuildError naming the
+    entry (a full disk, a read-only file system)."""
+    for path, data in entries:
+        _make_room(path)
+        try:
+            atomic_write(path, data)
+        except OSError as e:
+            raise BuildError(f"cannot write the cache entry {path} ({e.strerror or e}); "
+                             "set SRKERN_CACHE_DIR to a folder you can write") from e
 
 
 def emu_sanitized() -> bool:
@@ -216,8 +338,10 @@ def emu_source(name: str, cxx: str) -> str:
     return f"{body}\n// ---- begin srk_emu_run.h\n{runner}\n// ---- end srk_emu_run.h\n{entries}"
 
 
-def cpu_library_path(name: str, backend: str = "cpu") -> Path:
-    """Compile ``kernels/<name>.cu`` for a CPU backend if needed; return the cached shared library."""
+def _cpu_open(name: str, backend: str) -> tuple[Path, int]:
+    """Compile ``kernels/<name>.cu`` for a CPU backend unless a trusted cache entry matches;
+    (the entry's path, an open file descriptor of the very bytes that were checked), which the
+    caller closes or loads."""
     flags = compile_flags(backend)
     cxx, version = cxx_compiler()
     source = emu_source(name, cxx) if backend == "gpu-emu" else expand_source(name)
@@ -227,21 +351,84 @@ def cpu_library_path(name: str, backend: str = "cpu") -> Path:
     stem = name if backend == "cpu" else f"{name}-{backend}"
     lib = folder / f"{stem}-{key}.so"
     digest = folder / f"{stem}-{key}.sha256"
-    data, recorded = _read_trusted(lib), _read_trusted(digest)
-    if data is not None and recorded is not None and \
-            recorded.decode(errors="replace").strip() == hashlib.sha256(data).hexdigest():
-        return lib
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        out = Path(tmp) / "k.so"
+    fd, why = _open_entry(lib)
+    if fd is not None:
+        data = _read_fd(fd)
+        recorded, why_digest = _read_trusted(digest)
+        if recorded is None:  # missing: a rank that is writing the entry has not got to it yet
+            why, bad = why_digest, digest
+        elif recorded.decode(errors="replace").strip() != hashlib.sha256(data).hexdigest():
+            why, bad = "does not match the digest recorded beside it", lib
+        elif not _is_elf(data):
+            why, bad = "is not a shared library (no ELF header)", lib
+        else:
+            return lib, fd
+        os.close(fd)
+        if why:
+            _rebuild_warning(bad, why)
+    elif why:
+        _rebuild_warning(lib, why)
+    return lib, _cpu_compile(name, backend, cxx, flags, source, (lib, digest))
+
+
+def _cpu_compile(name: str, backend: str, cxx: str, flags: tuple[str, ...], source: str,
+                 entry: tuple[Path, Path]) -> int:
+    """Compile, cache as ``entry`` (library, digest) and return an open file descriptor of the
+    compiler's output, whose bytes were checked and cached (the file itself is unlinked with its
+    private temporary folder; the descriptor keeps it)."""
+    lib, digest = entry
+    try:
+        tmp = tempfile.TemporaryDirectory(dir=lib.parent)
+    except OSError as e:
+        raise BuildError(f"cannot write in the cache folder {lib.parent} ({e.strerror}); "
+                         "set SRKERN_CACHE_DIR to a folder you can write") from e
+    with tmp:
+        out = Path(tmp.name) / "k.so"
         cmd = [cxx, *flags, "-x", "c++", "-", "-o", str(out)]
         res = subprocess.run(cmd, input=source, capture_output=True, text=True)
         if res.returncode != 0:
             raise BuildError(f"compiling kernels/{name}.cu for {backend} failed:\n{' '.join(cmd)}\n{res.stderr}")
-        data = out.read_bytes()
-    # Library first, digest second: a reader that sees the new digest also sees the new library.
-    atomic_write(lib, data)
-    atomic_write(digest, hashlib.sha256(data).hexdigest().encode())
+        try:
+            fd = os.open(out, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as e:
+            raise BuildError(f"{cxx} exited 0 but wrote no library for kernels/{name}.cu ({backend}); "
+                             f"nothing was cached: {' '.join(cmd)}") from e
+        try:
+            data = _read_fd(fd) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+            if not _is_elf(data):
+                raise BuildError(f"{cxx} exited 0 but wrote {len(data)} bytes that are not a shared "
+                                 f"library (no ELF header) for kernels/{name}.cu ({backend}); "
+                                 f"nothing was cached: {' '.join(cmd)}")
+            # Library first, digest second: a reader that sees the new digest also sees the new library.
+            _write_entries([(lib, data), (digest, hashlib.sha256(data).hexdigest().encode())])
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
+
+
+def cpu_library_path(name: str, backend: str = "cpu") -> Path:
+    """Compile ``kernels/<name>.cu`` for a CPU backend if needed; return the cached shared library.
+
+    For callers that want the file (to build ahead, to show it): to run it, use
+    :func:`cpu_library` or :func:`load_cpu_library`, which load the bytes they checked; loading
+    this path by name would be a second lookup, after the check."""
+    lib, fd = _cpu_open(name, backend)
+    os.close(fd)
     return lib
+
+
+def load_cpu_library(name: str, backend: str = "cpu") -> ctypes.CDLL:
+    """Compile ``kernels/<name>.cu`` for a CPU backend if needed and load it from the very open
+    file whose bytes were checked (``/proc/self/fd/N``). Not cached: see :func:`cpu_library`."""
+    lib, fd = _cpu_open(name, backend)
+    try:
+        handle = ctypes.CDLL(f"/proc/self/fd/{fd}")
+    except OSError as e:
+        os.close(fd)
+        raise BuildError(f"loading the cached library {lib} failed: {e}") from e
+    _loaded_fds.append(fd)
+    return handle
 
 
 def cpu_library(name: str, backend: str = "cpu") -> ctypes.CDLL:
@@ -254,7 +441,7 @@ def _cpu_library(name: str, backend: str, flags: tuple[str, ...]) -> ctypes.CDLL
     # One load per (file, backend, flags): the key check (expanding the source, for gpu-emu also
     # preprocessing it, and hashing the library) runs once, not once per kernel of the file.
     with _lock:
-        return ctypes.CDLL(str(cpu_library_path(name, backend)))
+        return load_cpu_library(name, backend)
 
 
 def nvrtc_include_dirs() -> list[str]:
@@ -400,8 +587,10 @@ def gpu_binary(name: str, arch: str) -> GpuBinary:
 
     Cache rules as for the CPU build: the private :func:`cache_dir`; the key is a SHA-256 of the
     expanded source, NVRTC's version, the flags and the architecture; the cubin, the PTX and then a
-    digest of both are written atomically; an entry that is not trusted or whose bytes do not match
-    its digest is rebuilt. The bytes returned are the very bytes that were checked."""
+    digest of both are written atomically; an entry that is not trusted (a link, a folder, a FIFO,
+    someone else's), whose bytes do not match its digest or whose cubin has no ELF header is
+    rebuilt, with a warning. The bytes returned are the very bytes that were checked (each file
+    read once, from the descriptor its checks were made on)."""
     if not re.fullmatch(r"\w+", name):  # the name becomes part of a cache file name
         raise BuildError(f"kernel name must be a file stem of kernels/*.cu, got {name!r}")
     flags = nvrtc_flags(arch)
@@ -412,12 +601,22 @@ def gpu_binary(name: str, arch: str) -> GpuBinary:
     stem = f"{name}-{arch}-{key}"
     cubin_path, ptx_path, digest_path = (folder / f"{stem}.cubin", folder / f"{stem}.ptx",
                                          folder / f"{stem}.sha256")
-    digest = _read_trusted(digest_path)
+    digest, why = _read_trusted(digest_path)
+    bad = digest_path
     if digest is not None:
-        cubin, ptx = _read_trusted(cubin_path), _read_trusted(ptx_path)
-        if cubin is not None and ptx is not None and digest.decode(errors="replace").split() == [
-                hashlib.sha256(cubin).hexdigest(), hashlib.sha256(ptx).hexdigest()]:
+        (cubin, why_cubin), (ptx, why_ptx) = _read_trusted(cubin_path), _read_trusted(ptx_path)
+        if cubin is None or ptx is None:
+            why, bad = (why_cubin, cubin_path) if cubin is None else (why_ptx, ptx_path)
+            why = why or "is missing"  # the digest is written last, so both were there
+        elif digest.decode(errors="replace").split() != [hashlib.sha256(cubin).hexdigest(),
+                                                         hashlib.sha256(ptx).hexdigest()]:
+            why = "does not match the cubin and PTX beside it"
+        elif not _is_elf(cubin):
+            why, bad = "is not a cubin (no ELF header)", cubin_path
+        else:
             return GpuBinary(name, arch, cubin, ptx, key)
+    if why:
+        _rebuild_warning(bad, why)
     prog = nvrtc_program(name, arch, source)
     if not prog.ok:
         hint = ""
@@ -431,10 +630,9 @@ def gpu_binary(name: str, arch: str) -> GpuBinary:
         raise BuildError(f"compiling kernels/{name}.cu for {arch} through NVRTC failed "
                          f"(flags: {' '.join(flags)}):\n{prog.log}{hint}")
     # Binaries first, digest last: a reader that sees the new digest also sees the new files.
-    atomic_write(cubin_path, prog.cubin)
-    atomic_write(ptx_path, prog.ptx)
-    atomic_write(digest_path, f"{hashlib.sha256(prog.cubin).hexdigest()}\n"
-                              f"{hashlib.sha256(prog.ptx).hexdigest()}\n".encode())
+    _write_entries([(cubin_path, prog.cubin), (ptx_path, prog.ptx),
+                    (digest_path, f"{hashlib.sha256(prog.cubin).hexdigest()}\n"
+                                  f"{hashlib.sha256(prog.ptx).hexdigest()}\n".encode())])
     return GpuBinary(name, arch, prog.cubin, prog.ptx, key)
 
 
