@@ -102,7 +102,10 @@ def check_f32(name: str, value: Any, lo: float, lo_open: bool = False, hi: float
     zero or normal in FP32."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an int beyond float64's range: beyond FP32's too
+        v = math.inf
     with np.errstate(over="ignore"):
         finite32 = math.isfinite(v) and math.isfinite(float(np.float32(v)))
     bad = not finite32 or v < lo or (lo_open and v == lo) or (hi is not None and v >= hi)

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import _backend, _build
-from ._tensor import View, as_view
+from ._tensor import View, as_view, unwritable
 
 TABLE_COLS, TABLE_UNIT0 = _build.kernel_defines("srk_table.h", "SRK_TABLE_COLS", "SRK_TABLE_UNIT0")
 GRAD_DTYPES = ("bfloat16", "float32")
@@ -45,10 +45,13 @@ def check_list(name: str, views: Sequence[View], params: Sequence[View], dtypes:
         if (v.device, v.device_id) != (params[0].device, params[0].device_id):
             raise ValueError(f"{name}[{i}] is on {v.device}:{v.device_id}, params[0] on "
                              f"{params[0].device}:{params[0].device_id}: one call runs on one device")
+        if v.needs_copy:
+            raise ValueError(f"{name}[{i}] cannot be {'written' if written else 'read'} in place: "
+                             f"it {v.needs_copy}")
         if not v.contiguous:
             raise ValueError(f"{name}[{i}] must be contiguous and aligned to its element size (it is read/written in place)")
-        if written and v.readonly:
-            raise ValueError(f"{name}[{i}] is read-only")
+        if written and (why := unwritable(v)):
+            raise ValueError(f"{name}[{i}] {why}")
     if views and len({v.dtype for v in views}) > 1:
         raise TypeError(f"{name} mixes dtypes {sorted({v.dtype for v in views})}: one dtype per call")
 

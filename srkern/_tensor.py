@@ -8,6 +8,7 @@ reader does not know the FP8 type codes, so FP8 tensors are read as bytes and re
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -47,6 +48,11 @@ class View:
     device: str  # "cpu" or "cuda"
     device_id: int
     readonly: bool
+    # Why the memory does not hold the values as ``dtype`` describes them, in C-contiguous
+    # elements ("" when it does): NumPy's non-native byte order or byte strides that are not a
+    # multiple of the item size, torch's negative bit (a lazy negation). Such a view is
+    # neither read nor written in place (``contiguous`` is False); :func:`contiguous` copies it.
+    needs_copy: str = ""
 
     @property
     def numel(self) -> int:
@@ -64,6 +70,8 @@ class View:
     def contiguous(self) -> bool:
         """Dense in C order and aligned to the element size: what a kernel may read or write in
         place (a float at an odd address is undefined behaviour in C++ and a fault on a GPU)."""
+        if self.needs_copy:
+            return False
         if self.numel == 0:  # nothing to lay out (NumPy reports stride 0 for empty arrays)
             return True
         if self.ptr % self.itemsize:
@@ -92,9 +100,17 @@ def as_view(x: Any, name: str = "x") -> View:
     """Describe ``x`` (any ``__dlpack__`` tensor or NumPy array) without copying it."""
     fw = framework_of(x)
     if fw == "numpy":
+        isz, why = x.itemsize or 1, ""  # 0 for 'V0': refused by every caller's dtype check
+        if not x.dtype.isnative:  # the dtype's name says float32 for '>f4' too
+            why = (f"has non-native byte order ({x.dtype.str!r}): srkern reads and writes native "
+                   "order only (a.astype(a.dtype.newbyteorder('=')) is a native copy)")
+        elif any(s % isz for s, n in zip(x.strides, x.shape) if n > 1):
+            why = (f"has byte strides {x.strides} that are not a multiple of its item size {isz} "
+                   "(a field of a packed structured array?): srkern needs whole-element strides "
+                   "(np.ascontiguousarray(a) is such a copy)")
         return View(x, fw, x.__array_interface__["data"][0], tuple(x.shape),
-                    tuple(s // x.itemsize for s in x.strides), x.dtype.name, "cpu", 0,
-                    not x.flags.writeable)
+                    tuple(s // isz for s in x.strides), x.dtype.name, "cpu", 0,
+                    not x.flags.writeable, why)
     if not hasattr(x, "__dlpack__"):
         raise TypeError(f"{name} must be a tensor with __dlpack__ (PyTorch, CuPy, NumPy, JAX), "
                         f"got {type(x).__name__}")
@@ -106,8 +122,11 @@ def as_view(x: Any, name: str = "x") -> View:
             dname = _TORCH_DTYPE_NAMES.get(x.dtype)
             if dname is None:
                 dname = _TORCH_DTYPE_NAMES.setdefault(x.dtype, dtype_name(x.dtype))
+            # A lazy negation: the memory holds the other sign. (The conjugate bit exists only on
+            # complex tensors, which every kernel's dtype check refuses: not tested here.)
+            why = _NEG_BIT if x.is_neg() else ""
             return View(x, fw, x.data_ptr(), tuple(x.shape), x.stride(), dname, dev.type,
-                        (dev.index or 0) if dev.type == "cuda" else 0, False)
+                        (dev.index or 0) if dev.type == "cuda" else 0, False, why)
     src, label = x, None
     if fw == "torch":
         src = x.detach()
@@ -146,6 +165,41 @@ def as_view(x: Any, name: str = "x") -> View:
                 int(dev_id) if on_gpu else 0, readonly)
 
 
+_NEG_BIT = ("has torch's negative bit set (a lazy negation, as from torch._neg_view or c.conj().imag): "
+            "its memory holds the negated values (.resolve_neg() is a tensor without it)")
+
+
+def unwritable(v: View) -> str:
+    """Why ``v`` may not be written in place, as a phrase that follows its name ("" when it may):
+    read-only, memory that does not hold the values as its dtype says, or a write torch would
+    refuse (srkern writes through raw pointers, which autograd does not see; see also
+    :func:`mark_written`). Callers name the tensor, so this costs no formatting per tensor."""
+    if v.readonly:
+        return "is read-only"
+    if v.needs_copy:
+        return f"cannot be written in place: it {v.needs_copy}"
+    if v.framework == "torch":
+        t = v.obj
+        if t.requires_grad and sys.modules["torch"].is_grad_enabled():
+            return ("requires grad and grad mode is on: srkern's in-place write is invisible to "
+                    "autograd (torch refuses in-place writes into leaves that require grad); write "
+                    "under torch.no_grad(), as optimizers do")
+        if t.is_inference() and not sys.modules["torch"].is_inference_mode_enabled():
+            return ("is an inference tensor: torch allows writing it only inside "
+                    "torch.inference_mode() (or write into a clone)")
+    return ""
+
+
+def mark_written(views: list[View]) -> None:
+    """Bump the version counter of every torch tensor among ``views``, which a kernel has just
+    written: a backward through a graph that saved one then raises, as after torch's own
+    in-place ops (one call for the whole list)."""
+    written = [v.obj for v in views if v.framework == "torch"]
+    if written:
+        import torch
+        torch.autograd.graph.increment_version(written)
+
+
 def _c_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     out, acc = [], 1
     for s in reversed(shape):
@@ -180,12 +234,12 @@ def stream_of(v: View) -> int:
 def contiguous(x: Any, fw: str) -> Any:
     """A C-contiguous version of ``x`` in its own framework (a copy only when needed)."""
     if fw == "torch":
-        return x.contiguous()
+        return x.resolve_conj().resolve_neg().contiguous()  # each a no-op without its bit
     if fw == "cupy":
         import cupy
         return cupy.ascontiguousarray(x)
-    if fw == "numpy":
-        return np.require(x, requirements=("C", "A"))  # dense and element-aligned (a copy if not)
+    if fw == "numpy":  # dense, element-aligned and native byte order (a copy if not)
+        return np.require(x, None if x.dtype.isnative else x.dtype.newbyteorder("="), ("C", "A"))
     return x  # JAX and other DLPack producers hand out dense tensors
 
 

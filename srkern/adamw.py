@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _backend, _contract, _table
 from .formats import KERNEL_SUFFIX
-from ._tensor import as_view, check_disjoint, stream_of
+from ._tensor import as_view, check_disjoint, mark_written, stream_of
 from .layout import flat_offsets
 from .precisions import PRECISIONS, bytes_per_param, default_state_dtype, mode as _precision, step_bytes_per_param  # noqa: F401 (re-exported)
 
@@ -76,6 +76,11 @@ def adamw_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[A
 
     All tensors are ``__dlpack__`` tensors (PyTorch, CuPy, JAX is refused: immutable) or NumPy
     arrays, contiguous, on one device (CPU or one CUDA device); list ``i`` entries share a shape.
+    They are used in place, so memory that does not hold the values as its dtype says (NumPy's
+    non-native byte order or packed-field strides, torch's negative bit) is refused. Written
+    torch tensors must not require grad while grad mode is on (step under ``torch.no_grad()``,
+    as ``srkern.torch.AdamW`` does); their version counters are bumped after the launch, so a
+    backward through a graph that saved an old weight raises, as after torch's in-place ops.
 
     Args:
         params: weights, updated in place. BF16 (FP32 for ``precision="fp32"``). In
@@ -176,6 +181,8 @@ def _plan_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[A
         fi = as_view(found_inf, "found_inf")
         if fi.dtype != "float32" or fi.numel != 1:
             raise TypeError(f"found_inf must be a 1-element float32 tensor, got {fi.dtype} {fi.shape}")
+        if fi.needs_copy:
+            raise ValueError(f"found_inf cannot be read in place: it {fi.needs_copy}")
         if (fi.device, fi.device_id) != (pv[0].device, pv[0].device_id):
             raise ValueError(f"found_inf is on {fi.device}:{fi.device_id}, params on "
                              f"{pv[0].device}:{pv[0].device_id}")
@@ -197,6 +204,7 @@ def _plan_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[A
     if npairs == 0:
         return None
     kernel = f"adamw_{prec.kernel}_g{KERNEL_SUFFIX[gv[0].dtype]}_s{KERNEL_SUFFIX[mv[0].dtype]}"
+    written = pv + mv + vv + wv + cv
 
     def launch() -> None:
         # All checks passed: from here on buffers are written.
@@ -209,5 +217,6 @@ def _plan_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[A
             ("f", sc["lrwd"]), ("f", float(np.float32(grad_scale))), ("p", fi.ptr if fi else 0)],
             device=pv[0].device, device_id=pv[0].device_id, units=npairs, stream=stream)
         del keep  # CuPy frees it stream-ordered; the CPU launch has returned
+        mark_written(written)  # autograd's version counters (even if found_inf skipped the write)
 
     return launch

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from . import _backend, _contract
 from .formats import FLOAT_DTYPES, FORMATS, FP8_DTYPES, dtype_name
 from ._tensor import (View, as_view, check_disjoint, contiguous, stream_of,
-                      empty_like, finish, fp8_name, relabel)
+                      empty_like, finish, fp8_name, mark_written, relabel, unwritable)
 
 ROUNDINGS = ("stochastic", "nearest")
 
@@ -21,7 +23,10 @@ def cast(x: Any, dtype: Any, *, rounding: str = "stochastic", seed: int | None =
             bfloat16 / float16 / float8_e4m3fn / float8_e5m2 (upcast exactly first when the
             target is another 16/8-bit format), or uint8 holding FP8 bit patterns together with
             ``x_dtype``. Non-contiguous inputs are copied to C order first (their logical order
-            is C order).
+            is C order), and so are inputs whose memory does not hold their values as such:
+            NumPy arrays in non-native byte order or with byte strides that are not a multiple
+            of the item size (fields of packed structured arrays), torch tensors with the
+            negative bit.
         dtype: ``"bfloat16"``, ``"float16"``, ``"float8_e4m3fn"``, ``"float8_e5m2"`` or
             ``"float32"`` (the exact upcast); names or torch / NumPy / ml_dtypes dtype objects.
         rounding: ``"stochastic"`` (contract v1) or ``"nearest"`` (ties to even, as PyTorch).
@@ -30,11 +35,14 @@ def cast(x: Any, dtype: Any, *, rounding: str = "stochastic", seed: int | None =
             index ``offset + p``, so casting a slice with its offset equals casting the whole.
         step: 32-bit Philox counter word (for example the training step).
         stream: 32-bit random-stream id (contract v1 ``stream``, not a CUDA stream).
-        saturate: finite values beyond the format's range give +-max finite instead of
-            +-Inf (NaN for float8_e4m3fn).
+        saturate: a bool (Python or NumPy): finite values beyond the format's range give
+            +-max finite instead of +-Inf (NaN for float8_e4m3fn).
         out: optional contiguous tensor of the target dtype, shape and device to write into;
             for an FP8 target it may also be a ``uint8`` tensor (any framework), which receives
-            the format's bit patterns.
+            the format's bit patterns. Written in place, so it must also be in native byte
+            order, without torch's negative bit, and not require grad while grad mode is on
+            (write under ``torch.no_grad()``); a torch ``out``'s version counter is bumped, so
+            a backward through a graph that saved it raises as after torch's in-place ops.
         cuda_stream: CUDA stream (pointer or object with ``.ptr`` / ``.cuda_stream``) for GPU
             work; default the producing framework's current stream (asynchronous). Another
             stream is fenced: the call synchronises the current stream before and ``cuda_stream``
@@ -56,9 +64,15 @@ def cast(x: Any, dtype: Any, *, rounding: str = "stochastic", seed: int | None =
     target = dtype_name(dtype)
     if target not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
+    if not isinstance(rounding, str):
+        raise TypeError(f"rounding must be a string, one of {ROUNDINGS}, got {type(rounding).__name__}")
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-    seed = _contract.resolve_seed(seed) if rounding == "stochastic" else _contract.check_u64("seed", seed or 0)
+    if not isinstance(saturate, (bool, np.bool_)):  # 'no' and 0.5 are truthy
+        raise TypeError(f"saturate must be a bool, got {type(saturate).__name__} {saturate!r}")
+    # Nearest rounding draws no bits, but a given seed is still checked (None means 0).
+    seed = (_contract.resolve_seed(seed) if rounding == "stochastic"
+            else _contract.check_u64("seed", 0 if seed is None else seed))
     step = _contract.check_u64("step", step, _contract.U32)
     stream = _contract.check_u64("stream", stream, _contract.U32)
     x_fmt = fp8_name(x_dtype) if x_dtype is not None else None
@@ -101,7 +115,10 @@ def cast(x: Any, dtype: Any, *, rounding: str = "stochastic", seed: int | None =
             device=xv.device, device_id=xv.device_id, units=-(-n // FORMATS[target].block) + 2, stream=cs)
     if foreign:
         _backend.synchronize(cs, xv.device_id)
-    return out if out is not None else finish(result, xv, target)
+    if out is None:
+        return finish(result, xv, target)
+    mark_written([outv])
+    return out
 
 
 def _label_input(xv: View, x_fmt: str | None, x_dtype: Any) -> View:
@@ -137,8 +154,9 @@ def _check_out(out: Any, xv: View, target: str) -> View:
         raise ValueError(f"out has shape {ov.shape}, expected {xv.shape} (the shape of x)")
     if (ov.device, ov.device_id) != (xv.device, xv.device_id):
         raise ValueError(f"out is on {ov.device}:{ov.device_id}, x on {xv.device}:{xv.device_id}")
-    if ov.readonly:
-        raise ValueError("out is read-only")
+    why = unwritable(ov)
+    if why:
+        raise ValueError(f"out {why}")
     if not ov.contiguous:
         raise ValueError("out must be C-contiguous and aligned to its element size (it is written in place, without a copy)")
     check_disjoint([("x", xv), ("out", ov)], "casts do not run in place")

@@ -31,9 +31,10 @@ class GradNorm(NamedTuple):
 def grad_norm(grads: Sequence[Any], *, grad_scale: float = 1.0) -> GradNorm:
     """The L2 norm of all ``grads`` together (as one flat vector) and a finiteness flag.
 
-    ``grads``: BF16 or FP32 contiguous tensors on one device (one dtype per call). Each element
-    is multiplied by ``grad_scale`` in FP32 (as :func:`srkern.adamw_step` does), squared and summed in
-    FP64, in a fixed order that is a function of element indices only, so the result is
+    ``grads``: BF16 or FP32 contiguous tensors on one device (one dtype per call), read in place
+    (so NumPy's non-native byte order or packed-field strides and torch's negative bit are
+    refused). Each element is multiplied by ``grad_scale`` in FP32 (as :func:`srkern.adamw_step`
+    does), squared and summed in FP64, in a fixed order that is a function of element indices only, so the result is
     deterministic: the same bits on every backend and thread count.
 
     The order (``kernels/norm.cu``, its header comment): each tensor is cut from its first
