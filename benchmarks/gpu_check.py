@@ -867,14 +867,14 @@ def child_env(args: argparse.Namespace) -> int:
         "pytest-benchmark": ("pytest-benchmark",), "matplotlib": ("matplotlib",), "torchao": ("torchao",),
         "mpi4py": ("mpi4py",)}.items()}
     import srkern
-    from srkern import _backend, _build, _contract
+    from srkern import _backend, _build, _cache, _contract, _nvrtc
     info["srkern"] = {"version": srkern.__version__, "contract": _contract.CONTRACT_VERSION,
                       "streams": dict(_contract.STREAMS), "kernel_dir": str(_build.KERNEL_DIR),
                       "backends": list(_build.BACKENDS), "gpu_block": _backend.GPU_BLOCK,
                       "gpu_blocks_per_sm": _backend.GPU_BLOCKS_PER_SM, "emu_sms": _backend.emu_sms(),
-                      "nvrtc_flags": list(_build.NVRTC_FLAGS), "cpu_flags": list(_build.CPU_FLAGS)}
+                      "nvrtc_flags": list(_nvrtc.NVRTC_FLAGS), "cpu_flags": list(_build.CPU_FLAGS)}
     try:
-        info["srkern"]["cache_dir"] = str(_build.cache_dir())
+        info["srkern"]["cache_dir"] = str(_cache.cache_dir())
     except Exception as e:  # noqa: BLE001
         info["srkern"]["cache_dir"] = f"UNUSABLE: {e}"
         ok = False
@@ -909,7 +909,7 @@ def child_env(args: argparse.Namespace) -> int:
             dev["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
             dev["cuda_driver"] = cupy.cuda.runtime.driverGetVersion()
             dev["cupy_sms"] = cupy.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"]
-            dev["nvrtc"] = _build.nvrtc_version()
+            dev["nvrtc"] = _nvrtc.nvrtc_version()
         except Exception as e:  # noqa: BLE001
             dev["error"] = f"{type(e).__name__}: {e}"
             ok = False
@@ -922,7 +922,7 @@ def child_env(args: argparse.Namespace) -> int:
     arch = None
     if not args.dry_run and "error" not in dev:
         try:
-            arch = _build.gpu_arch(0)
+            arch = _nvrtc.gpu_arch(0)
         except Exception as e:  # noqa: BLE001
             dev["error"] = f"compute capability: {e}"
             ok = False
@@ -930,7 +930,7 @@ def child_env(args: argparse.Namespace) -> int:
         if args.dry_run:
             jobs[f"{name} gpu-emu"] = functools.partial(_build.cpu_library_path, name, "gpu-emu")
         elif arch:
-            jobs[f"{name} {arch}"] = functools.partial(_build.gpu_binary, name, arch)
+            jobs[f"{name} {arch}"] = functools.partial(_nvrtc.gpu_binary, name, arch)
         if info["expected"] == "cpu":
             jobs[f"{name} cpu"] = functools.partial(_build.cpu_library_path, name, "cpu")
 

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from importlib import metadata
 
-from . import _backend, _build, _contract
+from . import _backend, _build, _cache, _contract, _nvrtc
 from . import __version__
 
 # Distribution names to try per module (CuPy ships as cupy-cudaXXx wheels).
@@ -118,7 +118,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  {mod:18s} {package_version(mod)}")
     print(f"kernels: {_build.KERNEL_DIR} ({', '.join(_build.kernel_names())})")
     try:
-        print(f"cache folder: {_build.cache_dir()}")
+        print(f"cache folder: {_cache.cache_dir()}")
     except _build.BuildError as e:
         print(f"cache folder: UNUSABLE: {e}")
     ok, text = cpu_backend_status()
@@ -175,7 +175,7 @@ def cmd_regs(args: argparse.Namespace) -> int:
     rows, failed = [], []
     for name in names:
         try:
-            ok, log = _build.nvrtc_compile(name, args.arch)
+            ok, log = _nvrtc.nvrtc_compile(name, args.arch)
         except _build.BuildError as e:
             ok, log = False, str(e)
         if not ok:
@@ -199,7 +199,7 @@ def cmd_regs(args: argparse.Namespace) -> int:
 
 def _shown_flags(arch: str) -> list[str]:
     """srkern's NVRTC options for ``arch`` without the (long, machine-specific) header folders."""
-    return [f for f in _build.nvrtc_flags(arch) if not f.startswith("-I")]
+    return [f for f in _nvrtc.nvrtc_flags(arch) if not f.startswith("-I")]
 
 
 def cmd_ptx(args: argparse.Namespace) -> int:
@@ -208,7 +208,7 @@ def cmd_ptx(args: argparse.Namespace) -> int:
         print(f"cannot compile through NVRTC: {text}", file=sys.stderr)
         return 2
     try:
-        binary = _build.gpu_binary(args.kernel, args.arch)
+        binary = _nvrtc.gpu_binary(args.kernel, args.arch)
     except _build.BuildError as e:
         print(f"{args.kernel}.cu: {e}", file=sys.stderr)
         return 1

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import _build
+from . import _build, _nvrtc
 
 _CTYPES = {"p": ctypes.c_uint64, "q": ctypes.c_int64, "Q": ctypes.c_uint64,
            "I": ctypes.c_uint32, "i": ctypes.c_int32, "f": ctypes.c_float}
@@ -103,7 +103,7 @@ def _emu_function(module: str, kernel: str, codes: str, sanitized: bool):
 
 @functools.lru_cache(maxsize=None)
 def _gpu_function(module: str, kernel: str, device_id: int):
-    return _build.gpu_module(module, device_id).get_function(kernel)
+    return _nvrtc.gpu_module(module, device_id).get_function(kernel)
 
 
 @functools.lru_cache(maxsize=None)

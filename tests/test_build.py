@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from srkern import _build
+from srkern import _build, _cache
 from srkern._build import BuildError
 
 
@@ -97,7 +97,7 @@ def test_writable_entry_is_rebuilt(cache, which, mode):
 def test_cache_folder_is_created_private(tmp_path, monkeypatch):
     path = tmp_path / "new" / "nested" / "cache"
     monkeypatch.setenv("SRKERN_CACHE_DIR", str(path))
-    assert _build.cache_dir() == path
+    assert _cache.cache_dir() == path
     assert stat.S_IMODE(path.stat().st_mode) == 0o700
 
 
@@ -113,10 +113,10 @@ def test_non_private_folder_is_refused(tmp_path, monkeypatch, mode):
 
 
 def test_folder_owned_by_someone_else_is_refused(cache, monkeypatch):
-    _build.cache_dir()
+    _cache.cache_dir()
     monkeypatch.setattr(_build.os, "getuid", lambda: os.geteuid() + 12345)
     with pytest.raises(BuildError, match="owner uid"):
-        _build.cache_dir()
+        _cache.cache_dir()
 
 
 @pytest.mark.parametrize("cxx", [None, "missing"], ids=["no-compiler-on-PATH", "CXX-names-a-missing-file"])

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from srkern import _build
+from srkern import _build, _cache, _nvrtc
 from srkern._build import BuildError
 
 OTHER_UID = 4242  # a uid that is neither root nor the user
@@ -166,7 +166,7 @@ def test_ancestor_writable_by_others_is_refused(tmp_path, monkeypatch, mode):
     shared.chmod(mode)
     monkeypatch.setenv("SRKERN_CACHE_DIR", str(shared / "sub" / "cache"))
     with pytest.raises(BuildError, match=rf"the folder {re.escape(str(shared))} above it can be written by another user"):
-        _build.cache_dir()
+        _cache.cache_dir()
     assert not any(shared.iterdir()), "nothing may be made below a refused folder"
 
 
@@ -193,7 +193,7 @@ def test_sticky_ancestor_of_the_user_is_allowed(tmp_path, monkeypatch):
     sticky.mkdir()
     sticky.chmod(0o1777)
     monkeypatch.setenv("SRKERN_CACHE_DIR", str(sticky / "cache"))
-    assert _build.cache_dir() == sticky / "cache"
+    assert _cache.cache_dir() == sticky / "cache"
 
 
 @pytest.mark.attack("cache")
@@ -211,10 +211,10 @@ def test_root_owned_ancestor_for_another_user(tmp_path, monkeypatch, mode, allow
     monkeypatch.setenv("SRKERN_CACHE_DIR", str(parent / "cache"))
     monkeypatch.setattr(_build.os, "getuid", lambda: OTHER_UID)
     if allowed:
-        assert _build.cache_dir() == parent / "cache"
+        assert _cache.cache_dir() == parent / "cache"
     else:
         with pytest.raises(BuildError, match=f"{re.escape(str(parent))} above it can be written by another user"):
-            _build.cache_dir()
+            _cache.cache_dir()
 
 
 @pytest.mark.attack("error")
@@ -248,7 +248,7 @@ def test_full_disk_is_a_build_error(cache, fast_cxx, monkeypatch):
     # A write that fails (ENOSPC here, EROFS alike) names the entry; nothing half-written stays.
     def full(path, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-    monkeypatch.setattr(_build, "atomic_write", full)
+    monkeypatch.setattr(_cache, "atomic_write", full)
     with pytest.raises(BuildError, match=rf"cannot write the cache entry {re.escape(str(cache))}/philox-\w+\.so "
                                          r"\(No space left on device\)"):
         _build.cpu_library_path("philox")
@@ -365,17 +365,17 @@ def fake_nvrtc(monkeypatch) -> list[str]:
 
     def program(name, arch, source=None):
         compiles.append(name)
-        return _build.NvrtcProgram(True, b"// ptx of " + name.encode(), CUBIN, "", _build.nvrtc_flags(arch))
-    monkeypatch.setattr(_build, "nvrtc_version", lambda: "fake 1.0")
-    monkeypatch.setattr(_build, "nvrtc_program", program)
+        return _nvrtc.NvrtcProgram(True, b"// ptx of " + name.encode(), CUBIN, "", _nvrtc.nvrtc_flags(arch))
+    monkeypatch.setattr(_nvrtc, "nvrtc_version", lambda: "fake 1.0")
+    monkeypatch.setattr(_nvrtc, "nvrtc_program", program)
     return compiles
 
 
 @pytest.mark.attack("cache")
 @pytest.mark.parametrize("how", ["symlink", "folder", "fifo", "not-elf"])
 def test_damaged_gpu_entry_is_rebuilt_with_a_warning(cache, fake_nvrtc, how):
-    first = _build.gpu_binary("philox", "sm_80")
-    assert _build.gpu_binary("philox", "sm_80") == first and fake_nvrtc == ["philox"]  # cached
+    first = _nvrtc.gpu_binary("philox", "sm_80")
+    assert _nvrtc.gpu_binary("philox", "sm_80") == first and fake_nvrtc == ["philox"]  # cached
     (cubin,) = cache.glob("*.cubin")
     if how == "not-elf":
         cubin.write_bytes(b"not a cubin")
@@ -386,7 +386,7 @@ def test_damaged_gpu_entry_is_rebuilt_with_a_warning(cache, fake_nvrtc, how):
         _damage(cubin, how)
     why = {"symlink": "is a symbolic link", "not-elf": r"is not a cubin \(no ELF header\)"}.get(how, "is not a regular file")
     with pytest.warns(RuntimeWarning, match=rf"cache entry {re.escape(str(cubin))} {why}"):
-        again = _within(lambda: _build.gpu_binary("philox", "sm_80"), fifo=cubin if how == "fifo" else None)
+        again = _within(lambda: _nvrtc.gpu_binary("philox", "sm_80"), fifo=cubin if how == "fifo" else None)
     assert again.cubin == CUBIN and fake_nvrtc == ["philox", "philox"]
     assert stat.S_ISREG(os.lstat(cubin).st_mode) and cubin.read_bytes() == CUBIN
 
@@ -398,5 +398,5 @@ def test_gpu_cache_under_an_open_folder_is_refused(tmp_path, monkeypatch, fake_n
     shared.chmod(0o777)
     monkeypatch.setenv("SRKERN_CACHE_DIR", str(shared / "cache"))
     with pytest.raises(BuildError, match=f"{re.escape(str(shared))} above it can be written by another user"):
-        _build.gpu_binary("philox", "sm_80")
+        _nvrtc.gpu_binary("philox", "sm_80")
     assert not any(shared.iterdir()) and fake_nvrtc == []

@@ -60,7 +60,7 @@ def test_ptx():
     # The PTX the CUDA backend loads for cast.cu on sm_80: stdout is the PTX alone, stderr says
     # which compile (flags, and the cubin that is loaded).
     pytest.importorskip("cuda.bindings.nvrtc")
-    from srkern import _build
+    from srkern import _nvrtc
     res = _run("ptx", "cast", "--arch", "sm_80")
     assert res.returncode == 0, res.stderr
     out = res.stdout
@@ -68,7 +68,7 @@ def test_ptx():
     assert ".visible .entry cast_f32_bf16_sr(" in out and ".entry cast_e4m3_f32(" in out
     assert ".ftz" not in out and "mul.rn.f32" in out
     assert "--fmad=false" in res.stderr and "--gpu-architecture=sm_80" in res.stderr and "sha256" in res.stderr
-    assert out.rstrip("\n") == _build.gpu_binary("cast", "sm_80").ptx.decode().rstrip("\n")
+    assert out.rstrip("\n") == _nvrtc.gpu_binary("cast", "sm_80").ptx.decode().rstrip("\n")
 
 
 def test_ptx_errors():

@@ -11,7 +11,7 @@ import types
 
 import pytest
 
-from srkern import _build
+from srkern import _build, _nvrtc
 
 try:
     from cuda.bindings import nvrtc  # noqa: F401
@@ -24,7 +24,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"], ids=lambda a: f"arch={a}")
 @pytest.mark.parametrize("name", _build.kernel_names(), ids=lambda n: f"kernel={n}")
 def test_nvrtc_compiles_without_warnings(name, arch):
-    ok, log = _build.nvrtc_compile(name, arch)
+    ok, log = _nvrtc.nvrtc_compile(name, arch)
     assert ok, f"kernels/{name}.cu does not compile for {arch}:\n{log}"
     warnings = [line for line in log.splitlines() if "warning" in line.lower()]
     assert not warnings, f"kernels/{name}.cu has NVRTC warnings for {arch}:\n" + "\n".join(warnings)
@@ -35,7 +35,7 @@ def test_nvrtc_compiles_without_warnings(name, arch):
 # ---- the program that runs is the program that is checked ----------------------------------------
 #
 # CuPy's RawModule(code=...) appends -ftz=true to every NVRTC compile (cupy/cuda/compiler.py,
-# _compile_with_cache_cuda), so srkern compiles with NVRTC itself (_build.nvrtc_program) and loads
+# _compile_with_cache_cuda), so srkern compiles with NVRTC itself (_nvrtc.nvrtc_program) and loads
 # that cubin. The checks below read the PTX of that very compile, as the CUDA backend caches it.
 
 needs_nvrtc = pytest.mark.skipif(_NVRTC_ERROR is not None, reason=_NVRTC_ERROR or "")
@@ -68,7 +68,7 @@ def fresh_cache(tmp_path, monkeypatch):
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"], ids=lambda a: f"arch={a}")
 @pytest.mark.parametrize("name", _build.kernel_names(), ids=lambda n: f"kernel={n}")
 def test_loaded_ptx_has_no_ftz(name, arch):
-    binary = _build.gpu_binary(name, arch)  # what the CUDA backend loads (cubin) and shows (PTX)
+    binary = _nvrtc.gpu_binary(name, arch)  # what the CUDA backend loads (cubin) and shows (PTX)
     ptx = binary.ptx.decode()
     assert f".target {arch}" in ptx, ptx[:400]
     assert binary.cubin[:4] == b"\x7fELF", "the cubin is not an ELF image"
@@ -85,83 +85,83 @@ def test_loaded_ptx_has_no_ftz(name, arch):
 @needs_nvrtc
 def test_ftz_check_catches_ftz():
     # Negative control: the same compile with CuPy's extra flag has .ftz, which the test above sees.
-    flags = _build.nvrtc_flags("sm_90") + ("-ftz=true",)
-    prog = _build._nvrtc_run(_build.expand_source("cast"), "cast.cu", flags)
+    flags = _nvrtc.nvrtc_flags("sm_90") + ("-ftz=true",)
+    prog = _nvrtc._nvrtc_run(_build.expand_source("cast"), "cast.cu", flags)
     assert prog.ok, prog.log
     assert ".ftz" in prog.ptx.decode()
     assert _float_findings(prog.ptx.decode())[1]
 
 
 def test_nvrtc_flags_are_srkerns_only():
-    flags = _build.nvrtc_flags("sm_90")
-    assert flags[:len(_build.NVRTC_FLAGS)] == _build.NVRTC_FLAGS
-    rest = [f for f in flags[len(_build.NVRTC_FLAGS):] if not f.startswith("-I")]
+    flags = _nvrtc.nvrtc_flags("sm_90")
+    assert flags[:len(_nvrtc.NVRTC_FLAGS)] == _nvrtc.NVRTC_FLAGS
+    rest = [f for f in flags[len(_nvrtc.NVRTC_FLAGS):] if not f.startswith("-I")]
     assert rest == ["--gpu-architecture=sm_90", "--ptxas-options=-v"]
     assert "--ftz=false" in flags and not any(f.endswith("ftz=true") for f in flags)
     with pytest.raises(_build.BuildError, match="sm_90"):
-        _build.nvrtc_flags("90; rm -rf /")
+        _nvrtc.nvrtc_flags("90; rm -rf /")
 
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Record every call of _build.nvrtc_program (the one NVRTC compile)."""
+    """Record every call of _nvrtc.nvrtc_program (the one NVRTC compile)."""
     calls = []
-    real = _build.nvrtc_program
+    real = _nvrtc.nvrtc_program
 
     def recording(name, arch, source=None):
         prog = real(name, arch, source)
         calls.append((name, arch, prog.flags))
         return prog
 
-    monkeypatch.setattr(_build, "nvrtc_program", recording)
+    monkeypatch.setattr(_nvrtc, "nvrtc_program", recording)
     return calls
 
 
 @needs_nvrtc
 def test_regs_ptx_backend_and_compile_test_share_one_compile(spy, fresh_cache, capsys):
     from srkern import __main__ as cli
-    flags = _build.nvrtc_flags("sm_80")
-    assert _build.nvrtc_compile("philox", "sm_80")[0]  # what test_nvrtc_compiles_without_warnings runs
+    flags = _nvrtc.nvrtc_flags("sm_80")
+    assert _nvrtc.nvrtc_compile("philox", "sm_80")[0]  # what test_nvrtc_compiles_without_warnings runs
     assert cli.main(["regs", "--arch", "sm_80", "philox"]) == 0
     assert cli.main(["ptx", "philox", "--arch", "sm_80"]) == 0  # empty cache: compiles
     printed = capsys.readouterr().out
     assert spy == [("philox", "sm_80", flags)] * 3
     # The backend's binary is that compile's, cached: ptx printed the PTX that sits beside the cubin.
-    binary = _build.gpu_binary("philox", "sm_80")
+    binary = _nvrtc.gpu_binary("philox", "sm_80")
     assert len(spy) == 3, "gpu_binary recompiled although the cache holds the entry"
     assert binary.ptx.decode() in printed
-    direct = _build.nvrtc_program("philox", "sm_80")
+    direct = _nvrtc.nvrtc_program("philox", "sm_80")
     assert (direct.ptx, direct.cubin) == (binary.ptx, binary.cubin)
 
 
 @needs_nvrtc
 def test_gpu_cache_rules(spy, fresh_cache):
-    first = _build.gpu_binary("philox", "sm_90")
+    first = _nvrtc.gpu_binary("philox", "sm_90")
     assert len(spy) == 1
     entry = {p.suffix: p for p in fresh_cache.glob(f"philox-sm_90-{first.key}.*")}
     assert set(entry) == {".cubin", ".ptx", ".sha256"}
     assert entry[".cubin"].read_bytes() == first.cubin and entry[".ptx"].read_bytes() == first.ptx
     for p in entry.values():
         assert p.stat().st_mode & 0o077 == 0
-    assert _build.gpu_binary("philox", "sm_90") == first and len(spy) == 1  # a cache hit
+    assert _nvrtc.gpu_binary("philox", "sm_90") == first and len(spy) == 1  # a cache hit
     # A changed byte, a file others may write, a missing digest: rebuilt, never loaded.
     entry[".cubin"].write_bytes(first.cubin[:-1] + bytes([first.cubin[-1] ^ 1]))
     with pytest.warns(RuntimeWarning, match="does not match the cubin and PTX"):
-        assert _build.gpu_binary("philox", "sm_90").cubin == first.cubin and len(spy) == 2
+        assert _nvrtc.gpu_binary("philox", "sm_90").cubin == first.cubin and len(spy) == 2
     entry[".ptx"].chmod(0o666)
     with pytest.warns(RuntimeWarning, match="is writable by group or others"):
-        assert _build.gpu_binary("philox", "sm_90") == first and len(spy) == 3
+        assert _nvrtc.gpu_binary("philox", "sm_90") == first and len(spy) == 3
     entry[".sha256"].unlink()
-    assert _build.gpu_binary("philox", "sm_90") == first and len(spy) == 4
-    assert _build.gpu_binary("philox", "sm_90") == first and len(spy) == 4
+    assert _nvrtc.gpu_binary("philox", "sm_90") == first and len(spy) == 4
+    assert _nvrtc.gpu_binary("philox", "sm_90") == first and len(spy) == 4
     # Another architecture is another key.
-    assert _build.gpu_binary("philox", "sm_80").key != first.key and len(spy) == 5
+    assert _nvrtc.gpu_binary("philox", "sm_80").key != first.key and len(spy) == 5
 
 
 @needs_nvrtc
 def test_gpu_compile_error_is_a_build_error(fresh_cache):
     with pytest.raises(_build.BuildError, match="does not compile for sm_10"):
-        _build.gpu_binary("philox", "sm_10")
+        _nvrtc.gpu_binary("philox", "sm_10")
 
 
 # ---- loading and launching, with a stand-in for CuPy (no GPU here) -------------------------------------
@@ -223,7 +223,7 @@ def fake_cupy(monkeypatch):
     from srkern import _backend
     fake = _FakeCuPy()
     monkeypatch.setitem(sys.modules, "cupy", fake.module)
-    caches = (_build.gpu_module, _backend._gpu_function, _backend._sm_count)
+    caches = (_nvrtc.gpu_module, _backend._gpu_function, _backend._sm_count)
     for c in caches:
         c.cache_clear()
     _backend._STREAMS.clear()
@@ -235,14 +235,14 @@ def fake_cupy(monkeypatch):
 
 @needs_nvrtc
 def test_gpu_module_loads_the_checked_cubin_on_its_device(fake_cupy, fresh_cache, spy):
-    mod = _build.gpu_module("philox", 1)
-    binary = _build.gpu_binary("philox", "sm_90")  # the device's architecture ("90")
+    mod = _nvrtc.gpu_module("philox", 1)
+    binary = _nvrtc.gpu_binary("philox", "sm_90")  # the device's architecture ("90")
     assert len(spy) == 1
     entry = fresh_cache / f"philox-sm_90-{binary.key}.cubin"
     assert fake_cupy.events == [("load", 1, entry.read_bytes())]
     mod.get_function("philox_blocks")
     assert fake_cupy.events[-1] == ("get_function", 1, "philox_blocks") and fake_cupy.current == 0
-    assert _build.gpu_module("philox", 1) is mod
+    assert _nvrtc.gpu_module("philox", 1) is mod
 
 
 @needs_nvrtc

@@ -21,8 +21,8 @@ PACKAGE = ROOT / "srkern"
 
 # The layers, lowest first: a module may import modules of its own layer or below.
 LAYERS = {
-    "facts": ("_files", "formats", "precisions", "testing"),
-    "build": ("_build", "_contract", "layout", "_tensor"),
+    "facts": ("_files", "_cache", "formats", "precisions", "testing"),
+    "build": ("_build", "_nvrtc", "_contract", "layout", "_tensor"),
     "launch": ("_backend", "_table"),
     "families": ("cast", "adamw", "norm", "reference", "comm", "_collective"),
     "composites": ("checkpoint", "sharded", "dist"),
