@@ -1,10 +1,13 @@
-"""Atomic file writes, shared by the kernel cache and the checkpoints."""
+"""Atomic file writes, shared by the kernel cache and the checkpoints, and the guarded open that
+checkpoints read their files through."""
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -30,3 +33,36 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a directory", stat.S_IFSOCK: "a socket",
+          stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """``path`` opened for reading (a buffered binary file), or ``OSError`` unless it is a regular file.
+
+    The open uses ``O_NONBLOCK``, so a FIFO (or a device) in the file's place is refused instead of
+    blocking the open or the first read forever; the caller sizes the file with ``fstat`` on the
+    returned file before reading, so a huge or sparse file is refused before any memory is taken.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        kind = stat.S_IFMT(os.fstat(fd).st_mode)
+        if kind != stat.S_IFREG:
+            raise OSError(f"not a regular file but {_KINDS.get(kind, f'file type {kind:o}')}")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """The bytes of regular file ``path`` (opened by :func:`open_regular`); ``OSError`` if it is
+    not one, or holds more than ``limit`` bytes (checked before anything is read)."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise OSError(f"{size} bytes, more than the {limit} expected")
+        return f.read(size)

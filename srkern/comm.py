@@ -9,9 +9,11 @@ NCCL, so the sums are srkern's (``srkern.dist``).
 
 Failure. Invalid arguments are checked on every rank before any exchange
 (:meth:`Communicator.check_args`); if any rank's check fails, every rank raises (the first
-failing rank's message), so bad input never leaves ranks waiting. A rank that raises inside
-:func:`abort_on_error` prints its traceback and calls ``MPI_Abort``; the launcher then ends
-every rank at once, so no rank waits forever in a collective. Against a rank that hangs without
+failing rank's message), so bad input never leaves ranks waiting; settings that must be the
+same everywhere are compared in the same single allreduce, as a 64-bit digest. A rank that
+leaves the body of :func:`abort_on_error` by any exception (``SystemExit`` and
+``KeyboardInterrupt`` included) prints its traceback and calls ``MPI_Abort``; the launcher
+then ends every rank at once, so no rank waits forever in a collective. Against a rank that hangs without
 raising, run under a launcher timeout: MPICH's ``MPIEXEC_TIMEOUT=<seconds> mpirun ...``.
 
 MPI counts and displacements are 32-bit, so on the MPI path a single message of more than
@@ -23,9 +25,11 @@ mpi4py is imported on first use, so ``import srkern`` works without it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import sys
 import traceback
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 
@@ -59,6 +63,8 @@ class Communicator:
         MPI = _mpi()
         if cuda not in ("nccl", "mpi"):
             raise ValueError(f"cuda must be 'nccl' or 'mpi', got {cuda!r}")
+        if mpi_comm is not None and not isinstance(mpi_comm, MPI.Comm):
+            raise TypeError(f"mpi_comm must be an mpi4py communicator, got {type(mpi_comm).__name__}")
         self.mpi = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
         self.rank: int = self.mpi.Get_rank()
         self.size: int = self.mpi.Get_size()
@@ -103,18 +109,25 @@ class Communicator:
         """
         if self.all_ok(err is None):
             return
+        self._raise_first(err)
+
+    def _raise_first(self, err: BaseException | None) -> None:
+        """Collective, once some rank failed: raise its error on every rank (see raise_together)."""
         mine = None if err is None else (type(err).__name__, str(err))
         r, (kind, msg) = next((r, m) for r, m in enumerate(self.mpi.allgather(mine)) if m is not None)
         raise (TypeError if kind == "TypeError" else ValueError)(f"rank {r}: {msg}") from err
 
-    def check_args(self, check: Callable[[], tuple[T, Sequence[int] | None]], mismatch: str = "") -> T:
+    def check_args(self, check: Callable[[], tuple[T, Sequence[int] | Mapping[str, Any] | None]],
+                   mismatch: str = "") -> T:
         """Collective argument check, run before any exchange; returns ``check``'s value.
 
         ``check()`` validates this rank's arguments and returns ``(value, codes)``. If it raises
         ``ValueError`` or ``TypeError`` on any rank, every rank raises (:meth:`raise_together`).
-        Then, unless ``codes`` is None, every rank must have passed the same integers
-        (:meth:`all_agree`), else every rank raises ``ValueError(mismatch)``. A call site returns
-        codes on every rank or on none, so the ranks always run the same collectives.
+        Else every rank must have returned the same codes, else every rank raises
+        ``ValueError(mismatch)``: integers (compared modulo 2**64), or a mapping from a setting's
+        name to its value (ints, floats, strings, tuples of these; compared by ``repr``), in
+        which case the message names the first setting that differs and two ranks' values.
+        One allreduce in all (of a 64-bit digest of the codes) unless a check failed.
         """
         err: Exception | None = None
         value, codes = None, None
@@ -122,10 +135,36 @@ class Communicator:
             value, codes = check()
         except (ValueError, TypeError) as e:
             err = e
-        self.raise_together(err)
-        if codes is not None and not self.all_agree(codes):
-            raise ValueError(mismatch)
+        # One MAX allreduce answers both questions: did any rank fail, and are the digests the
+        # same (the max of each 32-bit half equals minus the max of its negation).
+        d = 0 if err is not None else _digest(codes)
+        halves = [d >> 32, d & 0xFFFFFFFF]
+        a = np.array([err is not None, *halves, *(-h for h in halves)], dtype=np.int64)
+        top = np.empty_like(a)
+        self.mpi.Allreduce(a, top, op=_mpi().MAX)
+        if top[0]:
+            self._raise_first(err)
+        if top[1] != -top[3] or top[2] != -top[4]:
+            raise ValueError(self._mismatch(mismatch, codes))
         return value
+
+    def _mismatch(self, mismatch: str, codes: Sequence[int] | Mapping[str, Any] | None) -> str:
+        """Collective, once the digests differ: ``mismatch`` and, for named codes, the first
+        setting that differs, as rank 0's value and the first other value (rank order)."""
+        every = self.mpi.allgather(dict(codes) if isinstance(codes, Mapping) else None)
+        if not all(isinstance(c, dict) for c in every):
+            return mismatch
+        names = list(dict.fromkeys(k for c in every for k in c))
+        shown = [{k: repr(c[k]) if k in c else "<not set>" for k in names} for c in every]
+        differ = [k for k in names if len({s[k] for s in shown}) > 1]
+        if not differ:  # the same settings in another order: still not the same call
+            return mismatch
+        k = differ[0]
+        r = next(r for r, s in enumerate(shown) if s[k] != shown[0][k])
+        rest = differ[1:]
+        also = f" (also {', '.join(rest[:3])}{', ...' if len(rest) > 3 else ''})" if rest else ""
+        return (f"{mismatch}: {k} is {_short(shown[0][k])} on rank 0 but {_short(shown[r][k])} "
+                f"on rank {r}{also}")
 
     def abort(self, code: int = 1) -> None:
         """End every rank of the job now (NCCL communicators first, then ``MPI_Abort``)."""
@@ -229,6 +268,34 @@ class Communicator:
                 cupy.cuda.runtime.memcpyAsync(d, s, count * isz, cupy.cuda.runtime.memcpyDeviceToDevice, stream)
 
 
+def _digest(codes: Sequence[int] | Mapping[str, Any] | None) -> int:
+    """64 bits of BLAKE2b over the canonical text of ``codes`` (0 for None)."""
+    if codes is None:
+        return 0
+    if isinstance(codes, Mapping):
+        text = repr(dict(codes))  # in insertion order: the call site's order
+    else:
+        text = repr([int(v) % (1 << 64) for v in codes])
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def as_communicator(comm: Any, name: str = "comm") -> Communicator:
+    """``comm`` itself if it is a :class:`Communicator`; an mpi4py communicator wrapped in one
+    (for this call: pass a Communicator to keep its NCCL communicators and byte counters);
+    anything else (None included) is a ``TypeError`` naming ``name``, raised on this rank
+    before any collective."""
+    if isinstance(comm, Communicator):
+        return comm
+    if comm is not None and isinstance(comm, _mpi().Comm):
+        return Communicator(comm)
+    raise TypeError(f"{name} must be a srkern.dist.Communicator or an mpi4py communicator, "
+                    f"got {type(comm).__name__}")
+
+
 def _mpi_type(itemsize: int):
     MPI = _mpi()
     return {1: MPI.UINT8_T, 2: MPI.UINT16_T, 4: MPI.UINT32_T, 8: MPI.UINT64_T}[itemsize]
@@ -243,22 +310,26 @@ def abort_on_error(comm: "Communicator | Any" = None) -> Iterator[None]:
     """Run the body; if it raises on any rank, print the error with the rank and abort the job.
 
     Without this, an exception on one rank leaves the others blocked in their next collective.
-    ``MPI_Abort`` makes the launcher (mpirun) kill every rank and exit non-zero at once.
+    ``MPI_Abort`` makes the launcher (mpirun) kill every rank and exit non-zero at once. Any
+    exception counts, ``SystemExit`` (``sys.exit(0)``, ``sys.exit()``) and ``KeyboardInterrupt``
+    included: the other ranks cannot know this one is gone. To end the job normally, leave the
+    body normally on every rank. A rank that raised never returns from the ``with``.
     """
     try:
         yield
     except BaseException as e:  # SystemExit(0) and KeyboardInterrupt abort too: the job is over
-        if isinstance(e, SystemExit) and e.code in (0, None):
-            raise
         c = comm if isinstance(comm, Communicator) else None
         mpi = c.mpi if c else (comm if comm is not None else _mpi().COMM_WORLD)
         rank = mpi.Get_rank()
         sys.stdout.flush()
-        sys.stderr.write(f"srkern: rank {rank} of {mpi.Get_size()} raised "
-                         f"{type(e).__name__}: {e}; aborting all ranks\n")
+        what = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__  # sys.exit(): no text
+        sys.stderr.write(f"srkern: rank {rank} of {mpi.Get_size()} raised {what}; aborting all ranks\n")
         traceback.print_exc(file=sys.stderr)
         sys.stderr.flush()
         if c is not None:
             c.abort(1)  # NCCL communicators first, then MPI_Abort
         else:
             mpi.Abort(1)
+        # MPICH's MPI_Abort can return before the launcher kills this process: leaving the
+        # generator now would swallow the exception and run the code after the with block.
+        os._exit(1)

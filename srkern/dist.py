@@ -37,9 +37,9 @@ from . import _contract
 from .cast import ROUNDINGS
 from ._collective import (COLLECTIVE_STREAM, OPS, WIRE_DTYPES, WIRE_STREAM, all_gather_views,
                           reduce_scatter_views)
-from ._tensor import View, as_view, contiguous, empty_like, finish
+from ._tensor import View, as_view, contiguous, empty_like, finish, mark_written, unwritable
 from .checkpoint import CheckpointCorrupt, CheckpointError, CheckpointMismatch
-from .comm import Communicator, abort_on_error
+from .comm import Communicator, abort_on_error, as_communicator
 from .layout import SHARD_ALIGN, shard_range
 from .sharded import ShardedAdamWCore
 
@@ -51,8 +51,11 @@ __all__ = ["Communicator", "abort_on_error", "reduce_scatter", "all_gather", "sh
 
 def _check_out(out: Any, name: str, dtype: str, n: int, ref: View) -> View:
     ov = as_view(out, name)
-    if ov.framework == "jax" or ov.readonly:
+    if ov.framework == "jax":
         raise ValueError(f"{name} is read-only (JAX arrays are immutable)")
+    why = unwritable(ov)
+    if why:
+        raise ValueError(f"{name} {why}")
     if ov.dtype != dtype:
         raise TypeError(f"{name} has dtype {ov.dtype}, expected {dtype}")
     if ov.numel != n:
@@ -64,7 +67,7 @@ def _check_out(out: Any, name: str, dtype: str, n: int, ref: View) -> View:
     return ov
 
 
-def reduce_scatter(x: Any, comm: Communicator, *, op: str = "avg", out: Any = None,
+def reduce_scatter(x: Any, comm: Communicator | Any, *, op: str = "avg", out: Any = None,
                    out_dtype: str = "bfloat16", rounding: str = "stochastic", seed: int | None = None,
                    step: int = 0, stream: int = COLLECTIVE_STREAM, wire_dtype: str | None = None) -> Any:
     """Sum (or average) ``x`` over ranks and return this rank's shard, rounded once.
@@ -72,7 +75,7 @@ def reduce_scatter(x: Any, comm: Communicator, *, op: str = "avg", out: Any = No
     Args:
         x: this rank's full vector (any shape, read in C order), FP32 or BF16, on CPU or CUDA;
             the same number of elements on every rank.
-        comm: the :class:`Communicator`.
+        comm: the :class:`Communicator` (an mpi4py communicator is wrapped in one).
         op: ``"avg"`` or ``"sum"``; the sum runs in FP32 in rank order 0..world-1, then
             ``"avg"`` divides by ``world`` (correctly rounded FP32 division).
         out: optional contiguous tensor of ``out_dtype`` with the shard's length.
@@ -88,6 +91,8 @@ def reduce_scatter(x: Any, comm: Communicator, *, op: str = "avg", out: Any = No
         All ranks must call it with the same arguments (checked: a mismatch raises everywhere,
         and so does a bad argument on any one rank).
     """
+    comm = as_communicator(comm)
+
     def check():
         if op not in OPS:
             raise ValueError(f"op must be one of {OPS}, got {op!r}")
@@ -110,13 +115,12 @@ def reduce_scatter(x: Any, comm: Communicator, *, op: str = "avg", out: Any = No
         n = xv.numel
         start, stop = shard_range(n, comm.size, comm.rank)
         outv = _check_out(out, "out", out_dtype, stop - start, xv) if out is not None else None
-        codes = [n, WIRE_DTYPES.index(xv.dtype), OPS.index(op), WIRE_DTYPES.index(out_dtype),
-                 ROUNDINGS.index(rounding), WIRE_DTYPES.index(wire), s, t, st]
+        codes = {"length": n, "dtype": xv.dtype, "op": str(op), "out_dtype": str(out_dtype),
+                 "rounding": str(rounding), "wire_dtype": wire, "seed": s, "step": t, "stream": st}
         return (xv, outv, wire, s, t, st, stop - start), codes
 
     xv, outv, wire, seed_, step_, stream_, m = comm.check_args(
-        check, "reduce_scatter called with different arguments on different ranks "
-               "(length, dtype, op, out_dtype, rounding, wire_dtype, seed, step or stream)")
+        check, "reduce_scatter called with different arguments on different ranks")
     if not xv.contiguous:
         xv = as_view(contiguous(x, xv.framework), "x")
     result = out if out is not None else empty_like(xv, out_dtype, (m,))
@@ -124,21 +128,27 @@ def reduce_scatter(x: Any, comm: Communicator, *, op: str = "avg", out: Any = No
         outv = as_view(result, "out")
     reduce_scatter_views(xv, outv, comm, op=op, rounding=rounding, seed=seed_, step=step_,
                          stream=stream_, wire=wire)
-    return out if out is not None else finish(result, xv)
+    if out is None:
+        return finish(result, xv)
+    mark_written([outv])  # autograd's version counter, as after torch's own in-place ops
+    return out
 
 
-def all_gather(shard: Any, comm: Communicator, *, n: int | None = None, out: Any = None) -> Any:
+def all_gather(shard: Any, comm: Communicator | Any, *, n: int | None = None, out: Any = None) -> Any:
     """Concatenate every rank's shard (laid out by :func:`shard_range`) into the full vector.
 
     Args:
         shard: this rank's contiguous shard, any dtype; its length must be
             ``len(shard_range(n, world, rank))``. It may be ``out``'s own slice (in place).
+        comm: the :class:`Communicator` (an mpi4py communicator is wrapped in one).
         n: the full length (taken from ``out`` if given, else summed over ranks).
         out: optional contiguous 1-D tensor of ``n`` elements and ``shard``'s dtype.
 
     Returns ``out`` or a new 1-D tensor in ``shard``'s framework. Collective; a bad argument
     on any rank raises on every rank.
     """
+    comm = as_communicator(comm)
+
     def check():
         sv = as_view(shard, "shard")
         if not sv.contiguous:
@@ -150,7 +160,7 @@ def all_gather(shard: Any, comm: Communicator, *, n: int | None = None, out: Any
         if size is not None:
             size = _contract.check_u64("n", size)
         # Whether n is known must agree too: only then do all ranks take part in its allreduce.
-        return (sv, ov, size), [size is not None, size or 0, sv.itemsize]
+        return (sv, ov, size), {"n given": size is not None, "n": size, "itemsize": sv.itemsize}
 
     sv, ov, size = comm.check_args(check, "all_gather called with different n or dtypes on different ranks")
     if size is None:
@@ -163,4 +173,7 @@ def all_gather(shard: Any, comm: Communicator, *, n: int | None = None, out: Any
     if ov is None:
         ov = as_view(result, "out")
     all_gather_views(sv, ov, comm)
-    return out if out is not None else finish(result, sv)
+    if out is None:
+        return finish(result, sv)
+    mark_written([ov])
+    return out

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import _contract
 from ._collective import COLLECTIVE_STREAM, OPS, WIRE_DTYPES, all_gather_views, reduce_scatter_views
@@ -14,9 +14,9 @@ from ._tensor import View, as_view, empty_like, stream_of
 from .adamw import adamw_step
 from .cast import cast
 from .checkpoint import check_hyper, host_bytes, load_sharded, save_sharded, state_sections, write_host_bytes
-from .comm import Communicator
+from .comm import Communicator, as_communicator
 from .layout import shard_range
-from .precisions import PRECISIONS, bytes_per_param, default_state_dtype, mode, param_dtype
+from .precisions import bytes_per_param, default_state_dtype, mode, param_dtype
 
 
 def _zeros(like: View, dtype: str, n: int) -> Any:
@@ -28,6 +28,14 @@ def _zeros(like: View, dtype: str, n: int) -> Any:
     else:
         z[...] = 0
     return z
+
+
+def hyper_codes(i: int, h: dict) -> dict[str, Any]:
+    """Group ``i``'s checked hyper-parameters as named codes for ``Communicator.check_args``:
+    the float64 values the FP32 kernel scalars are formed from (``lr / (1 - beta1**t)`` is
+    formed in float64, so values equal in FP32 can still give different kernel scalars)."""
+    return {f"group {i} lr": float(h["lr"]), f"group {i} betas": tuple(map(float, h["betas"])),
+            f"group {i} eps": float(h["eps"]), f"group {i} weight_decay": float(h["weight_decay"])}
 
 
 @dataclass
@@ -55,7 +63,7 @@ class ShardedAdamWCore:
     Args:
         flat_params: contiguous 1-D tensor (NumPy, PyTorch, CuPy), dtype ``param_dtype(precision)``,
             the same on every rank (rank 0's values are broadcast at construction).
-        comm: :class:`srkern.comm.Communicator`.
+        comm: :class:`srkern.comm.Communicator` (an mpi4py communicator is wrapped in one).
         precision: one of ``srkern.precisions.PRECISIONS`` (see ``srkern.adamw_step``).
         groups: ``[(start, stop), ...]`` flat slices with their own hyper-parameters, in order,
             covering ``[0, n)``; default one group.
@@ -67,12 +75,19 @@ class ShardedAdamWCore:
             (unrounded; default for ``"fp32"``).
         wire_dtype: ``None`` or ``"bfloat16"`` to send FP32 gradients as SR-rounded BF16.
         op: ``"avg"`` (default) or ``"sum"`` over ranks.
+
+    Every rank must pass the same settings (size, precision, groups, dtypes, op, device kind,
+    seed), and the same hyper-parameters and ``grad_scale`` to every :meth:`step`: else each
+    rank would update its shard its own way. Both are checked, and a difference raises
+    ``ValueError`` on every rank, naming it.
     """
 
-    def __init__(self, flat_params: Any, comm: Communicator, *, precision: str = "bf16-sr",
+    def __init__(self, flat_params: Any, comm: Communicator | Any, *, precision: str = "bf16-sr",
                  groups: Sequence[tuple[int, int]] | None = None, state_dtype: str | None = None,
                  seed: int | None = None, grad_dtype: str | None = None, reduce_dtype: str | None = None,
                  wire_dtype: str | None = None, op: str = "avg") -> None:
+        comm = as_communicator(comm)
+
         def check():
             mode(precision)
             if op not in OPS:
@@ -95,12 +110,15 @@ class ShardedAdamWCore:
             if gs and (gs[0][0] != 0 or gs[-1][1] != n or any(a > b for a, b in gs)
                        or any(gs[i][1] != gs[i + 1][0] for i in range(len(gs) - 1))):
                 raise ValueError(f"groups must be consecutive flat slices covering [0, {n}), got {gs}")
-            dts = list(WIRE_DTYPES)
-            codes = [n, list(PRECISIONS).index(precision), len(gs), OPS.index(op), dts.index(sd),
-                     dts.index(gd), dts.index(rd), dts.index(wd)]
-            return (pv, sd, gd, rd, wd, gs), codes
+            # Checked here, on every rank: rank 0 alone draws or uses it, after this check.
+            sv = None if seed is None else _contract.check_u64("seed", seed)
+            codes = {"size": n, "precision": str(precision), "groups": len(gs),
+                     **{f"group {i} range": g for i, g in enumerate(gs)}, "op": str(op),
+                     "state_dtype": str(sd), "grad_dtype": str(gd), "reduce_dtype": str(rd),
+                     "wire_dtype": str(wd), "device": pv.device, "seed": sv}
+            return (pv, sd, gd, rd, wd, gs, sv), codes
 
-        pv, state_dtype, grad_dtype, reduce_dtype, wire_dtype, groups = comm.check_args(
+        pv, state_dtype, grad_dtype, reduce_dtype, wire_dtype, groups, seed = comm.check_args(
             check, "ShardedAdamW built with different sizes or settings on different ranks")
         self.comm, self.precision, self.op = comm, precision, op
         self.n = pv.numel
@@ -113,7 +131,7 @@ class ShardedAdamWCore:
         self.flat_params = flat_params
         self.start, self.stop = shard_range(self.n, comm.size, comm.rank)
         m = self.stop - self.start
-        self.flat_grads = _zeros(pv, grad_dtype, self.n)
+        self._flat_grads = _zeros(pv, grad_dtype, self.n)
         self.grad_shard = _zeros(pv, reduce_dtype, m)
         self.master = self.compensation = None
         for name, dtype in state_sections(precision, state_dtype):  # exp_avg, exp_avg_sq[, master][, compensation]
@@ -124,6 +142,18 @@ class ShardedAdamWCore:
             cast(self.param_shard, "float32", out=self.master)
 
     # -- views
+    @property
+    def flat_grads(self) -> Any:
+        """The gradient vector :meth:`step` reduces (``grad_dtype``, ``n`` elements): write into
+        it, ``core.flat_grads[...] = g``; it cannot be replaced (read-only attribute)."""
+        return self._flat_grads
+
+    @flat_grads.setter
+    def flat_grads(self, value: Any) -> None:
+        # A replacement of another length or layout ran the reduce-scatter past the heap.
+        raise AttributeError("ShardedAdamWCore.flat_grads cannot be replaced: write into it "
+                             "(core.flat_grads[...] = g)")
+
     @property
     def param_shard(self) -> Any:
         return self.flat_params[self.start:self.stop]
@@ -153,23 +183,36 @@ class ShardedAdamWCore:
         return sizes
 
     # -- the step
-    def step(self, hypers: Sequence[dict], *, grad_scale: float = 1.0) -> None:
+    def step(self, hypers: Sequence[dict], *, grad_scale: float = 1.0,
+             prepare: Callable[[], None] | None = None) -> None:
         """One optimizer step: reduce-scatter ``flat_grads``, AdamW on the shard, all-gather weights.
 
-        ``hypers[i]`` holds group i's ``lr``, ``betas``, ``eps``, ``weight_decay``. Collective.
+        ``hypers[i]`` holds group i's ``lr``, ``betas``, ``eps``, ``weight_decay``. Collective:
+        every rank must pass the same hyper-parameters and ``grad_scale`` (checked). ``prepare``,
+        if given, runs first inside the step's argument check (a front end fills ``flat_grads``
+        there): a ``ValueError`` or ``TypeError`` it raises on any rank raises on every rank.
         """
-        # On every rank, before any exchange: a rank with an empty shard never calls adamw_step,
-        # so it would not notice bad values and would wait for the others forever.
+        # On every rank, before any exchange, in one allreduce: a rank with an empty shard never
+        # calls adamw_step, so it would not notice bad values and would wait for the others
+        # forever; and ranks stepping with different values would each update their shard their
+        # own way.
         def check():
+            if prepare is not None:
+                prepare()
             if len(hypers) != len(self.groups):
                 raise ValueError(f"hypers: expected {len(self.groups)} groups, got {len(hypers)}")
-            for h in hypers:
+            codes: dict[str, Any] = {"step": self.step_count, "groups": len(hypers)}
+            for i, h in enumerate(hypers):
                 check_hyper(h, grad_scale)
-            return None, None
+                codes.update(hyper_codes(i, h))
+            codes["grad_scale"] = float(grad_scale)
+            return (self._checked("flat_grads", self._flat_grads, self.grad_dtype),
+                    self._checked("flat_params", self.flat_params, param_dtype(self.precision))), codes
 
-        self.comm.check_args(check)
+        gv, pv = self.comm.check_args(check, "ShardedAdamWCore.step called with different settings on "
+                                             "different ranks")
         t = self.step_count + 1
-        reduce_scatter_views(as_view(self.flat_grads, "flat_grads"), as_view(self.grad_shard, "grad_shard"),
+        reduce_scatter_views(gv, as_view(self.grad_shard, "grad_shard"),
                              self.comm, op=self.op, rounding="stochastic", seed=self.seed, step=t,
                              stream=COLLECTIVE_STREAM, wire=self.wire_dtype)
         s = self.start
@@ -184,8 +227,18 @@ class ShardedAdamWCore:
                        master_params=None if self.master is None else [self.master[sl]],
                        compensation=None if self.compensation is None else [self.compensation[sl]],
                        grad_scale=grad_scale, seed=self.seed, offsets=[a])
-        self._gather_params()
+        all_gather_views(as_view(self.param_shard, "param_shard"), pv, self.comm)
         self.step_count = t
+
+    def _checked(self, name: str, t: Any, dtype: str) -> View:
+        """The view of buffer ``t`` if it is still what the construction made: a tensor resized
+        or restrided in place (``torch.Tensor.resize_``) would send the exchanges past its end."""
+        v = as_view(t, name)
+        if v.dtype != dtype or v.shape != (self.n,) or not v.contiguous:
+            raise ValueError(f"{name} must stay a contiguous 1-D {dtype} tensor of {self.n} elements, now "
+                             f"{v.dtype} of shape {v.shape}: write into it ({name}[...] = values), do not "
+                             "resize or replace it")
+        return v
 
     # -- checkpoints
     def save(self, path: str | os.PathLike, layout: Any = None, extra: dict | None = None) -> None:
@@ -193,20 +246,23 @@ class ShardedAdamWCore:
 
         One raw ``.bin`` per rank (sections ``param, exp_avg, exp_avg_sq[, master][, compensation]``
         of its shard) and ``manifest.json`` (world size, step, seed, precision, dtypes, ``layout``,
-        ``extra``, and per shard its range, size and SHA-256), each written atomically.
+        ``extra``, per shard its range, size and SHA-256, and its own checksum). Each save is a new
+        generation that replaces the folder's checkpoint in one rename of the manifest, so a crash
+        leaves the old checkpoint or the new one. Every rank must see the same folder (a shared
+        file system): that is checked first, and :class:`srkern.checkpoint.CheckpointError` raised
+        on every rank, before anything is written.
         """
         save_sharded(self, path, layout, extra)
 
     def load(self, path: str | os.PathLike, layout: Any = None) -> dict:
         """Load a checkpoint written by :meth:`save` on any world size (collective); re-shards.
 
-        Everything is checked first on every rank (manifest fields against this model,
-        presence, size and SHA-256 of every shard file); on any problem every rank raises
+        Everything is checked first on every rank (the manifest's checksum and every field,
+        against this model too; type, size and SHA-256 of every shard file); on any problem every rank raises
         :class:`srkern.checkpoint.CheckpointError` (its subclass names the cause) and no buffer
         is changed. Returns the manifest.
         """
         man = load_sharded(self, path, layout)
         self._gather_params()
-        self.step_count = int(man["step"])
-        self.seed = int(man["seed"])
+        self.step_count, self.seed = man["step"], man["seed"]  # checked ints: nothing to convert
         return man

@@ -24,11 +24,11 @@ from .adamw import _plan_step
 from .checkpoint import (HYPER_KEYS, TORCH_FORMAT, TORCH_VERSION, CheckpointCorrupt, CheckpointError,
                          CheckpointMismatch, check_counters, check_format, check_hyper, check_hypers,
                          check_layout, expect_equal, state_sections)
-from .comm import Communicator
+from .comm import Communicator, as_communicator
 from .formats import dtype_name
 from .layout import flat_offsets
 from .precisions import PRECISIONS, bytes_per_param, default_state_dtype, mode, param_dtype
-from .sharded import ShardedAdamWCore
+from .sharded import ShardedAdamWCore, hyper_codes
 
 __all__ = ["AdamW", "ShardedAdamW"]
 
@@ -211,11 +211,13 @@ class AdamW(torch.optim.Optimizer):
         """Load a state dict from :meth:`state_dict`. Its format, contract, precision, state
         dtype, layout, state buffers (names, dtypes, sizes), hyper-parameters, step and seed are
         checked first: :class:`srkern.checkpoint.CheckpointMismatch` or ``CheckpointCorrupt``
-        (both ``ValueError``) names the cause, and nothing is loaded."""
-        sd = dict(state_dict)
-        meta = sd.pop("srkern", None)
-        if not isinstance(meta, dict):
+        (both ``ValueError``) names the cause, and nothing is loaded. The parameters stay this
+        optimizer's: each group's saved ``params`` must be the positions :meth:`state_dict`
+        writes, and every state tensor must have its parameter's shape and the mode's dtype."""
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("srkern"), dict):
             raise CheckpointMismatch(f"not an {TORCH_FORMAT} state dict (no 'srkern' entry)")
+        sd = dict(state_dict)
+        meta = sd.pop("srkern")
         params = self._params()
         try:
             saved = self._checked_state(meta, sd, params)
@@ -223,6 +225,7 @@ class AdamW(torch.optim.Optimizer):
             raise
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
             raise CheckpointCorrupt(f"malformed {TORCH_FORMAT} state dict: {type(e).__name__}: {e}") from None
+        # Everything is checked: from here on state is written (torch's own load cannot fail now).
         super().load_state_dict(sd)
         # torch casts floating-point state to each parameter's dtype; keep the saved dtypes
         # (FP32 master weights and moments next to BF16 parameters).
@@ -230,8 +233,7 @@ class AdamW(torch.optim.Optimizer):
             p = params[i]
             self.state[p] = {k: v.detach().to(device=p.device, dtype=v.dtype, copy=True).contiguous()
                              for k, v in st.items()}
-        self._step = int(meta["step"])
-        self.seed = int(meta["seed"])
+        self._step, self.seed = meta["step"], meta["seed"]  # checked ints: nothing to convert
 
     def _checked_state(self, meta: dict, sd: dict, params: list[torch.Tensor]) -> dict[int, dict]:
         """The per-parameter state of a state dict, once every check has passed."""
@@ -243,18 +245,39 @@ class AdamW(torch.optim.Optimizer):
         check_layout(list(zip(meta["offsets"], meta["numels"], strict=True)),
                      list(zip(self.layout(), [p.numel() for p in params], strict=True)))
         check_counters(meta)
-        check_hypers(list(sd["param_groups"]), len(self.param_groups))
+        groups = sd["param_groups"]
+        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+            raise CheckpointCorrupt(f"param_groups must be a list of dicts, got {type(groups).__name__}")
+        check_hypers(groups, len(self.param_groups))
+        first = 0
+        for gi, (g, mine) in enumerate(zip(groups, self.param_groups, strict=True)):
+            # torch maps saved state to parameters through these ids: only the positions that
+            # state_dict() writes keep that mapping the one checked below.
+            want_ids = list(range(first, first + len(mine["params"])))
+            if g.get("params") != want_ids or not all(type(i) is int for i in g["params"]):
+                raise CheckpointMismatch(f"param_groups[{gi}]['params']: {g.get('params')!r:.80} in the checkpoint, "
+                                         f"{want_ids!r:.80} (this optimizer's parameters) here")
+            first += len(want_ids)
+        if not isinstance(sd["state"], dict):
+            raise CheckpointCorrupt(f"state must be a dict, got {type(sd['state']).__name__}")
         want = sorted(state_sections(self.precision, self.state_dtype))
         saved = {}
         for i, st in sd["state"].items():
-            i, st = int(i), dict(st)
+            if type(i) is not int or not 0 <= i < len(params) or not isinstance(st, dict):
+                raise CheckpointCorrupt(f"state entry {i!r}: not a parameter position with a dict of tensors")
             if not st:  # a parameter that never had a gradient
                 continue
+            for k, v in st.items():
+                if not isinstance(v, torch.Tensor) or v.layout != torch.strided or v.is_meta:
+                    raise CheckpointCorrupt(f"state[{i}][{k!r}] is not a dense tensor with data: {type(v).__name__}")
             expect_equal(f"state of parameter {i}", sorted((k, dtype_name(v.dtype)) for k, v in st.items()), want)
             for k, v in st.items():
                 if v.numel() != params[i].numel():
                     raise CheckpointMismatch(f"state[{i}][{k!r}] has {v.numel()} elements, "
                                              f"parameter {i} has {params[i].numel()}")
+                if v.shape != params[i].shape:
+                    raise CheckpointMismatch(f"state[{i}][{k!r}] has shape {tuple(v.shape)}, "
+                                             f"parameter {i} has {tuple(params[i].shape)}")
             saved[i] = st
         return saved
 
@@ -275,8 +298,11 @@ class ShardedAdamW(torch.optim.Optimizer):
         precision: one of ``srkern.precisions.PRECISIONS``.
         state_dtype, seed, reduce_dtype, wire_dtype, op: as in ``ShardedAdamWCore``.
 
-    ``step()`` is collective: every rank must call it. Use :meth:`save` / :meth:`load` for
-    checkpoints (``state_dict`` would hold only this rank's shard).
+    ``step()`` is collective: every rank must call it, with a gradient for every parameter and
+    the same hyper-parameters. Every rank must also build it with the same parameter shapes,
+    groups and settings. Each of these is checked on every rank; a difference, or a bad argument
+    on one rank, raises on every rank. Use :meth:`save` / :meth:`load` for checkpoints
+    (``state_dict`` would hold only this rank's shard).
     """
 
     def __init__(self, params: Iterable[Any], comm: Any = None, lr: float = 1e-3,
@@ -285,11 +311,13 @@ class ShardedAdamW(torch.optim.Optimizer):
                  state_dtype: str | None = None, seed: int | None = None,
                  reduce_dtype: str | None = None, wire_dtype: str | None = None,
                  op: str = "avg") -> None:
-        comm = comm if isinstance(comm, Communicator) else Communicator(comm)
+        comm = Communicator() if comm is None else as_communicator(comm)
 
-        def check() -> tuple[list[torch.Tensor], None]:
+        def check() -> tuple[list[torch.Tensor], dict[str, Any]]:
             # This rank's arguments; run through check_args, so that a bad argument on one rank
-            # raises on every rank instead of leaving the others waiting in the core's exchanges.
+            # raises on every rank instead of leaving the others waiting in the core's exchanges,
+            # and so that ranks with another layout or other hyper-parameters (the same total
+            # size: the core could not tell) raise too.
             defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
             check_hyper(defaults)
             torch.optim.Optimizer.__init__(self, params, defaults)
@@ -305,9 +333,18 @@ class ShardedAdamW(torch.optim.Optimizer):
                     raise ValueError(f"parameter {i} is on {p.device}, parameter 0 on {plist[0].device}")
             if len({id(p) for p in plist}) != len(plist):
                 raise ValueError("a parameter appears twice")
-            return plist, None
+            codes: dict[str, Any] = {"parameters": len(plist), "dtype": str(want),
+                                     "device": plist[0].device.type}
+            codes.update({f"parameter {i} shape": tuple(p.shape) for i, p in enumerate(plist)})
+            codes["groups"] = len(self.param_groups)
+            for j, g in enumerate(self.param_groups):
+                check_hyper(g)
+                codes[f"group {j} parameters"] = len(g["params"])
+                codes.update(hyper_codes(j, g))
+            return plist, codes
 
-        plist = comm.check_args(check)
+        plist = comm.check_args(check, "ShardedAdamW built with different parameters or settings on "
+                                       "different ranks")
         want, dev = plist[0].dtype, plist[0].device
         self._params = plist
         sizes = [p.numel() for p in plist]
@@ -339,15 +376,22 @@ class ShardedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.core.step(self._hypers(), prepare=self._fill_grads)
+        return loss
+
+    def _fill_grads(self) -> None:
+        """Every parameter's gradient into the core's flat_grads; run inside the core's collective
+        check, so that a gradient missing on one rank raises on every rank (the others would wait
+        in the reduce-scatter)."""
         for i, p in enumerate(self._params):
             if p.grad is None:
                 raise ValueError(f"parameter {i} (shape {tuple(p.shape)}) has no gradient; "
                                  "every rank must supply a gradient for every parameter")
+            if p.grad.layout != torch.strided:
+                raise TypeError(f"parameter {i} has a {p.grad.layout} gradient; ShardedAdamW needs dense gradients")
         fg = self.core.flat_grads
         for p, o in zip(self._params, self._offsets, strict=True):
             fg[o:o + p.numel()].copy_(p.grad.reshape(-1))
-        self.core.step(self._hypers())
-        return loss
 
     def optimizer_bytes(self) -> dict[str, int]:
         """Optimizer-state bytes on this rank (see ``ShardedAdamWCore.optimizer_bytes``)."""
@@ -366,7 +410,9 @@ class ShardedAdamW(torch.optim.Optimizer):
         """Collective load on any world size (re-shards); restores step, seed and hyper-parameters.
 
         The layout and every group's hyper-parameters are checked with the rest of the
-        checkpoint, before anything is loaded."""
+        checkpoint, before anything is loaded; only ``lr``, ``betas``, ``eps`` and
+        ``weight_decay`` are taken from it (a hyper entry with any other key is refused), never
+        a group's parameters."""
         man = self.core.load(path, layout=self._layout)
         hyper = man["extra"].get("hyper")
         if hyper is not None:

@@ -24,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from srkern import dist, reference as ref  # noqa: E402
+from srkern.checkpoint import seal_manifest  # noqa: E402
 from srkern.precisions import PRECISIONS  # noqa: E402
 from srkern.testing import bits_of, first_difference, mismatch_report  # noqa: E402
 
@@ -198,8 +199,8 @@ def check_corrupt(comm: dist.Communicator, ck: Checks, folder: Path) -> None:
         data[len(data) // 2] ^= 0x10
         f.write_bytes(bytes(data))
 
-    def edit(**fields):  # a manifest with some fields replaced
-        return lambda bad: (bad / "manifest.json").write_text(json.dumps(dict(man, **fields)))
+    def edit(**fields):  # a manifest with some fields replaced and its checksum renewed, so each field's own check answers
+        return lambda bad: (bad / "manifest.json").write_bytes(seal_manifest(dict(man, **fields)))
 
     bad_hyper = [dict(INV_HYPER[0], lr=-1.0, betas=list(INV_HYPER[0]["betas"]))]
     # kind: (the damage, the error class it must raise, words of the message that name the cause)
@@ -212,8 +213,10 @@ def check_corrupt(comm: dist.Communicator, ck: Checks, folder: Path) -> None:
                         "cannot read " + str(folder / "no-manifest" / "manifest.json")),
         "garbled-manifest": (lambda bad: (bad / "manifest.json").write_text("{not json"),
                              dist.CheckpointCorrupt, "manifest.json is not valid JSON"),
-        "wrong-format-version": (edit(format_version=2), dist.CheckpointMismatch,
-                                 "not a srkern.ShardedAdamW v1 checkpoint (format 'srkern.ShardedAdamW', version 2)"),
+        "wrong-format-version": (edit(format_version=3), dist.CheckpointMismatch,
+                                 "not a srkern.ShardedAdamW v2 checkpoint (format 'srkern.ShardedAdamW', version 3)"),
+        "edited-manifest": (lambda bad: (bad / "manifest.json").write_text(json.dumps(dict(man, step=7))),
+                            dist.CheckpointCorrupt, "does not match its checksum manifest_sha256"),
         "wrong-contract": (edit(contract_version="2.0"), dist.CheckpointMismatch, "written under bit contract v2.0"),
         "wrong-n": (edit(n=n + 1), dist.CheckpointMismatch, f"number of parameters: {n + 1} in the checkpoint, {n} here"),
         "wrong-precision": (edit(precision="bf16-sr"), dist.CheckpointMismatch,
