@@ -7,6 +7,7 @@ reader does not know the FP8 type codes, so FP8 tensors are read as bytes and re
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import sys
 from dataclasses import dataclass, replace
@@ -198,6 +199,44 @@ def mark_written(views: list[View]) -> None:
     if written:
         import torch
         torch.autograd.graph.increment_version(written)
+
+
+def host_bytes(x: Any) -> bytes:
+    """The raw bytes of a contiguous tensor (copied to the host): checkpoints, broadcasts."""
+    v = as_view(x, "x")
+    if not v.contiguous:  # its bytes would not be its values in C order
+        raise ValueError("host_bytes needs a C-contiguous tensor in native byte order"
+                         + (f": it {v.needs_copy}" if v.needs_copy else ""))
+    if v.nbytes == 0:
+        return b""
+    if v.device == "cuda":
+        import cupy
+        with cupy.cuda.Device(v.device_id):
+            cupy.cuda.Device(v.device_id).synchronize()
+            host = np.empty(v.nbytes, dtype=np.uint8)
+            cupy.cuda.runtime.memcpy(host.ctypes.data, v.ptr, v.nbytes, cupy.cuda.runtime.memcpyDeviceToHost)
+        return host.tobytes()
+    return ctypes.string_at(v.ptr, v.nbytes)
+
+
+def write_host_bytes(x: Any, data: bytes | memoryview) -> None:
+    """Overwrite a contiguous tensor with raw bytes of exactly its size."""
+    v = as_view(x, "x")
+    why = unwritable(v) or ("" if v.contiguous else "is not C-contiguous")
+    if why:
+        raise ValueError(f"write_host_bytes: the tensor {why}")
+    if len(data) != v.nbytes:
+        raise ValueError(f"expected {v.nbytes} bytes, got {len(data)}")
+    if v.nbytes == 0:
+        return
+    src = np.frombuffer(data, dtype=np.uint8)
+    if v.device == "cuda":
+        import cupy
+        with cupy.cuda.Device(v.device_id):
+            cupy.cuda.Device(v.device_id).synchronize()
+            cupy.cuda.runtime.memcpy(v.ptr, src.ctypes.data, v.nbytes, cupy.cuda.runtime.memcpyHostToDevice)
+    else:
+        ctypes.memmove(v.ptr, src.ctypes.data, v.nbytes)
 
 
 def _c_strides(shape: tuple[int, ...]) -> tuple[int, ...]:

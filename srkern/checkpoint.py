@@ -23,7 +23,6 @@ forgery: whoever can write the folder can also write a consistent manifest.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
 import math
@@ -33,11 +32,9 @@ import secrets
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
 from . import _contract
 from ._files import atomic_write, open_regular, read_regular
-from ._tensor import as_view
+from ._tensor import as_view, host_bytes, write_host_bytes
 from .adamw import check_hyperparameters
 from .formats import NP_DTYPES
 from .layout import shard_range
@@ -131,40 +128,6 @@ def check_hypers(saved: Any, n_groups: int) -> list[dict]:
         except (TypeError, ValueError, OverflowError) as e:  # float(10**400) overflows
             raise CheckpointCorrupt(f"parameter group {i}: {e}") from None
     return saved
-
-
-# ---- raw bytes of any framework's tensor -------------------------------------------------------
-
-def host_bytes(x: Any) -> bytes:
-    """The raw bytes of a contiguous tensor (copied to the host)."""
-    v = as_view(x, "x")
-    if v.nbytes == 0:
-        return b""
-    if v.device == "cuda":
-        import cupy
-        with cupy.cuda.Device(v.device_id):
-            cupy.cuda.Device(v.device_id).synchronize()
-            host = np.empty(v.nbytes, dtype=np.uint8)
-            cupy.cuda.runtime.memcpy(host.ctypes.data, v.ptr, v.nbytes, cupy.cuda.runtime.memcpyDeviceToHost)
-        return host.tobytes()
-    return ctypes.string_at(v.ptr, v.nbytes)
-
-
-def write_host_bytes(x: Any, data: bytes | memoryview) -> None:
-    """Overwrite a contiguous tensor with raw bytes of exactly its size."""
-    v = as_view(x, "x")
-    if len(data) != v.nbytes:
-        raise ValueError(f"expected {v.nbytes} bytes, got {len(data)}")
-    if v.nbytes == 0:
-        return
-    src = np.frombuffer(data, dtype=np.uint8)
-    if v.device == "cuda":
-        import cupy
-        with cupy.cuda.Device(v.device_id):
-            cupy.cuda.Device(v.device_id).synchronize()
-            cupy.cuda.runtime.memcpy(v.ptr, src.ctypes.data, v.nbytes, cupy.cuda.runtime.memcpyHostToDevice)
-    else:
-        ctypes.memmove(v.ptr, src.ctypes.data, v.nbytes)
 
 
 # ---- sharded folders: the manifest ---------------------------------------------------------------

@@ -10,10 +10,10 @@ from typing import Any, Callable, Sequence
 
 from . import _contract
 from ._collective import COLLECTIVE_STREAM, OPS, WIRE_DTYPES, all_gather_views, reduce_scatter_views
-from ._tensor import View, as_view, empty_like, stream_of
+from ._tensor import View, as_view, empty_like, host_bytes, stream_of, write_host_bytes
 from .adamw import adamw_step
 from .cast import cast
-from .checkpoint import check_hyper, host_bytes, load_sharded, save_sharded, state_sections, write_host_bytes
+from .checkpoint import check_hyper, load_sharded, save_sharded, state_sections
 from .comm import Communicator, as_communicator
 from .layout import shard_range
 from .precisions import bytes_per_param, default_state_dtype, mode, param_dtype

@@ -163,7 +163,8 @@ class AdamW(torch.optim.Optimizer):
                 key = (gi, p.device, p.grad.dtype)
                 b = buckets.setdefault(key, {"p": [], "g": [], "m": [], "v": [], "w": [], "c": [], "o": []})
                 b["p"].append(p)
-                b["g"].append(p.grad if p.grad.is_contiguous() else p.grad.contiguous())
+                g = p.grad  # read in place: a lazy negation (torch's negative bit) is resolved first
+                b["g"].append(g if g.is_contiguous() and not g.is_neg() else g.resolve_neg().contiguous())
                 b["m"].append(state["exp_avg"])
                 b["v"].append(state["exp_avg_sq"])
                 if "master" in state:
@@ -377,6 +378,9 @@ class ShardedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.core.step(self._hypers(), prepare=self._fill_grads)
+        # The parameters are views of the flat buffer the kernels wrote through raw pointers, each
+        # with its own version counter: bumped, so a graph that saved a weight raises on backward.
+        torch.autograd.graph.increment_version(self._params)
         return loss
 
     def _fill_grads(self) -> None:
@@ -418,6 +422,7 @@ class ShardedAdamW(torch.optim.Optimizer):
         if hyper is not None:
             for g, h in zip(self.param_groups, hyper, strict=True):
                 g.update({k: (tuple(h[k]) if k == "betas" else h[k]) for k in HYPER_KEYS})
+        torch.autograd.graph.increment_version(self._params)  # the weights were overwritten
 
     def state_dict(self):  # noqa: D102
         raise NotImplementedError("ShardedAdamW state is sharded across ranks: use save(path) / load(path)")

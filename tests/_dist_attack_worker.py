@@ -205,6 +205,18 @@ def raw_comm(_comm: dist.Communicator) -> None:
         before = out._version
         fn(out)
         report(me, f"case {name}-out-version {'bumped' if out._version > before else 'unchanged'}")
+    # ShardedAdamW's parameters are views of its flat buffer: a graph that saved one raises on
+    # backward after a step or a load, as after torch's own in-place updates.
+    from srkern.torch import ShardedAdamW
+    p = torch.nn.Parameter(torch.ones(N, dtype=torch.bfloat16))
+    opt = ShardedAdamW([p], me, seed=SEED)
+    for case, change in (("sharded-step", opt.step), ("sharded-load", lambda: opt.load(OUT / "ckpt"))):
+        p.grad = torch.ones_like(p)
+        if case == "sharded-load":
+            opt.save(OUT / "ckpt")
+        y = (p * p).sum()
+        change()
+        attempt(me, case, y.backward)
 
 
 def leave_body(comm: dist.Communicator, how: str) -> None:

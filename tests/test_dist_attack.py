@@ -177,3 +177,5 @@ def test_raw_mpi4py_communicator_is_wrapped_and_none_refused(tmp_path):
         assert_raised_everywhere(run, 1, case, "ValueError", "out requires grad and grad mode is on")
     for case in ("rs-out-version", "ag-out-version"):
         assert f"rank 0 case {case} bumped\n" in run.lines, str(run)
+    for case in ("sharded-step", "sharded-load"):
+        assert_raised_everywhere(run, 1, case, "RuntimeError", "modified by an inplace operation")

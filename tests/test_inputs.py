@@ -303,6 +303,41 @@ def test_torch_adamw_step_bumps_every_param_and_state(backend, precision):
         y.sum().backward()
 
 
+@pytest.mark.attack("corruption")
+def test_torch_adamw_resolves_a_negative_bit_gradient(backend):
+    # A gradient with torch's negative bit (autograd can hand one out: the grad of x.neg() is a
+    # lazy negation) is read with its sign: the same bits as the resolved gradient.
+    g = torch.randn(70, device=backend.device).to(torch.bfloat16)
+    runs = []
+    for grad in (torch._neg_view(g), g.neg()):
+        p = torch.nn.Parameter(torch.ones(70, device=backend.device, dtype=torch.bfloat16))
+        p.grad = grad
+        srt.AdamW([p], lr=1e-2, seed=SEED).step()
+        runs.append(p.detach())
+    assert runs[0].data_ptr() != runs[1].data_ptr()
+    assert_same_bits(backend.get(runs[0]), backend.get(runs[1]))
+
+
+@pytest.mark.attack("corruption")
+def test_raw_byte_copies_refuse_memory_that_does_not_hold_its_values():
+    # host_bytes / write_host_bytes (checkpoints, broadcasts) copy raw bytes: a byte-swapped or
+    # packed-field array would be saved or overwritten as if native.
+    from srkern._tensor import host_bytes, write_host_bytes
+    swapped = VALUES.astype(">f4")
+    with pytest.raises(ValueError, match="non-native byte order"):
+        host_bytes(swapped)
+    rec = packed("<f4")
+    before = rec.tobytes()
+    with pytest.raises(ValueError, match="not a multiple of its item size"):
+        write_host_bytes(rec["a"], bytes(4 * rec.size))
+    assert rec.tobytes() == before
+    ro = VALUES.copy()
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="is read-only"):
+        write_host_bytes(ro, bytes(ro.nbytes))
+    assert host_bytes(VALUES) == VALUES.tobytes()
+
+
 # ---- 5. hyper-parameters valid in float64 but zero or infinite in FP32 -----------------------------
 
 HYPER_CASES = [("lr", 1e-50), ("lr", 1e39), ("eps", 1e-50), ("eps", 1e39), ("eps", -0.0),
