@@ -33,6 +33,39 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
             item.add_marker(pytest.mark.backend)
 
 
+# ---- the adversarial cases (issue 11): a tally per area at the end of the run ------------------------
+
+_ATTACK: dict[str, dict[str, int]] = {}  # area -> outcome -> count
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    area = next((m.args[0] for m in getattr(report, "_attack_marks", ())), None)
+    if area is None:
+        return
+    # One outcome per test: its call, or its setup when that failed or skipped.
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        tally = _ATTACK.setdefault(area, {})
+        tally[report.outcome] = tally.get(report.outcome, 0) + 1
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    report = yield
+    report._attack_marks = list(item.iter_markers("attack"))
+    return report
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not _ATTACK:
+        return
+    terminalreporter.section("adversarial cases (pytest -m attack): held = passed")
+    for area in sorted(_ATTACK):
+        t = _ATTACK[area]
+        tried = sum(t.values())
+        terminalreporter.write_line(f"{area:16} {tried:4} tried, {t.get('passed', 0):4} held"
+                                    + "".join(f", {v} {k}" for k, v in sorted(t.items()) if k != "passed"))
+
+
 # ---- backends -------------------------------------------------------------------------------------
 
 CPU_BACKENDS = ("cpu", "cpu-portable", "gpu-emu")
