@@ -21,12 +21,14 @@ test: install-test
 	$(PY) -m pytest -q tests
 
 # The backend tests once more, on gpu-emu built with AddressSanitizer and UndefinedBehaviorSanitizer
-# (CI runs this after `make test`). The ASan runtime must be loaded before Python; --capture=sys
-# leaves file descriptor 2 alone, so a sanitizer report reaches the terminal before the abort.
+# (CI runs this after `make test`). The ASan runtime must be loaded before Python, and libstdc++
+# with it: else ASan's __cxa_throw interceptor finds no real __cxa_throw and aborts at the first
+# C++ exception torch throws (an autograd error a test expects). --capture=sys leaves file
+# descriptor 2 alone, so a sanitizer report reaches the terminal before the abort.
 CXX ?= g++
 test-sanitize: install-test
 	SRKERN_EMU_SANITIZE=1 SRKERN_TEST_BACKENDS=gpu-emu ASAN_OPTIONS=detect_leaks=0 \
-		UBSAN_OPTIONS=print_stacktrace=1 LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so)" \
+		UBSAN_OPTIONS=print_stacktrace=1 LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
 		$(PY) -m pytest -q --capture=sys -p no:cacheprovider -m "backend and not slow" tests
 
 # All CPU benchmarks (casts, AdamW, the distributed smoke run) into bench-out/cpu.json, then the

@@ -194,8 +194,8 @@ def _cpu_open(name: str, backend: str) -> tuple[Path, int]:
             why, bad = why_digest, digest
         elif recorded.decode(errors="replace").strip() != hashlib.sha256(data).hexdigest():
             why, bad = "does not match the digest recorded beside it", lib
-        elif not _cache.is_elf(data):
-            why, bad = "is not a shared library (no ELF header)", lib
+        elif not _cache.is_elf(data, _cache.ELF_SHARED):
+            why, bad = "is not a shared library (no ELF header of type ET_DYN)", lib
         else:
             return lib, fd
         os.close(fd)
@@ -230,9 +230,9 @@ def _cpu_compile(name: str, backend: str, cxx: str, flags: tuple[str, ...], sour
                              f"nothing was cached: {' '.join(cmd)}") from e
         try:
             data = _cache.read_fd(fd) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
-            if not _cache.is_elf(data):
+            if not _cache.is_elf(data, _cache.ELF_SHARED):
                 raise BuildError(f"{cxx} exited 0 but wrote {len(data)} bytes that are not a shared "
-                                 f"library (no ELF header) for kernels/{name}.cu ({backend}); "
+                                 f"library (no ELF header of type ET_DYN) for kernels/{name}.cu ({backend}); "
                                  f"nothing was cached: {' '.join(cmd)}")
             # Library first, digest second: a reader that sees the new digest also sees the new library.
             _cache.write_entries([(lib, data), (digest, hashlib.sha256(data).hexdigest().encode())])

@@ -39,6 +39,7 @@ from ._files import atomic_write
 # A shared library (or cubin) starts with the ELF magic, and an ELF64 header alone is 64 bytes.
 _ELF_MAGIC = b"\x7fELF"
 _ELF_MIN_SIZE = 64
+ELF_SHARED = 3  # e_type of a shared library (ET_DYN)
 
 
 class BuildError(RuntimeError):
@@ -66,7 +67,7 @@ def cache_dir() -> Path:
             if not os.path.lexists(folder):
                 with contextlib.suppress(FileExistsError):  # another rank made it first
                     os.mkdir(folder, 0o700)
-        st = path.stat()
+        st = os.lstat(path)  # not followed: a link put in its place after realpath is refused
     except OSError as e:
         raise BuildError(f"cache folder {path} cannot be made ({e.strerror}: {e.filename}); "
                          "set SRKERN_CACHE_DIR to a folder you can write") from e
@@ -85,7 +86,12 @@ def cache_dir() -> Path:
 def check_ancestors(path: Path, uid: int) -> None:
     """Refuse ``path`` if another user could rename or replace it or a folder on the way to it:
     every existing folder above it must be owned by ``uid`` or root and writable by nobody else,
-    unless it is sticky (then others cannot rename what they do not own)."""
+    unless it is sticky (then others cannot rename what they do not own). The walk ends at the
+    first such folder that nobody else may even enter (no group or other search bit, like a
+    0700 home): what lies below it is out of everyone else's reach, so a group-writable
+    ``~/.cache`` inside it (umask 002) is fine; below it only a file where a folder belongs is
+    refused (by name, not as a raw OSError)."""
+    private = False
     for folder in reversed(path.parents):  # from / down
         try:
             st = os.stat(folder)
@@ -97,12 +103,15 @@ def check_ancestors(path: Path, uid: int) -> None:
         if not stat.S_ISDIR(st.st_mode):
             raise BuildError(f"cache folder {path} cannot be made: {folder} is not a folder; "
                              "set SRKERN_CACHE_DIR")
+        if private:
+            continue
         sticky = st.st_mode & stat.S_ISVTX
         if st.st_uid not in (uid, 0) or (st.st_mode & 0o022 and not sticky):
             raise BuildError(f"cache folder {path} is refused: the folder {folder} above it can be "
                              f"written by another user (owner uid {st.st_uid}, mode "
                              f"{oct(st.st_mode & 0o7777)}), who could swap the cached code; set "
                              "SRKERN_CACHE_DIR to a folder below ones only you or root can write")
+        private = not st.st_mode & 0o011
 
 
 def open_entry(path: Path) -> tuple[int | None, str | None]:
@@ -142,8 +151,12 @@ def read_trusted(path: Path) -> tuple[bytes | None, str | None]:
         os.close(fd)
 
 
-def is_elf(data: bytes) -> bool:
-    return len(data) >= _ELF_MIN_SIZE and data.startswith(_ELF_MAGIC)
+def is_elf(data: bytes, kind: int | None = None) -> bool:
+    """Whether ``data`` is an ELF file, of type ``kind`` (``e_type``: 3 for a shared library)
+    when given: a compiler's object file or executable is not a library dlopen can load."""
+    if len(data) < _ELF_MIN_SIZE or not data.startswith(_ELF_MAGIC):
+        return False
+    return kind is None or int.from_bytes(data[16:18], "little" if data[5] == 1 else "big") == kind
 
 
 def rebuild_warning(path: Path, why: str) -> None:

@@ -11,11 +11,16 @@ from typing import BinaryIO
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``path`` so that readers see the old file or the whole new one, never a part.
+    """Write ``path`` so that readers see the old file or the whole new one, never a part, and
+    the new one survives a crash once this returns (:func:`replace_file`, then
+    :func:`sync_folder`)."""
+    replace_file(path, data)
+    sync_folder(Path(path).parent)
 
-    A temporary file in the same folder (mode 0600, from mkstemp) is written and fsynced, then
-    renamed over ``path``; the folder is fsynced so that the rename itself survives a crash.
-    """
+
+def replace_file(path: Path, data: bytes) -> None:
+    """A temporary file in ``path``'s folder (mode 0600, from mkstemp) is written and fsynced,
+    then renamed over ``path``: from the rename on, readers see the new file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
@@ -28,7 +33,11 @@ def atomic_write(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    dfd = os.open(path.parent, os.O_RDONLY)
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync a folder, so that the renames in it survive a crash."""
+    dfd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dfd)
     finally:

@@ -194,11 +194,21 @@ def unwritable(v: View) -> str:
 def mark_written(views: list[View]) -> None:
     """Bump the version counter of every torch tensor among ``views``, which a kernel has just
     written: a backward through a graph that saved one then raises, as after torch's own
-    in-place ops (one call for the whole list)."""
-    written = [v.obj for v in views if v.framework == "torch"]
-    if written:
-        import torch
-        torch.autograd.graph.increment_version(written)
+    in-place ops."""
+    bump_versions([v.obj for v in views if v.framework == "torch"])
+
+
+def bump_versions(tensors: list) -> None:
+    """:func:`mark_written` for torch tensors given as such (one call for the whole list)."""
+    if not tensors:
+        return
+    import torch
+    try:
+        torch.autograd.graph.increment_version(tensors)
+    except TypeError:  # a torch whose increment_version takes one tensor, none inference-only
+        for t in tensors:
+            if not t.is_inference():
+                torch.autograd.graph.increment_version(t)
 
 
 def host_bytes(x: Any) -> bytes:

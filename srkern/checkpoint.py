@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import _contract
-from ._files import atomic_write, open_regular, read_regular
+from ._files import atomic_write, open_regular, read_regular, replace_file, sync_folder
 from ._tensor import as_view, host_bytes, write_host_bytes
 from .adamw import check_hyperparameters
 from .formats import NP_DTYPES
@@ -377,20 +377,22 @@ def save_sharded(core: Any, path: str | os.PathLike, layout: Any = None, extra: 
                     "seed": core.seed, "precision": core.precision, "n": core.n,
                     "groups": [[g.start, g.stop] for g in core.groups], "sections": _sections_of(core),
                     "layout": layout, "extra": extra or {}, "shards": [i for i, _ in infos]})
-                atomic_write(folder / "manifest.json", blob)  # the switch: one rename
+                replace_file(folder / "manifest.json", blob)  # the switch: one rename
                 switched = True
+                sync_folder(folder)  # the rename (and the shards' names) survive a crash
         except Exception as e:
             errs.append(f"rank 0: {type(e).__name__}: {e}")
-            with contextlib.suppress(OSError), open_regular(folder / "manifest.json") as f:
-                switched = bool(blob) and f.read(len(blob) + 1) == blob  # renamed before the error?
         if switched:  # now, and only now, the older generations go
             with contextlib.suppress(OSError):
                 _remove([f for f in folder.iterdir() if f.name not in {i["file"] for i, _ in infos}
                          and _OURS.fullmatch(f.name)])
         err = "; ".join(errs)
     err, switched = comm.mpi.bcast((err, switched), root=0)
+    if err and switched:  # only the folder's fsync can fail after the rename
+        raise CheckpointError(f"saving checkpoint to {folder}: the new checkpoint is in place, but it may not "
+                              f"survive a crash of this machine: {err}")
     if err:  # remove this save's own files, never the old checkpoint's
-        _remove(([folder / name] if info is not None and not switched else []) + ([probe] if r == 0 else []))
+        _remove(([folder / name] if info is not None else []) + ([probe] if r == 0 else []))
         raise CheckpointError(f"saving checkpoint to {folder} failed: {err}")
 
 

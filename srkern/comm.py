@@ -82,47 +82,26 @@ class Communicator:
         self.mpi.Bcast(buf, root=root)
         return int(buf[0])
 
-    def all_agree(self, values: Sequence[int]) -> bool:
-        """Whether every rank passed the same integers (one MIN and one MAX allreduce).
-
-        Each value is taken modulo 2**64 and compared as its two 32-bit halves, so values that
-        differ in any of the 64 bits (bit 63 included) disagree."""
-        MPI = _mpi()
-        a = np.array([h for v in values for h in ((int(v) >> 32) & 0xFFFFFFFF, int(v) & 0xFFFFFFFF)],
-                     dtype=np.int64)
-        lo, hi = np.empty_like(a), np.empty_like(a)
-        self.mpi.Allreduce(a, lo, op=MPI.MIN)
-        self.mpi.Allreduce(a, hi, op=MPI.MAX)
-        return bool(np.array_equal(lo, hi))
-
     def all_ok(self, ok: bool) -> bool:
         """Logical AND of ``ok`` over ranks."""
         MPI = _mpi()
         return bool(self.mpi.allreduce(int(bool(ok)), op=MPI.MIN))
 
-    def raise_together(self, err: BaseException | None) -> None:
-        """Collective: if ``err`` is set on any rank, raise on every rank.
-
-        Every rank raises the first failing rank's error, as ``TypeError`` if that was one and
-        else ``ValueError``, with the message ``"rank R: <message>"``. One allreduce when no rank
-        failed (plus one allgather of the messages when one did).
-        """
-        if self.all_ok(err is None):
-            return
-        self._raise_first(err)
-
     def _raise_first(self, err: BaseException | None) -> None:
-        """Collective, once some rank failed: raise its error on every rank (see raise_together)."""
+        """Collective, once some rank failed: every rank raises the first failing rank's error,
+        ``"rank R: <message>"``, as ``TypeError`` or ``ValueError`` if it was one, else as
+        ``RuntimeError`` naming its type."""
         mine = None if err is None else (type(err).__name__, str(err))
         r, (kind, msg) = next((r, m) for r, m in enumerate(self.mpi.allgather(mine)) if m is not None)
-        raise (TypeError if kind == "TypeError" else ValueError)(f"rank {r}: {msg}") from err
+        cls = {"TypeError": TypeError, "ValueError": ValueError}.get(kind, RuntimeError)
+        raise cls(f"rank {r}: {msg}" if cls is not RuntimeError else f"rank {r}: {kind}: {msg}") from err
 
     def check_args(self, check: Callable[[], tuple[T, Sequence[int] | Mapping[str, Any] | None]],
                    mismatch: str = "") -> T:
         """Collective argument check, run before any exchange; returns ``check``'s value.
 
-        ``check()`` validates this rank's arguments and returns ``(value, codes)``. If it raises
-        ``ValueError`` or ``TypeError`` on any rank, every rank raises (:meth:`raise_together`).
+        ``check()`` validates this rank's arguments and returns ``(value, codes)``. If it raises on
+        any rank, every rank raises the first failing rank's error (:meth:`_raise_first`).
         Else every rank must have returned the same codes, else every rank raises
         ``ValueError(mismatch)``: integers (compared modulo 2**64), or a mapping from a setting's
         name to its value (ints, floats, strings, tuples of these; compared by ``repr``), in
@@ -133,7 +112,7 @@ class Communicator:
         value, codes = None, None
         try:
             value, codes = check()
-        except (ValueError, TypeError) as e:
+        except Exception as e:  # any kind: a rank that raised alone would leave the others waiting
             err = e
         # One MAX allreduce answers both questions: did any rank fail, and are the digests the
         # same (the max of each 32-bit half equals minus the max of its negation).
@@ -283,15 +262,22 @@ def _short(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+# One Communicator per mpi4py communicator passed raw, so that its NCCL communicators are made
+# once, not at every call (the mpi4py object is kept alive with it, so its id is not reused).
+_WRAPPED: dict[int, tuple[Any, Communicator]] = {}
+
+
 def as_communicator(comm: Any, name: str = "comm") -> Communicator:
     """``comm`` itself if it is a :class:`Communicator`; an mpi4py communicator wrapped in one
-    (for this call: pass a Communicator to keep its NCCL communicators and byte counters);
-    anything else (None included) is a ``TypeError`` naming ``name``, raised on this rank
-    before any collective."""
+    (the same wrapper each time that communicator is passed); anything else (None included) is
+    a ``TypeError`` naming ``name``, raised on this rank before any collective."""
     if isinstance(comm, Communicator):
         return comm
     if comm is not None and isinstance(comm, _mpi().Comm):
-        return Communicator(comm)
+        held = _WRAPPED.get(id(comm))
+        if held is None or held[0] is not comm:
+            held = _WRAPPED[id(comm)] = (comm, Communicator(comm))
+        return held[1]
     raise TypeError(f"{name} must be a srkern.dist.Communicator or an mpi4py communicator, "
                     f"got {type(comm).__name__}")
 
@@ -324,7 +310,11 @@ def abort_on_error(comm: "Communicator | Any" = None) -> Iterator[None]:
         sys.stdout.flush()
         what = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__  # sys.exit(): no text
         sys.stderr.write(f"srkern: rank {rank} of {mpi.Get_size()} raised {what}; aborting all ranks\n")
-        traceback.print_exc(file=sys.stderr)
+        if isinstance(e, SystemExit) and e.code in (0, None):  # a clean exit, in the wrong place
+            sys.stderr.write("srkern: to end the job normally, leave the `with abort_on_error()` block "
+                             "on every rank before calling sys.exit\n")
+        else:
+            traceback.print_exc(file=sys.stderr)
         sys.stderr.flush()
         if c is not None:
             c.abort(1)  # NCCL communicators first, then MPI_Abort

@@ -10,7 +10,8 @@ from typing import Any, Callable, Sequence
 
 from . import _contract
 from ._collective import COLLECTIVE_STREAM, OPS, WIRE_DTYPES, all_gather_views, reduce_scatter_views
-from ._tensor import View, as_view, empty_like, host_bytes, stream_of, write_host_bytes
+from ._tensor import (View, as_view, empty_like, host_bytes, mark_written, stream_of, unwritable,
+                      write_host_bytes)
 from .adamw import adamw_step
 from .cast import cast
 from .checkpoint import check_hyper, load_sharded, save_sharded, state_sections
@@ -62,7 +63,10 @@ class ShardedAdamWCore:
 
     Args:
         flat_params: contiguous 1-D tensor (NumPy, PyTorch, CuPy), dtype ``param_dtype(precision)``,
-            the same on every rank (rank 0's values are broadcast at construction).
+            the same on every rank (rank 0's values are broadcast at construction); written in
+            place, as an optimizer writes its parameters (a torch tensor is used detached, so
+            one that requires grad is updated as under ``torch.no_grad()``, and its version
+            counter is bumped).
         comm: :class:`srkern.comm.Communicator` (an mpi4py communicator is wrapped in one).
         precision: one of ``srkern.precisions.PRECISIONS`` (see ``srkern.adamw_step``).
         groups: ``[(start, stop), ...]`` flat slices with their own hyper-parameters, in order,
@@ -92,10 +96,13 @@ class ShardedAdamWCore:
             mode(precision)
             if op not in OPS:
                 raise ValueError(f"op must be one of {OPS}, got {op!r}")
-            pv = as_view(flat_params, "flat_params")
+            pv = as_view(flat_params.detach() if hasattr(flat_params, "detach") else flat_params, "flat_params")
             if pv.dtype != param_dtype(precision) or len(pv.shape) != 1 or not pv.contiguous:
                 raise ValueError(f"flat_params must be a contiguous 1-D {param_dtype(precision)} tensor "
                                  f"for precision {precision!r}, got {pv.dtype} of shape {pv.shape}")
+            why = unwritable(pv)  # checked here, on every rank: not by adamw_step, after an exchange
+            if why:
+                raise ValueError(f"flat_params {why}")
             sd = state_dtype or default_state_dtype(precision)
             bytes_per_param(precision, sd)  # raises if the mode does not allow state_dtype
             gd = grad_dtype or pv.dtype
@@ -128,7 +135,7 @@ class ShardedAdamWCore:
         seed = _contract.resolve_seed(seed) if comm.rank == 0 else 0
         self.seed = comm.bcast_int(seed)
         self.step_count = 0
-        self.flat_params = flat_params
+        self.flat_params = pv.obj  # for torch the detached tensor: the same memory and version counter
         self.start, self.stop = shard_range(self.n, comm.size, comm.rank)
         m = self.stop - self.start
         self._flat_grads = _zeros(pv, grad_dtype, self.n)
@@ -206,6 +213,7 @@ class ShardedAdamWCore:
                 check_hyper(h, grad_scale)
                 codes.update(hyper_codes(i, h))
             codes["grad_scale"] = float(grad_scale)
+            self._check_writable()
             return (self._checked("flat_grads", self._flat_grads, self.grad_dtype),
                     self._checked("flat_params", self.flat_params, param_dtype(self.precision))), codes
 
@@ -228,7 +236,17 @@ class ShardedAdamWCore:
                        compensation=None if self.compensation is None else [self.compensation[sl]],
                        grad_scale=grad_scale, seed=self.seed, offsets=[a])
         all_gather_views(as_view(self.param_shard, "param_shard"), pv, self.comm)
+        mark_written([pv])  # every rank's copy of the weights changed, shard or not
         self.step_count = t
+
+    def _check_writable(self) -> None:
+        """Every buffer a step or a load writes, checked on every rank before any exchange: a rank
+        whose shard is empty writes nothing locally, so a refusal inside adamw_step on the
+        others would leave it waiting in the all-gather."""
+        for name, t in self.state_sections():
+            why = unwritable(as_view(t, name))
+            if why:
+                raise ValueError(f"{name} {why}")
 
     def _checked(self, name: str, t: Any, dtype: str) -> View:
         """The view of buffer ``t`` if it is still what the construction made: a tensor resized
@@ -262,7 +280,9 @@ class ShardedAdamWCore:
         :class:`srkern.checkpoint.CheckpointError` (its subclass names the cause) and no buffer
         is changed. Returns the manifest.
         """
+        self.comm.check_args(lambda: (self._check_writable(), None))
         man = load_sharded(self, path, layout)
         self._gather_params()
+        mark_written([as_view(self.flat_params, "flat_params")])
         self.step_count, self.seed = man["step"], man["seed"]  # checked ints: nothing to convert
         return man

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from . import _contract
+from ._tensor import bump_versions
 from .adamw import _plan_step
 from .checkpoint import (HYPER_KEYS, TORCH_FORMAT, TORCH_VERSION, CheckpointCorrupt, CheckpointError,
                          CheckpointMismatch, check_counters, check_format, check_hyper, check_hypers,
@@ -380,7 +381,7 @@ class ShardedAdamW(torch.optim.Optimizer):
         self.core.step(self._hypers(), prepare=self._fill_grads)
         # The parameters are views of the flat buffer the kernels wrote through raw pointers, each
         # with its own version counter: bumped, so a graph that saved a weight raises on backward.
-        torch.autograd.graph.increment_version(self._params)
+        bump_versions(self._params)
         return loss
 
     def _fill_grads(self) -> None:
@@ -422,7 +423,7 @@ class ShardedAdamW(torch.optim.Optimizer):
         if hyper is not None:
             for g, h in zip(self.param_groups, hyper, strict=True):
                 g.update({k: (tuple(h[k]) if k == "betas" else h[k]) for k in HYPER_KEYS})
-        torch.autograd.graph.increment_version(self._params)  # the weights were overwritten
+        bump_versions(self._params)  # the weights were overwritten
 
     def state_dict(self):  # noqa: D102
         raise NotImplementedError("ShardedAdamW state is sharded across ranks: use save(path) / load(path)")

@@ -83,10 +83,11 @@ def is_variant(core: dist.ShardedAdamWCore, variant: int, step: int) -> bool:
     return bool(same and core.step_count == step and core.seed == SEED)
 
 
-def die_at(k: int, substr: str = "") -> None:
+def die_at(k: int, substr: str = "", only: str = "") -> None:
     """Install an audit hook that ends this process at its k-th file operation that changes the
     file system (an open for writing, a rename or replace, a remove, a mkdir) on a path
-    containing ``substr``: the crash points of a save, in order."""
+    containing ``substr`` (and of audit event ``only``, when given): the crash points of a save,
+    in order."""
     count = 0
     writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT
 
@@ -102,6 +103,8 @@ def die_at(k: int, substr: str = "") -> None:
         elif event in ("os.rename", "os.remove", "os.mkdir"):
             paths = [a for a in args if isinstance(a, (str, bytes, os.PathLike))]
         else:
+            return
+        if only and event != only:
             return
         if any(substr in os.fsdecode(p) for p in paths):
             count += 1
@@ -149,13 +152,13 @@ def crash_loop(out: Path) -> dict:
 # ---- under mpirun --------------------------------------------------------------------------------
 
 def crash(comm: dist.Communicator, out: Path, die: str) -> dict:
-    rank, k, *sub = die.split(":")
+    rank, k, *sub = die.split(":")  # rank:k[:substring[:audit event]]
     core = make_core(comm, OLD, 3)
     core.save(out / "ckpt")
     comm.barrier()
     set_state(core, NEW, 3)  # the same step and world size: the case whose names used to collide
     if comm.rank == int(rank):
-        die_at(int(k), sub[0] if sub else "")
+        die_at(int(k), *sub)
     core.save(out / "ckpt")
     return {"completed": True}
 

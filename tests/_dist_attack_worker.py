@@ -130,6 +130,26 @@ def flat_grads(comm: dist.Communicator) -> None:
     attempt(comm, "control-step", lambda: tcore.step([HYPER]))
 
 
+def writable(comm: dist.Communicator) -> None:
+    """16 elements on 3 ranks: rank 2's shard is empty, so it writes nothing locally; a buffer
+    refused only inside adamw_step on ranks 0 and 1 would leave it waiting in the all-gather."""
+    import torch
+    w = torch.linspace(-1, 1, 16).to(torch.bfloat16)
+    leaf = w.clone().requires_grad_(True)  # an optimizer writes its parameters: as under no_grad
+    core = dist.ShardedAdamWCore(leaf, comm, seed=SEED)
+    core.flat_grads.fill_(0.5)
+    v0 = leaf._version
+    attempt(comm, "requires-grad-step", lambda: core.step([HYPER]))
+    report(comm, f"case requires-grad-version {'bumped' if leaf._version > v0 else 'unchanged'}")
+    ro = np.zeros(16, dtype=BF16)
+    ro.flags.writeable = False
+    attempt(comm, "read-only-core", lambda: dist.ShardedAdamWCore(ro, comm, seed=SEED))
+    with torch.inference_mode():  # its state buffers are inference tensors, written outside
+        icore = dist.ShardedAdamWCore(torch.zeros(16, dtype=torch.bfloat16), comm, seed=SEED)
+    attempt(comm, "inference-step", lambda: icore.step([HYPER]))
+    attempt(comm, "inference-load", lambda: icore.load(OUT / "no-such-checkpoint"))
+
+
 def ctor(comm: dist.Communicator) -> None:
     """A constructor argument that is bad on one rank only."""
     import torch
@@ -165,6 +185,14 @@ def grad_none(comm: dist.Communicator) -> None:
     attempt(comm, "grad-none", opt.step)
     if torch.equal(opt.flat_params, w0) and opt.core.step_count == 0:
         report(comm, "case grad-none unchanged")
+    # Any error while the gradients are gathered, not only ValueError/TypeError: here a gradient
+    # whose data was swapped for a longer tensor (torch's copy_ raises RuntimeError) on one rank.
+    params[1].grad = torch.ones_like(params[1])
+    if comm.rank == comm.size - 1:
+        params[1].grad.data = torch.ones(2 * N, dtype=torch.bfloat16)
+    attempt(comm, "grad-runtime-error", opt.step)
+    if torch.equal(opt.flat_params, w0) and opt.core.step_count == 0:
+        report(comm, "case grad-runtime-error unchanged")
 
 
 def all_gather_n(comm: dist.Communicator) -> None:
@@ -188,7 +216,7 @@ def raw_comm(_comm: dist.Communicator) -> None:
     got = bits_of(dist.all_gather(x.astype(BF16), MPI.COMM_WORLD))
     report(me, f"case ag-mpi4py {'same' if np.array_equal(got, bits_of(x.astype(BF16))) else 'different'}")
     core = dist.ShardedAdamWCore(np.zeros(N, dtype=BF16), MPI.COMM_WORLD, seed=SEED)
-    report(me, f"case core-mpi4py {'same' if core.comm.size == 1 else 'different'}")
+    report(me, f"case core-mpi4py {'same' if core.comm.mpi is MPI.COMM_WORLD and core.comm.size == 1 else 'different'}")
     for name, bad in (("none", None), ("str", "world")):
         attempt(me, f"rs-{name}", lambda bad=bad: dist.reduce_scatter(x, bad, seed=SEED))
         attempt(me, f"ag-{name}", lambda bad=bad: dist.all_gather(x, bad))
@@ -233,7 +261,8 @@ def leave_body(comm: dist.Communicator, how: str) -> None:
 
 
 SCENARIOS = {"settings": settings, "flat-grads": flat_grads, "ctor": ctor, "ctor-seed": ctor_seed,
-             "grad-none": grad_none, "all-gather-n": all_gather_n, "rawcomm": raw_comm}
+             "grad-none": grad_none, "all-gather-n": all_gather_n, "rawcomm": raw_comm,
+             "writable": writable}
 
 
 def main() -> None:

@@ -15,12 +15,15 @@ entry use a stand-in compiler that copies that build (``copy_cxx``).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import re
+import shutil
 import stat
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
@@ -156,12 +159,25 @@ def _entries(folder: Path) -> list[str]:
 
 # ---- the way to the cache folder ------------------------------------------------------------------
 
+@pytest.fixture
+def open_tmp():
+    """A fresh folder under /tmp that everyone may enter (0755), unlike pytest's 0700 tmp_path
+    (where the ancestor walk ends: nobody else can reach below it)."""
+    path = Path(tempfile.mkdtemp(dir="/tmp", prefix="srk-cache-test-"))
+    path.chmod(0o755)
+    yield path
+    for p in sorted(path.rglob("*"), reverse=True):
+        with contextlib.suppress(OSError):
+            p.chmod(0o700)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.attack("cache")
 @pytest.mark.parametrize("mode", [0o777, 0o770, 0o757], ids=["mode=777", "mode=770", "mode=757"])
-def test_ancestor_writable_by_others_is_refused(tmp_path, monkeypatch, mode):
+def test_ancestor_writable_by_others_is_refused(open_tmp, monkeypatch, mode):
     # Whoever can write a folder above the cache can rename the cache folder away and put their
     # own in its place between the check and the load: refused before anything is made.
-    shared = tmp_path / "shared"
+    shared = open_tmp / "shared"
     shared.mkdir()
     shared.chmod(mode)
     monkeypatch.setenv("SRKERN_CACHE_DIR", str(shared / "sub" / "cache"))
@@ -173,9 +189,9 @@ def test_ancestor_writable_by_others_is_refused(tmp_path, monkeypatch, mode):
 @pytest.mark.attack("cache")
 @needs_root
 @pytest.mark.parametrize("mode", [0o755, 0o1777], ids=["mode=755", "mode=1777-sticky"])
-def test_ancestor_owned_by_another_user_is_refused(tmp_path, monkeypatch, mode):
+def test_ancestor_owned_by_another_user_is_refused(open_tmp, monkeypatch, mode):
     # Its owner can rename anything in it, even when it is sticky.
-    theirs = tmp_path / "theirs"
+    theirs = open_tmp / "theirs"
     theirs.mkdir()
     (theirs / "cache").mkdir(mode=0o700)
     os.chown(theirs, OTHER_UID, -1)
@@ -184,6 +200,21 @@ def test_ancestor_owned_by_another_user_is_refused(tmp_path, monkeypatch, mode):
     with pytest.raises(BuildError, match=rf"{re.escape(str(theirs))} above it .*owner uid {OTHER_UID}"):
         _build.cpu_library_path("philox")
     assert not any((theirs / "cache").iterdir())
+
+
+@pytest.mark.attack("cache")
+def test_group_writable_folder_inside_a_private_home_is_allowed(open_tmp, monkeypatch):
+    # umask 002 gives ~/.cache mode 0775; inside a 0700 home nobody else can reach it. The same
+    # folder with the home open to others (0755) is refused.
+    home = open_tmp / "home"
+    (home / ".cache").mkdir(parents=True)
+    (home / ".cache").chmod(0o775)
+    monkeypatch.setenv("SRKERN_CACHE_DIR", str(home / ".cache" / "srkern"))
+    home.chmod(0o700)
+    assert _cache.cache_dir() == home / ".cache" / "srkern"
+    home.chmod(0o755)
+    with pytest.raises(BuildError, match=rf"the folder {re.escape(str(home / '.cache'))} above it can be written"):
+        _cache.cache_dir()
 
 
 @pytest.mark.attack("cache")
@@ -200,10 +231,10 @@ def test_sticky_ancestor_of_the_user_is_allowed(tmp_path, monkeypatch):
 @needs_root
 @pytest.mark.parametrize("mode,allowed", [(0o1777, True), (0o755, True), (0o777, False)],
                          ids=["root-sticky=allowed", "root-755=allowed", "root-777=refused"])
-def test_root_owned_ancestor_for_another_user(tmp_path, monkeypatch, mode, allowed):
+def test_root_owned_ancestor_for_another_user(open_tmp, monkeypatch, mode, allowed):
     # The user is not root here (os.getuid says OTHER_UID, who owns the cache folder): root's
     # folders on the way are fine unless anyone can write them without the sticky bit.
-    parent = tmp_path / "parent"
+    parent = open_tmp / "parent"
     parent.mkdir()
     parent.chmod(mode)
     (parent / "cache").mkdir(mode=0o700)
@@ -288,13 +319,15 @@ def test_entry_swapped_after_the_check_is_not_loaded(cache, fast_cxx, built, mar
 
 @pytest.mark.attack("cache")
 @pytest.mark.parametrize("action,size", [(': > "$out"', 0), ('echo "not a library" > "$out"', 14),
-                                          ("printf '\\177ELF' > \"$out\"", 4), ("", None)],
-                         ids=["empty-file", "text-file", "elf-magic-only", "no-file"])
+                                          ("printf '\\177ELF' > \"$out\"", 4), ("", None),
+                                          ('gcc -c -x c /dev/null -o "$out"', -1)],
+                         ids=["empty-file", "text-file", "elf-magic-only", "no-file", "object-file"])
 def test_compiler_that_writes_no_library_caches_nothing(cache, fake_cxx, action, size):
     # Exit status 0 is not proof of a library: without an ELF header nothing is cached (else
     # every later run would load it, or fail with "invalid ELF header").
     script = fake_cxx(action)
-    wrote = "no library" if size is None else f"{size} bytes that are not a shared library"
+    wrote = ("no library" if size is None else
+             rf"{size if size >= 0 else '[0-9]+'} bytes that are not a shared library")
     with pytest.raises(BuildError, match=rf"{re.escape(str(script))} exited 0 but wrote {wrote}.*kernels/philox\.cu \(cpu\)"):
         _build.cpu_library_path("philox")
     assert _entries(cache) == []
@@ -319,7 +352,7 @@ def _damage(lib: Path, how: str) -> None:
 
 
 _WHY = {"symlink": "is a symbolic link", "folder": "is not a regular file", "fifo": "is not a regular file",
-        "not-elf": r"is not a shared library \(no ELF header\)", "digest=folder": "is not a regular file"}
+        "not-elf": r"is not a shared library \(no ELF header of type ET_DYN\)", "digest=folder": "is not a regular file"}
 
 
 @pytest.mark.attack("cache")
@@ -392,8 +425,8 @@ def test_damaged_gpu_entry_is_rebuilt_with_a_warning(cache, fake_nvrtc, how):
 
 
 @pytest.mark.attack("cache")
-def test_gpu_cache_under_an_open_folder_is_refused(tmp_path, monkeypatch, fake_nvrtc):
-    shared = tmp_path / "shared"
+def test_gpu_cache_under_an_open_folder_is_refused(open_tmp, monkeypatch, fake_nvrtc):
+    shared = open_tmp / "shared"
     shared.mkdir()
     shared.chmod(0o777)
     monkeypatch.setenv("SRKERN_CACHE_DIR", str(shared / "cache"))

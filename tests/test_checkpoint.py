@@ -32,6 +32,7 @@ from conftest import child_env, run_mpi  # noqa: E402
 
 torch = pytest.importorskip("torch")
 import srkern.torch as srt  # noqa: E402
+from test_torch_optim import _set  # noqa: E402 (one state-dict damage helper)
 
 WORKER = Path(worker.__file__)
 OLD, NEW, OTHER = worker.OLD, worker.NEW, worker.OTHER
@@ -93,13 +94,16 @@ def test_save_killed_at_each_file_operation_leaves_old_or_new(comm, tmp_path):
 
 @pytest.mark.mpi
 @attack("checkpoint-loss")
-@pytest.mark.parametrize("die", ["0:1:manifest.json", "1:2"],
-                         ids=["rank0-at-the-manifest", "rank1-at-its-shard-rename"])
-def test_rank_killed_mid_save_leaves_old_or_new(comm, tmp_path, die):
+@pytest.mark.parametrize("die,expect", [("0:1:manifest.json", "old"), ("1:2", "old"),
+                                        ("0:1:-rank-:os.remove", "new")],
+                         ids=["rank0-at-the-manifest", "rank1-at-its-shard-rename",
+                              "rank0-removing-the-old-generation"])
+def test_rank_killed_mid_save_leaves_old_or_new(comm, tmp_path, die, expect):
     # World 2 saves the old checkpoint, then the new one at the same step; one rank is ended with
     # os._exit mid-save (rank 0 when it opens the new manifest, after both shards are in place;
-    # rank 1 just before it renames its shard). The folder (loaded here on one rank, so
-    # re-sharded) must hold the old state or the new one, bit for bit.
+    # rank 1 just before it renames its shard: the old one stays; rank 0 at its first removal of
+    # an old shard, after the switch: the new one is in place). The folder (loaded here on one
+    # rank, so re-sharded) must hold that state, bit for bit.
     res = run_mpi(2, WORKER, "crash", "--out", str(tmp_path), "--die", die, timeout=60)
     assert res.returncode != 0 and not (tmp_path / "crash.json").exists(), "no rank was killed: " + mpi_fail(res)
     target = worker.make_core(comm, OTHER, 9)
@@ -107,7 +111,7 @@ def test_rank_killed_mid_save_leaves_old_or_new(comm, tmp_path, die):
         target.load(tmp_path / "ckpt")
     except CheckpointError as e:
         pytest.fail(f"killed at {die}: neither checkpoint loads: {e}")
-    which(target, 3)
+    assert which(target, 3) == expect
 
 
 @attack("checkpoint-loss")
@@ -134,14 +138,14 @@ def test_failed_save_keeps_the_old_checkpoint_and_removes_its_own_files(comm, tm
     core = worker.make_core(comm, OLD, 3)
     core.save(tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
-    real = ckpt.atomic_write
+    real = ckpt.replace_file
 
     def full_disk(path, data):
         if Path(path).name == "manifest.json":
             raise OSError(28, "No space left on device (injected)")
         real(path, data)
 
-    monkeypatch.setattr(ckpt, "atomic_write", full_disk)
+    monkeypatch.setattr(ckpt, "replace_file", full_disk)
     worker.set_state(core, NEW, 3)
     with pytest.raises(CheckpointError, match=re.escape("No space left on device (injected)")):
         core.save(tmp_path)
@@ -149,6 +153,27 @@ def test_failed_save_keeps_the_old_checkpoint_and_removes_its_own_files(comm, tm
     target = worker.make_core(comm, OTHER, 9)
     target.load(tmp_path)
     assert which(target, 3) == "old"
+
+
+@attack("checkpoint-loss")
+def test_failure_after_the_switch_keeps_the_new_checkpoint(comm, tmp_path, monkeypatch):
+    # The manifest is renamed, then the folder's fsync fails: the new checkpoint is the one in
+    # place (its shards are not removed as if the save had failed before the switch), and the
+    # error says so.
+    core = worker.make_core(comm, OLD, 3)
+    core.save(tmp_path)
+
+    def sync_fails(folder):
+        raise OSError(5, "Input/output error (injected)")
+
+    monkeypatch.setattr(ckpt, "sync_folder", sync_fails)
+    worker.set_state(core, NEW, 3)
+    with pytest.raises(CheckpointError, match="the new checkpoint is in place, but it may not survive"):
+        core.save(tmp_path)
+    monkeypatch.undo()
+    target = worker.make_core(comm, OTHER, 9)
+    target.load(tmp_path)
+    assert which(target, 3) == "new"
 
 
 # ---- B. ranks that see different folders ------------------------------------------------------------
@@ -514,15 +539,6 @@ def _adamw(seed: int):
             p.grad = torch.full_like(p, 0.1 * t * seed)
         opt.step()
     return m, opt
-
-
-def _set(*path, value):
-    def hurt(sd):
-        d = sd
-        for k in path[:-1]:
-            d = d[k]
-        d[path[-1]] = value(d[path[-1]]) if callable(value) else value
-    return hurt
 
 
 STATE_REFUSED = {

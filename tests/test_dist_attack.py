@@ -106,6 +106,22 @@ def test_flat_grads_cannot_be_replaced_or_resized(tmp_path):
 
 
 @pytest.mark.attack("hang")
+def test_unwritable_buffers_refused_on_every_rank_before_any_exchange(tmp_path):
+    # Rank 2 of 3 owns no element: a refusal that only adamw_step (ranks 0 and 1) made, after the
+    # reduce-scatter, left it waiting in the all-gather. A torch leaf that requires grad is
+    # written as an optimizer writes (its version counter bumped); what cannot be written at
+    # all is refused on every rank, before the first exchange.
+    k = 3
+    run = launch(k, "writable", tmp_path)
+    finished(run, k)
+    assert outcomes(run, k, "requires-grad-step") == ["accepted"] * k
+    assert all(f"rank {r} case requires-grad-version bumped\n" in run.lines for r in range(k)), str(run)
+    assert_raised_everywhere(run, k, "read-only-core", "ValueError", "flat_params is read-only")
+    assert_raised_everywhere(run, k, "inference-step", "ValueError", "is an inference tensor")
+    assert_raised_everywhere(run, k, "inference-load", "ValueError", "is an inference tensor")
+
+
+@pytest.mark.attack("hang")
 def test_constructor_error_on_one_rank_raises_everywhere(tmp_path):
     # Issue 10's check_args in both constructors already held these: kept as a regression test.
     k = 2
@@ -133,6 +149,7 @@ def test_missing_gradient_on_one_rank_raises_everywhere(tmp_path):
     run = launch(k, "grad-none", tmp_path)
     finished(run, k)
     assert_raised_everywhere(run, k, "grad-none", "ValueError", "parameter 1", unchanged=True)
+    assert_raised_everywhere(run, k, "grad-runtime-error", "RuntimeError", "RuntimeError", unchanged=True)
 
 
 @pytest.mark.attack("hang")
