@@ -52,6 +52,11 @@ class AdamW(torch.optim.Optimizer):
         seed: 64-bit Philox key (share it across data-parallel replicas); None draws one from
             :func:`srkern.manual_seed`'s generator.
         state_dtype: moment dtype, ``"bfloat16"`` (default in the BF16 modes) or ``"float32"``.
+        maximize: ascend instead of descend (per group, as torch keeps it): the kernel's gradient
+            is ``-grad``, bit-identical to stepping on negated gradients.
+        foreach, fused, capturable: torch.optim.AdamW's keywords, accepted with any value: srkern
+            always runs one fused multi-tensor launch per group, device and gradient dtype.
+        amsgrad, differentiable: only ``False`` (``True`` is a ``NotImplementedError``).
 
     Layout (bit contract v1.1): every parameter of every group, in group order, gets a fixed
     position in one logical flat vector (cumulative sizes, no padding); parameters added later
@@ -65,29 +70,59 @@ class AdamW(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, precision: str = "bf16-sr",
-                 seed: int | None = None, *, state_dtype: str | None = None) -> None:
+                 seed: int | None = None, *, state_dtype: str | None = None, maximize: bool = False,
+                 amsgrad: bool = False, foreach: bool | None = None, fused: bool | None = None,
+                 capturable: bool = False, differentiable: bool = False) -> None:
+        # torch.optim.AdamW's keywords. foreach, fused and capturable name what srkern always
+        # does (one fused multi-tensor launch per group, device and gradient dtype; found_inf
+        # read on the device), so any value is accepted.
+        if amsgrad:
+            raise NotImplementedError("srkern.torch.AdamW has no amsgrad variant (it would need a third "
+                                      "moment buffer in every precision mode)")
+        if differentiable:
+            raise NotImplementedError("srkern.torch.AdamW is not differentiable: its step runs outside "
+                                      "autograd (differentiable=True is for optimizer-through-optimizer "
+                                      "training; use torch.optim.AdamW for that)")
         mode(precision)
         self.precision = precision
         self.state_dtype = state_dtype or default_state_dtype(precision)
         bytes_per_param(precision, self.state_dtype)  # validates state_dtype for the mode
         self.seed = _contract.resolve_seed(seed)
         self._step = 0
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize,
+                        foreach=foreach, fused=fused, capturable=capturable, differentiable=False)
         check_hyper(defaults)
         super().__init__(params, defaults)
 
     # ---- construction checks ----------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``, all or nothing: a group refused by torch's checks or by
+        srkern's (hyper-parameters, parameter dtypes) leaves ``param_groups`` as it was."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        check_hyper(group)
-        want = _TORCH_DTYPES[param_dtype(self.precision)]
-        for i, p in enumerate(group["params"]):
-            if p.dtype != want:
-                raise TypeError(f"precision {self.precision!r} needs {want} parameters; parameter {i} "
-                                f"of group {len(self.param_groups) - 1} is {p.dtype} "
-                                f"(convert the model, e.g. model.to({want}))")
+        try:
+            check_hyper(group)
+            if not isinstance(group["maximize"], bool):
+                raise TypeError(f"maximize must be a bool, got {type(group['maximize']).__name__}")
+            want = _TORCH_DTYPES[param_dtype(self.precision)]
+            for i, p in enumerate(group["params"]):
+                if p.dtype != want:
+                    raise TypeError(f"precision {self.precision!r} needs {want} parameters; parameter {i} "
+                                    f"of group {len(self.param_groups) - 1} is {p.dtype} "
+                                    f"(convert the model, e.g. model.to({want}))")
+        except BaseException:
+            self.param_groups.pop()
+            raise
+
+    # ---- copies and pickles -----------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's Optimizer pickles defaults, state and param_groups only; srkern's settings and
+        # its step count travel too, so a deepcopy, a pickle or torch.save(optimizer) continues
+        # bit for bit.
+        return {**super().__getstate__(), "precision": self.precision, "state_dtype": self.state_dtype,
+                "seed": self.seed, "_step": self._step}
 
     # ---- layout and state -------------------------------------------------------------------
 
@@ -185,7 +220,9 @@ class AdamW(torch.optim.Optimizer):
                     b["p"], b["g"], b["m"], b["v"], step=step, lr=group["lr"], betas=group["betas"],
                     eps=group["eps"], weight_decay=group["weight_decay"], precision=self.precision,
                     master_params=b["w"] if prec.master else None,
-                    compensation=b["c"] if prec.compensation else None, grad_scale=grad_scale,
+                    compensation=b["c"] if prec.compensation else None,
+                    # maximize: the kernel's gradient is -grad (exactly: FP32 products are sign-symmetric)
+                    grad_scale=-grad_scale if group.get("maximize", False) else grad_scale,
                     found_inf=fi, seed=self.seed, offsets=b["o"]))
             except (TypeError, ValueError) as e:
                 raise type(e)(f"param_groups[{gi}]: {e}") from None

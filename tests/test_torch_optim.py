@@ -131,6 +131,88 @@ def test_state_dict_round_trip_continues_bit_exact(precision):
         assert_same_bits(q, p, what=f"{precision}: {name} after resume")
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+@pytest.mark.parametrize("precision", ["bf16-sr", "fp32-master"], ids=lambda m: f"mode={m}")
+def test_copies_and_pickles_continue_bit_exact(precision, how):
+    # torch's Optimizer.__getstate__ keeps defaults, state and param_groups only: srkern's step
+    # count, seed and precision must travel too. Model and optimizer copied together (so the
+    # copy's groups hold the copied parameters), 4 more steps: the bits of 8 uninterrupted ones.
+    import pickle
+    dtype = torch.bfloat16
+
+    def run(model, opt, steps):
+        for t in steps:
+            opt.zero_grad()
+            loss_of(model, t).backward()
+            opt.step()
+
+    ref = small_model(dtype)
+    ref_opt = srt.AdamW(ref.parameters(), precision=precision, seed=42, **HYPER)
+    run(ref, ref_opt, range(8))
+    m1 = small_model(dtype)
+    o1 = srt.AdamW(m1.parameters(), precision=precision, seed=42, **HYPER)
+    run(m1, o1, range(4))
+    if how == "deepcopy":
+        m2, o2 = copy.deepcopy((m1, o1))
+    elif how == "pickle":
+        m2, o2 = pickle.loads(pickle.dumps((m1, o1)))
+    else:
+        buf = io.BytesIO()
+        torch.save((m1, o1), buf)
+        buf.seek(0)
+        m2, o2 = torch.load(buf, weights_only=False)
+    assert (o2.seed, o2.state_dict()["srkern"]["step"], o2.precision) == (42, 4, precision)
+    run(m2, o2, range(4, 8))
+    run(m1, o1, range(4, 8))  # the original goes on unchanged by the copy
+    for (name, p), q, r in zip(ref.named_parameters(), m2.parameters(), m1.parameters(), strict=True):
+        assert_same_bits(q, p, what=f"{precision}, {how}: {name} of the copy")
+        assert_same_bits(r, p, what=f"{precision}, {how}: {name} of the original")
+
+
+def test_refused_add_param_group_leaves_the_groups_as_they_were():
+    # A group refused by srkern's checks (lr=-1; an FP32 parameter in a bf16 mode) used to stay
+    # in param_groups, so every later step raised.
+    m = small_model(torch.bfloat16)
+    opt = srt.AdamW(list(m.parameters())[:2], seed=1, **HYPER)
+    rest = list(m.parameters())[2:]
+    with pytest.raises(ValueError, match="lr"):
+        opt.add_param_group({"params": rest, "lr": -1.0})
+    with pytest.raises(TypeError, match="needs torch.bfloat16 parameters"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
+    assert len(opt.param_groups) == 1 and opt.layout() == [0, 512]
+    loss_of(m, 0).backward()
+    opt.step()  # the optimizer still works
+    opt.add_param_group({"params": rest})
+    assert len(opt.param_groups) == 2
+
+
+def test_torch_keywords_and_maximize():
+    # torch.optim.AdamW's keywords at their defaults (and foreach/fused/capturable at any value)
+    # are accepted; maximize=True is the step on negated gradients, bit for bit; amsgrad and
+    # differentiable are refused clearly.
+    kw = dict(foreach=None, fused=None, maximize=False, capturable=False, differentiable=False, amsgrad=False)
+    runs = []
+    for maximize, sign in ((True, 1.0), (False, -1.0)):
+        m = small_model(torch.bfloat16)
+        opt = srt.AdamW(m.parameters(), seed=3, **HYPER, **dict(kw, maximize=maximize, fused=True))
+        assert opt.param_groups[0]["maximize"] is maximize
+        for t in range(3):
+            opt.zero_grad()
+            loss_of(m, t).backward()
+            for p in m.parameters():
+                p.grad.mul_(sign)
+            opt.step()
+        runs.append(list(m.parameters()))
+    for a, b in zip(*runs, strict=True):
+        assert_same_bits(a, b, what="maximize vs negated gradients")
+    with pytest.raises(NotImplementedError, match="amsgrad"):
+        srt.AdamW(small_model(torch.bfloat16).parameters(), amsgrad=True)
+    with pytest.raises(NotImplementedError, match="not differentiable"):
+        srt.AdamW(small_model(torch.bfloat16).parameters(), differentiable=True)
+    with pytest.raises(TypeError, match="maximize must be a bool"):
+        srt.AdamW(small_model(torch.bfloat16).parameters(), maximize="yes")
+
+
 def test_param_groups_skip_and_layout():
     # Two groups with their own lr; a parameter without a gradient is skipped (unchanged, no
     # state) but keeps its place in the layout, so the others equal the functional call with
