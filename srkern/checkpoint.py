@@ -310,14 +310,10 @@ def _sections_of(core: Any) -> list[dict]:
 
 def _raise_together(comm: Any, err: CheckpointError | None) -> None:
     """Collective: every rank raises the first failing rank's error (same class and message)."""
-    first = next((g for g in comm.mpi.allgather(err and (type(err).__name__, str(err))) if g), None)
+    first = comm.first(err and (type(err).__name__, str(err)))
     if first is not None:
         cls = {c.__name__: c for c in (CheckpointCorrupt, CheckpointMismatch)}.get(first[0], CheckpointError)
         raise cls(first[1]) from err
-
-
-def _first_error(comm: Any, err: str) -> str:  # collective: the first rank's error, or ""
-    return next((e for e in comm.mpi.allgather(err) if e), "")
 
 
 def _remove(paths: Any) -> None:  # best effort: what is left is removed by the next save
@@ -351,7 +347,7 @@ def save_sharded(core: Any, path: str | os.PathLike, layout: Any = None, extra: 
         err = "" if read_regular(probe, 64) == token.encode() else f"rank {r} reads another token in {probe}"
     except Exception as e:
         err = f"rank {r} cannot read {probe}, which rank 0 wrote ({type(e).__name__}: {e})"
-    err = _first_error(comm, err)
+    err = comm.first(err) or ""  # the first rank's error, the same on every rank
     if err:
         _remove([probe] if r == 0 else [])
         raise CheckpointError(f"saving checkpoint to {folder} failed, nothing written: the ranks do not see the "
@@ -449,7 +445,7 @@ def load_sharded(core: Any, path: str | os.PathLike, layout: Any = None) -> dict
             err = f"shard {k}: {f} fails its SHA-256 check (corrupted)"
         elif overlaps:
             blobs[k] = data
-    err = _first_error(comm, err)
+    err = comm.first(err) or ""  # the first rank's error, the same on every rank
     if err:
         raise CheckpointCorrupt(f"checkpoint {folder} refused, nothing loaded: {err}")
     # All verified everywhere: now copy the overlapping ranges into this rank's state.

@@ -87,12 +87,16 @@ class Communicator:
         MPI = _mpi()
         return bool(self.mpi.allreduce(int(bool(ok)), op=MPI.MIN))
 
+    def first(self, value: Any) -> Any:
+        """Collective: the lowest rank's ``value`` among those that are set (truthy), else None:
+        how every rank learns the same first error."""
+        return next((v for v in self.mpi.allgather(value) if v), None)
+
     def _raise_first(self, err: BaseException | None) -> None:
         """Collective, once some rank failed: every rank raises the first failing rank's error,
         ``"rank R: <message>"``, as ``TypeError`` or ``ValueError`` if it was one, else as
         ``RuntimeError`` naming its type."""
-        mine = None if err is None else (type(err).__name__, str(err))
-        r, (kind, msg) = next((r, m) for r, m in enumerate(self.mpi.allgather(mine)) if m is not None)
+        r, kind, msg = self.first(None if err is None else (self.rank, type(err).__name__, str(err)))
         cls = {"TypeError": TypeError, "ValueError": ValueError}.get(kind, RuntimeError)
         raise cls(f"rank {r}: {msg}" if cls is not RuntimeError else f"rank {r}: {kind}: {msg}") from err
 
@@ -166,6 +170,21 @@ class Communicator:
                 self._nccl[device_id] = nccl.NcclCommunicator(self.size, uid, self.rank)
         return self._nccl[device_id]
 
+    def _nccl_exchange(self, device_id: int, sends: Sequence[tuple[int, int]],
+                       recvs: Sequence[tuple[int, int]], stream: int) -> None:
+        """One NCCL group on ``stream``: to every other rank ``peer`` send ``sends[peer]`` and from
+        it receive ``recvs[peer]``, each (device pointer, bytes); empty ones are skipped."""
+        from cupy.cuda import nccl
+        c = self._nccl_comm(device_id)
+        nccl.groupStart()
+        for peer in range(self.size):
+            if peer == self.rank:
+                continue
+            for (ptr, nbytes), op in ((sends[peer], c.send), (recvs[peer], c.recv)):
+                if nbytes:
+                    op(ptr, nbytes, nccl.NCCL_UINT8, peer, stream)
+        nccl.groupEnd()
+
     # -- the two exchanges everything is built on (counts and displacements in elements)
     def alltoallv(self, send: View, counts: Sequence[int], displs: Sequence[int],
                   recv: View, rcounts: Sequence[int], rdispls: Sequence[int], stream: int = 0) -> None:
@@ -175,17 +194,8 @@ class Communicator:
         self.bytes_sent += isz * (sum(counts) - counts[self.rank])
         self.bytes_received += isz * (sum(rcounts) - rcounts[self.rank])
         if send.device == "cuda" and self.cuda == "nccl":
-            from cupy.cuda import nccl
-            c = self._nccl_comm(send.device_id)
-            nccl.groupStart()
-            for peer in range(self.size):
-                if peer == self.rank:
-                    continue
-                if counts[peer]:
-                    c.send(send.ptr + displs[peer] * isz, counts[peer] * isz, nccl.NCCL_UINT8, peer, stream)
-                if rcounts[peer]:
-                    c.recv(recv.ptr + rdispls[peer] * isz, rcounts[peer] * isz, nccl.NCCL_UINT8, peer, stream)
-            nccl.groupEnd()
+            self._nccl_exchange(send.device_id, [(send.ptr + d * isz, c * isz) for c, d in zip(counts, displs)],
+                                [(recv.ptr + d * isz, c * isz) for c, d in zip(rcounts, rdispls)], stream)
             self._device_copy(recv, rdispls[self.rank], send, displs[self.rank], counts[self.rank], stream)
             return
         self._sync(send, stream)
@@ -203,17 +213,8 @@ class Communicator:
         self.bytes_received += isz * (sum(counts) - mine)
         in_place = shard.ptr == out.ptr + displs[self.rank] * isz
         if out.device == "cuda" and self.cuda == "nccl":
-            from cupy.cuda import nccl
-            c = self._nccl_comm(out.device_id)
-            nccl.groupStart()
-            for peer in range(self.size):
-                if peer == self.rank:
-                    continue
-                if mine:
-                    c.send(shard.ptr, mine * isz, nccl.NCCL_UINT8, peer, stream)
-                if counts[peer]:
-                    c.recv(out.ptr + displs[peer] * isz, counts[peer] * isz, nccl.NCCL_UINT8, peer, stream)
-            nccl.groupEnd()
+            self._nccl_exchange(out.device_id, [(shard.ptr, mine * isz)] * self.size,
+                                [(out.ptr + d * isz, c * isz) for c, d in zip(counts, displs)], stream)
             if not in_place:
                 self._device_copy(out, displs[self.rank], shard, 0, mine, stream)
             return

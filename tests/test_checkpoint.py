@@ -53,6 +53,17 @@ def which(core, new_step: int) -> str:
     pytest.fail("the loaded state is neither the old checkpoint nor the new one")
 
 
+def loaded(comm, folder: Path, new_step: int = 3, when: str = "") -> str:
+    """'old' or 'new': what folder ``folder`` holds, loaded into a fresh core that held neither
+    (the test fails if it loads neither, or does not load)."""
+    target = worker.make_core(comm, OTHER, 9)
+    try:
+        target.load(folder)
+    except CheckpointError as e:
+        pytest.fail(f"{when}neither checkpoint loads: {e}")
+    return which(target, new_step)
+
+
 def shard_names(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir() if p.name.endswith(".bin")}
 
@@ -82,12 +93,8 @@ def test_save_killed_at_each_file_operation_leaves_old_or_new(comm, tmp_path):
         assert len(c) - 1 >= 7, f"{case}: only {len(c) - 1} crash points: the hook missed the save"
         seen = []
         for k in range(1, len(c) + 1):
-            target = worker.make_core(comm, OTHER, 9)
-            try:
-                target.load(tmp_path / case / f"k{k}")
-            except CheckpointError as e:
-                pytest.fail(f"{case}: killed at file operation {k} of the save, neither checkpoint loads: {e}")
-            seen.append(which(target, new_step))
+            seen.append(loaded(comm, tmp_path / case / f"k{k}", new_step,
+                               f"{case}: killed at file operation {k} of the save, "))
         assert seen[0] == "old" and seen[-1] == "new", f"{case}: {seen}"
         assert seen == sorted(seen, key=["old", "new"].index), f"{case}: the folder switched twice: {seen}"
 
@@ -106,12 +113,7 @@ def test_rank_killed_mid_save_leaves_old_or_new(comm, tmp_path, die, expect):
     # rank, so re-sharded) must hold that state, bit for bit.
     res = run_mpi(2, WORKER, "crash", "--out", str(tmp_path), "--die", die, timeout=60)
     assert res.returncode != 0 and not (tmp_path / "crash.json").exists(), "no rank was killed: " + mpi_fail(res)
-    target = worker.make_core(comm, OTHER, 9)
-    try:
-        target.load(tmp_path / "ckpt")
-    except CheckpointError as e:
-        pytest.fail(f"killed at {die}: neither checkpoint loads: {e}")
-    assert which(target, 3) == expect
+    assert loaded(comm, tmp_path / "ckpt", when=f"killed at {die}: ") == expect
 
 
 @attack("checkpoint-loss")
@@ -126,9 +128,7 @@ def test_two_saves_of_one_step_are_two_generations(comm, tmp_path):
     second = shard_names(tmp_path)
     assert not first & second, f"the new generation reused the names {first & second}"
     assert {p.name for p in tmp_path.iterdir()} == second | {"manifest.json"}
-    target = worker.make_core(comm, OTHER, 9)
-    target.load(tmp_path)
-    assert which(target, 3) == "new"
+    assert loaded(comm, tmp_path) == "new"
 
 
 @attack("checkpoint-loss")
@@ -150,9 +150,7 @@ def test_failed_save_keeps_the_old_checkpoint_and_removes_its_own_files(comm, tm
     with pytest.raises(CheckpointError, match=re.escape("No space left on device (injected)")):
         core.save(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
-    target = worker.make_core(comm, OTHER, 9)
-    target.load(tmp_path)
-    assert which(target, 3) == "old"
+    assert loaded(comm, tmp_path) == "old"
 
 
 @attack("checkpoint-loss")
@@ -171,9 +169,7 @@ def test_failure_after_the_switch_keeps_the_new_checkpoint(comm, tmp_path, monke
     with pytest.raises(CheckpointError, match="the new checkpoint is in place, but it may not survive"):
         core.save(tmp_path)
     monkeypatch.undo()
-    target = worker.make_core(comm, OTHER, 9)
-    target.load(tmp_path)
-    assert which(target, 3) == "new"
+    assert loaded(comm, tmp_path) == "new"
 
 
 # ---- B. ranks that see different folders ------------------------------------------------------------
@@ -195,12 +191,11 @@ def test_ranks_seeing_different_folders_refused_before_anything_is_written(comm,
                               f"not see the same folder (rank 1 cannot read {tmp_path / 'node-local-1'}/"), msg
         assert "all ranks must save to one folder on a shared file system" in msg
     assert all(r["shared_unchanged"]) and all(r["local_empty"]), r
-    target = worker.make_core(comm, OTHER, 9)
-    target.load(tmp_path / "shared")
-    assert which(target, 3) == "old"
+    assert loaded(comm, tmp_path / "shared") == "old"
     first, second = ({n for n in names if n.endswith(".bin")} for names in r["twice"].values())
     assert len(first) == len(second) == 2 and not first & second, r["twice"]
     assert set(r["twice"]["second"]) == second | {"manifest.json"}
+    target = worker.make_core(comm, OTHER, 9)
     target.load(tmp_path / "twice")
     assert worker.is_variant(target, OTHER, 4)
 

@@ -39,6 +39,22 @@ def flat(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
 
 
+def train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps) -> None:
+    """Steps ``t`` of ``steps`` on batch ``t``."""
+    for t in steps:
+        opt.zero_grad()
+        loss_of(model, t).backward()
+        opt.step()
+
+
+def trained(dtype, precision: str, steps: int) -> tuple[torch.nn.Module, "srt.AdamW"]:
+    """``small_model`` and its srkern AdamW (seed 42, ``HYPER``) after ``steps`` steps."""
+    model = small_model(dtype)
+    opt = srt.AdamW(model.parameters(), precision=precision, seed=42, **HYPER)
+    train(model, opt, range(steps))
+    return model, opt
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     # torch's own CPU kernels are deterministic per thread count; keep it fixed for the tests.
@@ -102,19 +118,9 @@ def test_state_dict_round_trip_continues_bit_exact(precision):
     # into fresh objects, run 4 more steps: bit-identical to 8 uninterrupted steps.
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
 
-    def run(model, opt, steps):
-        for t in steps:
-            opt.zero_grad()
-            loss_of(model, t).backward()
-            opt.step()
+    ref, _ = trained(dtype, precision, 8)
 
-    ref = small_model(dtype)
-    ref_opt = srt.AdamW(ref.parameters(), precision=precision, seed=42, **HYPER)
-    run(ref, ref_opt, range(8))
-
-    m1 = small_model(dtype)
-    o1 = srt.AdamW(m1.parameters(), precision=precision, seed=42, **HYPER)
-    run(m1, o1, range(4))
+    m1, o1 = trained(dtype, precision, 4)
     buf = io.BytesIO()
     torch.save({"model": m1.state_dict(), "opt": o1.state_dict()}, buf)
     buf.seek(0)
@@ -126,7 +132,7 @@ def test_state_dict_round_trip_continues_bit_exact(precision):
     assert o2.seed == 42 and o2.state_dict()["srkern"]["step"] == 4
     if precision == "fp32-master":
         assert o2.state[next(m2.parameters())]["master"].dtype == torch.float32
-    run(m2, o2, range(4, 8))
+    train(m2, o2, range(4, 8))
     for (name, p), q in zip(ref.named_parameters(), m2.parameters(), strict=True):
         assert_same_bits(q, p, what=f"{precision}: {name} after resume")
 
@@ -140,18 +146,8 @@ def test_copies_and_pickles_continue_bit_exact(precision, how):
     import pickle
     dtype = torch.bfloat16
 
-    def run(model, opt, steps):
-        for t in steps:
-            opt.zero_grad()
-            loss_of(model, t).backward()
-            opt.step()
-
-    ref = small_model(dtype)
-    ref_opt = srt.AdamW(ref.parameters(), precision=precision, seed=42, **HYPER)
-    run(ref, ref_opt, range(8))
-    m1 = small_model(dtype)
-    o1 = srt.AdamW(m1.parameters(), precision=precision, seed=42, **HYPER)
-    run(m1, o1, range(4))
+    ref, _ = trained(dtype, precision, 8)
+    m1, o1 = trained(dtype, precision, 4)
     if how == "deepcopy":
         m2, o2 = copy.deepcopy((m1, o1))
     elif how == "pickle":
@@ -162,8 +158,8 @@ def test_copies_and_pickles_continue_bit_exact(precision, how):
         buf.seek(0)
         m2, o2 = torch.load(buf, weights_only=False)
     assert (o2.seed, o2.state_dict()["srkern"]["step"], o2.precision) == (42, 4, precision)
-    run(m2, o2, range(4, 8))
-    run(m1, o1, range(4, 8))  # the original goes on unchanged by the copy
+    train(m2, o2, range(4, 8))
+    train(m1, o1, range(4, 8))  # the original goes on unchanged by the copy
     for (name, p), q, r in zip(ref.named_parameters(), m2.parameters(), m1.parameters(), strict=True):
         assert_same_bits(q, p, what=f"{precision}, {how}: {name} of the copy")
         assert_same_bits(r, p, what=f"{precision}, {how}: {name} of the original")
