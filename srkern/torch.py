@@ -13,23 +13,19 @@ Import it explicitly (``import srkern.torch``); ``import srkern`` does not impor
 """
 from __future__ import annotations
 
-import itertools
-import os
 from typing import Any, Callable, Iterable
 
 import torch
 
 from . import _contract
-from ._tensor import bump_versions
 from .adamw import _plan_step
-from .checkpoint import (HYPER_KEYS, TORCH_FORMAT, TORCH_VERSION, CheckpointCorrupt, CheckpointError,
+from .checkpoint import (TORCH_FORMAT, TORCH_VERSION, CheckpointCorrupt, CheckpointError,
                          CheckpointMismatch, check_counters, check_format, check_hyper, check_hypers,
                          check_layout, expect_equal, state_sections)
-from .comm import Communicator, as_communicator
 from .formats import dtype_name
 from .layout import flat_offsets
 from .precisions import PRECISIONS, bytes_per_param, default_state_dtype, mode, param_dtype
-from .sharded import ShardedAdamWCore, hyper_codes
+from ._torch_sharded import ShardedAdamW  # re-exported: srkern.torch.ShardedAdamW
 
 __all__ = ["AdamW", "ShardedAdamW"]
 
@@ -319,151 +315,3 @@ class AdamW(torch.optim.Optimizer):
                                              f"parameter {i} has {tuple(params[i].shape)}")
             saved[i] = st
         return saved
-
-
-class ShardedAdamW(torch.optim.Optimizer):
-    """ZeRO-style sharded srkern AdamW for PyTorch (see :class:`srkern.sharded.ShardedAdamWCore`).
-
-    The parameters become views into one flat buffer (BF16; FP32 for ``precision="fp32"``),
-    laid out in parameter-group order, each tensor at the offset equal to the number of
-    elements before it: no padding, so flat index = the logical index :class:`AdamW` uses in
-    one process. Each rank keeps the optimizer state of its shard only.
-
-    Args:
-        params: parameters or parameter groups (all on one device, dtype as above).
-        comm: :class:`srkern.comm.Communicator`, or an mpi4py communicator to wrap (default
-            ``MPI.COMM_WORLD``).
-        lr, betas, eps, weight_decay: AdamW hyper-parameters (per group where given).
-        precision: one of ``srkern.precisions.PRECISIONS``.
-        state_dtype, seed, reduce_dtype, wire_dtype, op: as in ``ShardedAdamWCore``.
-
-    ``step()`` is collective: every rank must call it, with a gradient for every parameter and
-    the same hyper-parameters. Every rank must also build it with the same parameter shapes,
-    groups and settings. Each of these is checked on every rank; a difference, or a bad argument
-    on one rank, raises on every rank. Use :meth:`save` / :meth:`load` for checkpoints
-    (``state_dict`` would hold only this rank's shard).
-    """
-
-    def __init__(self, params: Iterable[Any], comm: Any = None, lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01, precision: str = "bf16-sr", *,
-                 state_dtype: str | None = None, seed: int | None = None,
-                 reduce_dtype: str | None = None, wire_dtype: str | None = None,
-                 op: str = "avg") -> None:
-        comm = Communicator() if comm is None else as_communicator(comm)
-
-        def check() -> tuple[list[torch.Tensor], dict[str, Any]]:
-            # This rank's arguments; run through check_args, so that a bad argument on one rank
-            # raises on every rank instead of leaving the others waiting in the core's exchanges,
-            # and so that ranks with another layout or other hyper-parameters (the same total
-            # size: the core could not tell) raise too.
-            defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-            check_hyper(defaults)
-            torch.optim.Optimizer.__init__(self, params, defaults)
-            want = _TORCH_DTYPES[param_dtype(precision)]
-            plist = [p for g in self.param_groups for p in g["params"]]
-            if not plist:
-                raise ValueError("ShardedAdamW got no parameters")
-            for i, p in enumerate(plist):
-                if p.dtype != want:
-                    raise TypeError(f"parameter {i} has dtype {p.dtype}; precision {precision!r} "
-                                    f"needs {want} parameters")
-                if p.device != plist[0].device:
-                    raise ValueError(f"parameter {i} is on {p.device}, parameter 0 on {plist[0].device}")
-            if len({id(p) for p in plist}) != len(plist):
-                raise ValueError("a parameter appears twice")
-            codes: dict[str, Any] = {"parameters": len(plist), "dtype": str(want),
-                                     "device": plist[0].device.type}
-            codes.update({f"parameter {i} shape": tuple(p.shape) for i, p in enumerate(plist)})
-            codes["groups"] = len(self.param_groups)
-            for j, g in enumerate(self.param_groups):
-                check_hyper(g)
-                codes[f"group {j} parameters"] = len(g["params"])
-                codes.update(hyper_codes(j, g))
-            return plist, codes
-
-        plist = comm.check_args(check, "ShardedAdamW built with different parameters or settings on "
-                                       "different ranks")
-        want, dev = plist[0].dtype, plist[0].device
-        self._params = plist
-        sizes = [p.numel() for p in plist]
-        self._offsets = flat_offsets(sizes)
-        bounds = self._offsets + [sum(sizes)]
-        ends = list(itertools.accumulate(len(g["params"]) for g in self.param_groups))
-        groups = [(bounds[a], bounds[b]) for a, b in zip([0] + ends[:-1], ends, strict=True)]
-        flat = torch.empty(bounds[-1], dtype=want, device=dev)
-        with torch.no_grad():
-            for p, o in zip(plist, self._offsets, strict=True):
-                flat[o:o + p.numel()].copy_(p.detach().reshape(-1))
-                p.data = flat[o:o + p.numel()].view(p.shape)
-        self._layout = [{"shape": list(p.shape), "offset": o} for p, o in zip(plist, self._offsets, strict=True)]
-        self.core = ShardedAdamWCore(flat, comm, precision=precision, groups=groups,
-                                     state_dtype=state_dtype, seed=seed, reduce_dtype=reduce_dtype,
-                                     wire_dtype=wire_dtype, op=op)
-
-    @property
-    def flat_params(self) -> torch.Tensor:
-        return self.core.flat_params
-
-    def _hypers(self) -> list[dict[str, Any]]:
-        return [{k: g[k] for k in HYPER_KEYS} for g in self.param_groups]
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Reduce-scatter the gradients, SR AdamW on this rank's shard, all-gather the weights."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.core.step(self._hypers(), prepare=self._fill_grads)
-        # The parameters are views of the flat buffer the kernels wrote through raw pointers, each
-        # with its own version counter: bumped, so a graph that saved a weight raises on backward.
-        bump_versions(self._params)
-        return loss
-
-    def _fill_grads(self) -> None:
-        """Every parameter's gradient into the core's flat_grads; run inside the core's collective
-        check, so that a gradient missing on one rank raises on every rank (the others would wait
-        in the reduce-scatter)."""
-        for i, p in enumerate(self._params):
-            if p.grad is None:
-                raise ValueError(f"parameter {i} (shape {tuple(p.shape)}) has no gradient; "
-                                 "every rank must supply a gradient for every parameter")
-            if p.grad.layout != torch.strided:
-                raise TypeError(f"parameter {i} has a {p.grad.layout} gradient; ShardedAdamW needs dense gradients")
-        fg = self.core.flat_grads
-        for p, o in zip(self._params, self._offsets, strict=True):
-            fg[o:o + p.numel()].copy_(p.grad.reshape(-1))
-
-    def optimizer_bytes(self) -> dict[str, int]:
-        """Optimizer-state bytes on this rank (see ``ShardedAdamWCore.optimizer_bytes``)."""
-        return self.core.optimizer_bytes()
-
-    def bytes_per_param(self) -> float:
-        """Optimizer-state bytes this rank holds per model parameter (shrinks as 1 / world)."""
-        return sum(self.core.optimizer_bytes().values()) / max(1, self.core.n)
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Collective checkpoint of the sharded state (see ``ShardedAdamWCore.save``)."""
-        hyper = [{k: (list(v) if k == "betas" else v) for k, v in h.items()} for h in self._hypers()]
-        self.core.save(path, layout=self._layout, extra={"hyper": hyper})
-
-    def load(self, path: str | os.PathLike) -> None:
-        """Collective load on any world size (re-shards); restores step, seed and hyper-parameters.
-
-        The layout and every group's hyper-parameters are checked with the rest of the
-        checkpoint, before anything is loaded; only ``lr``, ``betas``, ``eps`` and
-        ``weight_decay`` are taken from it (a hyper entry with any other key is refused), never
-        a group's parameters."""
-        man = self.core.load(path, layout=self._layout)
-        hyper = man["extra"].get("hyper")
-        if hyper is not None:
-            for g, h in zip(self.param_groups, hyper, strict=True):
-                g.update({k: (tuple(h[k]) if k == "betas" else h[k]) for k in HYPER_KEYS})
-        bump_versions(self._params)  # the weights were overwritten
-
-    def state_dict(self):  # noqa: D102
-        raise NotImplementedError("ShardedAdamW state is sharded across ranks: use save(path) / load(path)")
-
-    def load_state_dict(self, state_dict):  # noqa: D102
-        raise NotImplementedError("ShardedAdamW state is sharded across ranks: use save(path) / load(path)")
