@@ -41,7 +41,7 @@ from .layout import shard_range
 from .precisions import PRECISIONS, mode
 
 SHARDED_FORMAT, SHARDED_VERSION = "srkern.ShardedAdamW", 2
-TORCH_FORMAT, TORCH_VERSION = "srkern.torch.AdamW", 1
+TORCH_FORMAT, TORCH_VERSION = "srkern.torch.AdamW", 2  # 2: torch's layout (per-parameter steps)
 HYPER_KEYS = ("lr", "betas", "eps", "weight_decay")
 
 

@@ -15,63 +15,74 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
+from collections import defaultdict
+
 import torch
 
 from . import _contract
-from .adamw import _plan_step
-from .checkpoint import (TORCH_FORMAT, TORCH_VERSION, CheckpointCorrupt, CheckpointError,
-                         CheckpointMismatch, check_counters, check_format, check_hyper, check_hypers,
-                         check_layout, expect_equal, state_sections)
-from .formats import dtype_name
-from .layout import flat_offsets
-from .precisions import PRECISIONS, bytes_per_param, default_state_dtype, mode, param_dtype
+from ._torch_ops import MODES, flat_size, param_precision, run_step, seed_arg, state_dtype_for, TORCH_DTYPES
 from ._torch_sharded import ShardedAdamW  # re-exported: srkern.torch.ShardedAdamW
+from ._torch_state import checked
+from .checkpoint import (TORCH_FORMAT, TORCH_VERSION, CheckpointCorrupt, CheckpointError, check_hyper,
+                         state_sections)
+from .layout import flat_offsets
+from .precisions import PRECISIONS, bytes_per_param, default_state_dtype, mode
 
 __all__ = ["AdamW", "ShardedAdamW"]
 
-_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
 
 class AdamW(torch.optim.Optimizer):
-    """AdamW (decoupled weight decay) through srkern's fused multi-tensor kernel.
+    """AdamW (decoupled weight decay) through srkern's fused multi-tensor kernel, a drop-in for
+    ``torch.optim.AdamW``.
 
     Args:
-        params: parameters or parameter groups (dicts), as for any torch optimizer. Their dtype
-            must match ``precision``: BF16 for the BF16 modes and ``fp32-master``, FP32 for
-            ``fp32``. CPU and CUDA tensors (one launch per parameter group, device and gradient
-            dtype).
-        lr, betas, eps, weight_decay: the usual AdamW hyper-parameters, per group.
+        params: parameters or parameter groups (dicts), as for any torch optimizer. Each
+            parameter's update follows its dtype and its group's ``precision``: BF16 parameters
+            take the group's BF16 mode, FP32 parameters ``fp32`` in every mode (a BF16 model with
+            FP32 norms is one optimizer), complex64 ``fp32`` on the real pairs (as torch does),
+            FP16 parameters ``fp16-sr`` in the stochastic modes. CPU and CUDA tensors;
+            non-contiguous and ``channels_last`` parameters are updated through a dense copy
+            written back (the same bits as a contiguous parameter with the same values).
+        lr, betas, eps, weight_decay: the usual AdamW hyper-parameters, per group; ``lr`` may
+            be a 1-element tensor (read once per step: on CUDA one synchronisation).
         precision: ``"bf16-sr"`` (BF16 weights and moments, SR on every write),
             ``"bf16-nearest"``, ``"bf16-kahan"``, ``"fp32-master"`` (FP32 master weights kept
-            here, the BF16 model weights written round-to-nearest) or ``"fp32"``; see
-            :data:`srkern.precisions.PRECISIONS`.
+            here, the BF16 model weights written round-to-nearest), ``"fp32"`` or ``"fp16-sr"``;
+            see :data:`srkern.precisions.PRECISIONS`. Per group.
         seed: 64-bit Philox key (share it across data-parallel replicas); None draws one from
-            :func:`srkern.manual_seed`'s generator.
-        state_dtype: moment dtype, ``"bfloat16"`` (default in the BF16 modes) or ``"float32"``.
-        maximize: ascend instead of descend (per group, as torch keeps it): the kernel's gradient
-            is ``-grad``, bit-identical to stepping on negated gradients.
+            :func:`srkern.manual_seed`'s generator. Per group (every group gets this one unless
+            it names its own).
+        state_dtype: moment dtype, ``"bfloat16"`` (default in the BF16 modes) or ``"float32"``;
+            a parameter whose mode does not allow it takes its mode's default. Per group.
+        maximize: ascend instead of descend (per group): the kernel's gradient is ``-grad``,
+            bit-identical to stepping on negated gradients.
         foreach, fused, capturable: torch.optim.AdamW's keywords, accepted with any value: srkern
-            always runs one fused multi-tensor launch per group, device and gradient dtype.
+            always runs one fused multi-tensor launch per group, device, dtype and step count.
         amsgrad, differentiable: only ``False`` (``True`` is a ``NotImplementedError``).
 
+    State (torch's layout): ``state[p]`` holds ``step`` (an FP32 scalar tensor on the CPU),
+    ``exp_avg``, ``exp_avg_sq``, and ``master`` (``fp32-master``) or ``compensation``
+    (``bf16-kahan``). Step counts are per parameter, as torch keeps them: a parameter's count,
+    its bias corrections and the Philox ``step`` of its random draws advance only at steps
+    where it has a gradient and the step is not skipped (``found_inf``); a step where no
+    parameter has a gradient changes nothing.
+
     Layout (bit contract v1.1): every parameter of every group, in group order, gets a fixed
-    position in one logical flat vector (cumulative sizes, no padding); parameters added later
-    with ``add_param_group`` go at the end. The Philox ``step`` is the optimizer's step count.
-    A parameter whose ``.grad`` is None is skipped at that step (its buffers are untouched; the
-    others keep their positions). Bias corrections use the optimizer's step count, so a
-    parameter that skips steps is corrected as if it had not (torch's AdamW counts per
-    parameter). ``state_dict()`` carries step, seed, precision and layout; saving, loading and
-    continuing is bit-identical to an uninterrupted run.
+    position in one logical flat vector (cumulative sizes, no padding; a complex element is
+    two); parameters added later with ``add_param_group`` go at the end. ``state_dict()`` is
+    torch's (see :mod:`srkern._torch_state` for what loads); saving, loading and continuing is
+    bit-identical to an uninterrupted run, and so are deepcopies, pickles and ``torch.compile``d
+    steps (the step is the custom op ``srkern::adamw_step_``).
     """
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.01, precision: str = "bf16-sr",
-                 seed: int | None = None, *, state_dtype: str | None = None, maximize: bool = False,
-                 amsgrad: bool = False, foreach: bool | None = None, fused: bool | None = None,
-                 capturable: bool = False, differentiable: bool = False) -> None:
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
+                 precision: str = "bf16-sr", seed: int | None = None, *, state_dtype: str | None = None,
+                 maximize: bool = False, amsgrad: bool = False, foreach: bool | None = None,
+                 fused: bool | None = None, capturable: bool = False, differentiable: bool = False) -> None:
         # torch.optim.AdamW's keywords. foreach, fused and capturable name what srkern always
-        # does (one fused multi-tensor launch per group, device and gradient dtype; found_inf
-        # read on the device), so any value is accepted.
+        # does (one fused multi-tensor launch per group, device, dtype and step count), so any
+        # value is accepted.
         if amsgrad:
             raise NotImplementedError("srkern.torch.AdamW has no amsgrad variant (it would need a third "
                                       "moment buffer in every precision mode)")
@@ -80,45 +91,37 @@ class AdamW(torch.optim.Optimizer):
                                       "autograd (differentiable=True is for optimizer-through-optimizer "
                                       "training; use torch.optim.AdamW for that)")
         mode(precision)
-        self.precision = precision
-        self.state_dtype = state_dtype or default_state_dtype(precision)
-        bytes_per_param(precision, self.state_dtype)  # validates state_dtype for the mode
-        self.seed = _contract.resolve_seed(seed)
-        self._step = 0
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize,
-                        foreach=foreach, fused=fused, capturable=capturable, differentiable=False)
-        check_hyper(defaults)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=False,
+                        maximize=maximize, foreach=foreach, fused=fused, capturable=capturable,
+                        differentiable=False, precision=precision,
+                        state_dtype=state_dtype or default_state_dtype(precision),
+                        seed=_contract.resolve_seed(seed))
+        _check_group(defaults)
         super().__init__(params, defaults)
+
+    # The optimizer-wide settings are the defaults every new group takes.
+    precision = property(lambda self: self.defaults["precision"])
+    state_dtype = property(lambda self: self.defaults["state_dtype"])
+    seed = property(lambda self: self.defaults["seed"])
 
     # ---- construction checks ----------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group``, all or nothing: a group refused by torch's checks or by
-        srkern's (hyper-parameters, parameter dtypes) leaves ``param_groups`` as it was."""
+        srkern's (hyper-parameters, settings, parameter dtypes) leaves ``param_groups`` as it was."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        gi = len(self.param_groups) - 1
         try:
-            check_hyper(group)
-            if not isinstance(group["maximize"], bool):
-                raise TypeError(f"maximize must be a bool, got {type(group['maximize']).__name__}")
-            want = _TORCH_DTYPES[param_dtype(self.precision)]
+            _check_group(group)
             for i, p in enumerate(group["params"]):
-                if p.dtype != want:
-                    raise TypeError(f"precision {self.precision!r} needs {want} parameters; parameter {i} "
-                                    f"of group {len(self.param_groups) - 1} is {p.dtype} "
-                                    f"(convert the model, e.g. model.to({want}))")
+                try:
+                    param_precision(group["precision"], p.dtype)
+                except TypeError as e:
+                    raise TypeError(f"parameter {i} of group {gi}: {e}") from None
         except BaseException:
             self.param_groups.pop()
             raise
-
-    # ---- copies and pickles -----------------------------------------------------------------
-
-    def __getstate__(self) -> dict[str, Any]:
-        # torch's Optimizer pickles defaults, state and param_groups only; srkern's settings and
-        # its step count travel too, so a deepcopy, a pickle or torch.save(optimizer) continues
-        # bit for bit.
-        return {**super().__getstate__(), "precision": self.precision, "state_dtype": self.state_dtype,
-                "seed": self.seed, "_step": self._step}
 
     # ---- layout and state -------------------------------------------------------------------
 
@@ -127,24 +130,24 @@ class AdamW(torch.optim.Optimizer):
 
     def layout(self) -> list[int]:
         """Logical flat offset of every parameter, in group order (cumulative sizes)."""
-        return flat_offsets([p.numel() for p in self._params()])
+        return flat_offsets([flat_size(p) for p in self._params()])
 
-    def _init_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``p``'s state; a new one (zero moments) is returned without being stored yet."""
-        state = self.state.get(p)
-        if not state:
-            state = {}
-            for name, dtype in state_sections(self.precision, self.state_dtype):
-                if name == "master":  # FP32 master weights start as the exact upcast of the model
-                    state[name] = p.detach().to(torch.float32, copy=True).contiguous()
-                else:
-                    state[name] = torch.zeros_like(p, dtype=_TORCH_DTYPES[dtype],
-                                                   memory_format=torch.contiguous_format)
+    @staticmethod
+    def _new_state(p: torch.Tensor, prec: str, state_dtype: str) -> dict[str, torch.Tensor]:
+        """A parameter's first state: step 0, zero moments, the master weights as the exact upcast."""
+        state = {"step": torch.tensor(0.0, dtype=torch.float32)}
+        for name, dtype in state_sections(prec, state_dtype_for(prec, state_dtype)):
+            if name == "master":
+                state[name] = p.detach().to(torch.float32, copy=True).contiguous()
+            else:
+                want = torch.complex64 if p.is_complex() else TORCH_DTYPES[dtype]
+                state[name] = torch.zeros(p.shape, dtype=want, device=p.device)
         return state
 
     def bytes_per_param(self) -> int:
-        """Bytes per parameter held by the weights and this optimizer (gradient excluded):
-        6 for ``bf16-sr`` with BF16 moments, 14 for ``fp32-master``, 12 for ``fp32``."""
+        """Bytes per parameter held by the weights and this optimizer (gradient excluded) in the
+        default precision: 6 for ``bf16-sr`` with BF16 moments, 14 for ``fp32-master``, 12 for
+        ``fp32``."""
         return bytes_per_param(self.precision, self.state_dtype)
 
     # ---- the step ---------------------------------------------------------------------------
@@ -155,163 +158,122 @@ class AdamW(torch.optim.Optimizer):
         """One AdamW step on every parameter that has a gradient.
 
         ``grad_scale`` multiplies every gradient inside the kernel (unscaling, clipping);
-        ``found_inf`` (1-element float32 tensor) makes the step write nothing when non-zero,
-        read on the device without a host sync. The step count advances either way.
+        ``found_inf`` (1-element float32 tensor) non-zero makes the step change nothing (no
+        buffer, no step count; read on the host, on CUDA one synchronisation).
 
         Everything (every group's hyper-parameters, ``grad_scale``, ``found_inf``, every buffer)
-        is checked before the first launch: a bad call raises and changes no buffer, no state
-        and not the step count.
+        is checked before the first write: a bad call raises and changes no buffer and no state.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        step = self._step + 1
-        for gi, group in enumerate(self.param_groups):
-            try:
-                check_hyper(group, grad_scale)
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"param_groups[{gi}]: {e}") from None
-        if found_inf is not None and (not isinstance(found_inf, torch.Tensor)
-                                      or found_inf.dtype != torch.float32 or found_inf.numel() != 1):
-            raise TypeError(f"found_inf must be a 1-element torch.float32 tensor, got "
-                            f"{getattr(found_inf, 'dtype', type(found_inf).__name__)} "
-                            f"{tuple(getattr(found_inf, 'shape', ()))}")
-        offsets = self.layout()
+        if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)):
+            raise TypeError(f"grad_scale must be a float, got {type(grad_scale).__name__}")
+        if found_inf is not None and not isinstance(found_inf, torch.Tensor):
+            raise TypeError(f"found_inf must be a 1-element torch.float32 tensor, got {type(found_inf).__name__}")
+        lists: tuple[list, ...] = ([], [], [], [], [], [], [], [], [])  # p g m v extra step mode group offset
+        hyper: list[float] = []
+        lr_tensors: list[torch.Tensor | None] = []
+        seeds: list[int] = []
         new_states: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
-        k = 0
-        buckets: dict[tuple, dict[str, list]] = {}
+        offset = 0
         for gi, group in enumerate(self.param_groups):
+            lr = group["lr"]
+            lr_tensors.append(lr if isinstance(lr, torch.Tensor) else None)
+            hyper += [0.0 if isinstance(lr, torch.Tensor) else _number(gi, "lr", lr), _number(gi, "betas[0]", group["betas"][0]),
+                      _number(gi, "betas[1]", group["betas"][1]), _number(gi, "eps", group["eps"]),
+                      _number(gi, "weight_decay", group["weight_decay"]), 1.0 if group["maximize"] else 0.0]
+            seeds.append(seed_arg(group["seed"]))
             for p in group["params"]:
-                off = offsets[k]
-                k += 1
+                off, offset = offset, offset + flat_size(p)
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise TypeError("srkern.torch.AdamW does not support sparse gradients")
-                state = self._init_state(p)
-                if not self.state.get(p):
-                    new_states[p] = state
-                key = (gi, p.device, p.grad.dtype)
-                b = buckets.setdefault(key, {"p": [], "g": [], "m": [], "v": [], "w": [], "c": [], "o": []})
-                b["p"].append(p)
-                g = p.grad  # read in place: a lazy negation (torch's negative bit) is resolved first
-                b["g"].append(g if g.is_contiguous() and not g.is_neg() else g.resolve_neg().contiguous())
-                b["m"].append(state["exp_avg"])
-                b["v"].append(state["exp_avg_sq"])
-                if "master" in state:
-                    b["w"].append(state["master"])
-                if "compensation" in state:
-                    b["c"].append(state["compensation"])
-                b["o"].append(off)
-        prec = PRECISIONS[self.precision]
-        launches = []
-        for (gi, device, _), b in buckets.items():
-            group = self.param_groups[gi]
-            fi = found_inf
-            if fi is not None and fi.device != device:
-                fi = fi.to(device=device)
-            try:
-                launches.append(_plan_step(
-                    b["p"], b["g"], b["m"], b["v"], step=step, lr=group["lr"], betas=group["betas"],
-                    eps=group["eps"], weight_decay=group["weight_decay"], precision=self.precision,
-                    master_params=b["w"] if prec.master else None,
-                    compensation=b["c"] if prec.compensation else None,
-                    # maximize: the kernel's gradient is -grad (exactly: FP32 products are sign-symmetric)
-                    grad_scale=-grad_scale if group.get("maximize", False) else grad_scale,
-                    found_inf=fi, seed=self.seed, offsets=b["o"]))
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"param_groups[{gi}]: {e}") from None
-        # All checks passed: from here on buffers are written.
+                if p.grad.layout != torch.strided:
+                    raise TypeError(f"param_groups[{gi}]: srkern.torch.AdamW does not support sparse gradients")
+                try:
+                    prec = param_precision(group["precision"], p.dtype)
+                except TypeError as e:
+                    raise TypeError(f"param_groups[{gi}]: {e}") from None
+                state = self.state.get(p)
+                if not state:
+                    state = new_states[p] = self._new_state(p, prec, group["state_dtype"])
+                for lst, x in zip(lists, (p, p.grad, state["exp_avg"], state["exp_avg_sq"])):
+                    lst.append(x)
+                if PRECISIONS[prec].master or PRECISIONS[prec].compensation:
+                    lists[4].append(state["master" if PRECISIONS[prec].master else "compensation"])
+                lists[5].append(state["step"])
+                lists[6].append(MODES.index(prec))
+                lists[7].append(gi)
+                lists[8].append(off)
+        run_step(*lists, hyper, lr_tensors, seeds, float(grad_scale), found_inf)
+        # Checked and launched: new parameters keep the state the step wrote.
         self.state.update(new_states)
-        for launch in launches:
-            if launch is not None:
-                launch()
-        self._step = step
         return loss
 
     # ---- checkpoints ------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict plus an ``"srkern"`` entry: format and version, contract version,
-        step, seed, precision, state dtype, and the layout (offset and size of every parameter)."""
+        """torch's state dict (per-parameter ``step``, ``exp_avg``, ``exp_avg_sq``, ``master`` /
+        ``compensation``; ``precision``, ``state_dtype``, ``seed`` in every group) plus an
+        ``"srkern"`` entry with the format, the contract and the layout (offset and flat size
+        of every parameter), checked on load when present."""
         sd = super().state_dict()
         sd["srkern"] = {"format": TORCH_FORMAT, "format_version": TORCH_VERSION,
-                        "contract": _contract.CONTRACT_VERSION, "step": self._step, "seed": self.seed,
-                        "precision": self.precision, "state_dtype": self.state_dtype,
-                        "offsets": self.layout(), "numels": [p.numel() for p in self._params()]}
+                        "contract": _contract.CONTRACT_VERSION, "offsets": self.layout(),
+                        "numels": [flat_size(p) for p in self._params()]}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from :meth:`state_dict`. Its format, contract, precision, state
-        dtype, layout, state buffers (names, dtypes, sizes), hyper-parameters, step and seed are
-        checked first: :class:`srkern.checkpoint.CheckpointMismatch` or ``CheckpointCorrupt``
-        (both ``ValueError``) names the cause, and nothing is loaded. The parameters stay this
+        """Load srkern's state dict (this format or format 1), or ``torch.optim.AdamW``'s (see
+        :mod:`srkern._torch_state` for what each becomes). Everything is checked first:
+        :class:`srkern.checkpoint.CheckpointMismatch` or ``CheckpointCorrupt`` (both
+        ``ValueError``) names the cause, and nothing is loaded. The parameters stay this
         optimizer's: each group's saved ``params`` must be the positions :meth:`state_dict`
-        writes, and every state tensor must have its parameter's shape and the mode's dtype."""
-        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("srkern"), dict):
-            raise CheckpointMismatch(f"not an {TORCH_FORMAT} state dict (no 'srkern' entry)")
-        sd = dict(state_dict)
-        meta = sd.pop("srkern")
-        params = self._params()
+        writes. torch's load pre- and post-hooks run as in ``torch.optim.Optimizer``."""
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = hook(self, state_dict)
+            state_dict = state_dict if out is None else out
         try:
-            saved = self._checked_state(meta, sd, params)
+            groups, states = checked(self, state_dict)
         except CheckpointError:
             raise
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
             raise CheckpointCorrupt(f"malformed {TORCH_FORMAT} state dict: {type(e).__name__}: {e}") from None
-        # Everything is checked: from here on state is written (torch's own load cannot fail now).
-        super().load_state_dict(sd)
-        # torch casts floating-point state to each parameter's dtype; keep the saved dtypes
-        # (FP32 master weights and moments next to BF16 parameters).
-        for i, st in saved.items():
-            p = params[i]
-            self.state[p] = {k: v.detach().to(device=p.device, dtype=v.dtype, copy=True).contiguous()
-                             for k, v in st.items()}
-        self._step, self.seed = meta["step"], meta["seed"]  # checked ints: nothing to convert
+        # Everything is checked: from here on state is written.
+        params = self._params()
+        state = defaultdict(dict, {params[i]: st for i, st in states.items()})
+        self.__setstate__({"state": state, "param_groups": groups})
+        if groups:  # groups added later take the loaded seed
+            self.defaults["seed"] = groups[0]["seed"]
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
 
-    def _checked_state(self, meta: dict, sd: dict, params: list[torch.Tensor]) -> dict[int, dict]:
-        """The per-parameter state of a state dict, once every check has passed."""
-        # State dicts written before the format field existed are version 1.
-        check_format({"format": TORCH_FORMAT, "format_version": 1, **meta}, TORCH_FORMAT, TORCH_VERSION,
-                     "contract")
-        expect_equal("precision", meta["precision"], self.precision)
-        expect_equal("state_dtype", meta["state_dtype"], self.state_dtype)
-        check_layout(list(zip(meta["offsets"], meta["numels"], strict=True)),
-                     list(zip(self.layout(), [p.numel() for p in params], strict=True)))
-        check_counters(meta)
-        groups = sd["param_groups"]
-        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
-            raise CheckpointCorrupt(f"param_groups must be a list of dicts, got {type(groups).__name__}")
-        check_hypers(groups, len(self.param_groups))
-        first = 0
-        for gi, (g, mine) in enumerate(zip(groups, self.param_groups, strict=True)):
-            # torch maps saved state to parameters through these ids: only the positions that
-            # state_dict() writes keep that mapping the one checked below.
-            want_ids = list(range(first, first + len(mine["params"])))
-            if g.get("params") != want_ids or not all(type(i) is int for i in g["params"]):
-                raise CheckpointMismatch(f"param_groups[{gi}]['params']: {g.get('params')!r:.80} in the checkpoint, "
-                                         f"{want_ids!r:.80} (this optimizer's parameters) here")
-            first += len(want_ids)
-        if not isinstance(sd["state"], dict):
-            raise CheckpointCorrupt(f"state must be a dict, got {type(sd['state']).__name__}")
-        want = sorted(state_sections(self.precision, self.state_dtype))
-        saved = {}
-        for i, st in sd["state"].items():
-            if type(i) is not int or not 0 <= i < len(params) or not isinstance(st, dict):
-                raise CheckpointCorrupt(f"state entry {i!r}: not a parameter position with a dict of tensors")
-            if not st:  # a parameter that never had a gradient
-                continue
-            for k, v in st.items():
-                if not isinstance(v, torch.Tensor) or v.layout != torch.strided or v.is_meta:
-                    raise CheckpointCorrupt(f"state[{i}][{k!r}] is not a dense tensor with data: {type(v).__name__}")
-            expect_equal(f"state of parameter {i}", sorted((k, dtype_name(v.dtype)) for k, v in st.items()), want)
-            for k, v in st.items():
-                if v.numel() != params[i].numel():
-                    raise CheckpointMismatch(f"state[{i}][{k!r}] has {v.numel()} elements, "
-                                             f"parameter {i} has {params[i].numel()}")
-                if v.shape != params[i].shape:
-                    raise CheckpointMismatch(f"state[{i}][{k!r}] has shape {tuple(v.shape)}, "
-                                             f"parameter {i} has {tuple(params[i].shape)}")
-            saved[i] = st
-        return saved
+
+def _number(gi: int, name: str, x: Any) -> float:
+    """A hyper-parameter as the float the step carries (its range is checked in the step)."""
+    if isinstance(x, torch.Tensor) and x.numel() == 1 and not x.is_complex():
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"param_groups[{gi}]: {name} must be a number, got {type(x).__name__}")
+    try:
+        return float(x)
+    except OverflowError:
+        raise ValueError(f"param_groups[{gi}]: {name}={x!r} does not fit a float") from None
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    """A parameter group's hyper-parameters and srkern settings (``ValueError``/``TypeError``)."""
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or lr.is_complex():
+            raise ValueError(f"a tensor lr must be a 1-element real tensor, got shape {tuple(lr.shape)}")
+        lr = lr.item()
+    betas = group["betas"]
+    if isinstance(betas, (tuple, list)):  # tensor betas are read as numbers
+        betas = tuple(_number(0, f"betas[{i}]", b) for i, b in enumerate(betas))
+    check_hyper({**group, "lr": lr, "betas": betas})
+    if not isinstance(group["maximize"], bool):
+        raise TypeError(f"maximize must be a bool, got {type(group['maximize']).__name__}")
+    bytes_per_param(group["precision"], group["state_dtype"])  # validates both
+    _contract.check_u64("seed", group["seed"])

@@ -17,6 +17,11 @@ from srkern.testing import assert_same_bits  # noqa: E402
 HYPER = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 
 
+def steps(opt) -> set[int]:
+    """The distinct per-parameter step counts of an optimizer's state."""
+    return {int(st["step"]) for st in opt.state.values() if st}
+
+
 def small_model(dtype=torch.float32) -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).to(dtype)
@@ -129,7 +134,7 @@ def test_state_dict_round_trip_continues_bit_exact(precision):
     m2.load_state_dict(ck["model"])
     o2 = srt.AdamW(m2.parameters(), precision=precision, seed=None, **HYPER)  # seed from checkpoint
     o2.load_state_dict(ck["opt"])
-    assert o2.seed == 42 and o2.state_dict()["srkern"]["step"] == 4
+    assert o2.seed == 42 and all(float(o2.state[p]["step"]) == 4 for p in m2.parameters())
     if precision == "fp32-master":
         assert o2.state[next(m2.parameters())]["master"].dtype == torch.float32
     train(m2, o2, range(4, 8))
@@ -157,7 +162,7 @@ def test_copies_and_pickles_continue_bit_exact(precision, how):
         torch.save((m1, o1), buf)
         buf.seek(0)
         m2, o2 = torch.load(buf, weights_only=False)
-    assert (o2.seed, o2.state_dict()["srkern"]["step"], o2.precision) == (42, 4, precision)
+    assert (o2.seed, steps(o2), o2.precision) == (42, {4}, precision)
     train(m2, o2, range(4, 8))
     train(m1, o1, range(4, 8))  # the original goes on unchanged by the copy
     for (name, p), q, r in zip(ref.named_parameters(), m2.parameters(), m1.parameters(), strict=True):
@@ -173,8 +178,8 @@ def test_refused_add_param_group_leaves_the_groups_as_they_were():
     rest = list(m.parameters())[2:]
     with pytest.raises(ValueError, match="lr"):
         opt.add_param_group({"params": rest, "lr": -1.0})
-    with pytest.raises(TypeError, match="needs torch.bfloat16 parameters"):
-        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
+    with pytest.raises(TypeError, match="no update for torch.int64 parameters"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3, dtype=torch.int64), requires_grad=False)]})
     assert len(opt.param_groups) == 1 and opt.layout() == [0, 512]
     loss_of(m, 0).backward()
     opt.step()  # the optimizer still works
@@ -242,7 +247,7 @@ def test_bytes_per_param_and_checks():
     assert srt.AdamW(model.parameters(), seed=0).bytes_per_param() == 6
     assert srt.AdamW(model.parameters(), seed=0, state_dtype="float32").bytes_per_param() == 10
     assert srt.AdamW(model.parameters(), seed=0, precision="fp32-master").bytes_per_param() == 14
-    with pytest.raises(TypeError, match="needs torch.float32"):
+    with pytest.raises(TypeError, match="precision 'fp32' has no update for torch.bfloat16 parameters"):
         srt.AdamW(model.parameters(), precision="fp32")
     with pytest.raises(ValueError, match="lr"):
         srt.AdamW(model.parameters(), lr=-1.0)
@@ -271,26 +276,28 @@ def _set(*path, value):
 
 # name: (the damage, the loading optimizer's settings, the error class, the message naming the cause)
 REFUSED = {
-    "no srkern entry": (lambda sd: sd.pop("srkern"), {}, CheckpointMismatch,
-                        "not an srkern.torch.AdamW state dict (no 'srkern' entry)"),
-    "format version": (_set("srkern", "format_version", value=2), {}, CheckpointMismatch,
-                       "not a srkern.torch.AdamW v1 checkpoint (format 'srkern.torch.AdamW', version 2)"),
+    "not a state dict": (lambda sd: sd.pop("state"), {}, CheckpointMismatch,
+                         "not an optimizer state dict (needs 'state' (a dict) and 'param_groups' (a list))"),
+    "format version": (_set("srkern", "format_version", value=3), {}, CheckpointMismatch,
+                       "not a srkern.torch.AdamW v2 checkpoint (format 'srkern.torch.AdamW', version 3)"),
     "contract": (_set("srkern", "contract", value="2.0"), {}, CheckpointMismatch, "written under bit contract v2.0"),
     "precision": (lambda sd: None, {"precision": "bf16-kahan"}, CheckpointMismatch,
-                  "precision: 'bf16-sr' in the checkpoint, 'bf16-kahan' here"),
+                  "param_groups[0] precision: 'bf16-sr' in the checkpoint, 'bf16-kahan' here"),
     "state dtype": (lambda sd: None, {"state_dtype": "float32"}, CheckpointMismatch,
-                    "state_dtype: 'bfloat16' in the checkpoint, 'float32' here"),
+                    "param_groups[0] state_dtype: 'bfloat16' in the checkpoint, 'float32' here"),
     "fewer parameters": (lambda sd: None, {"first": 2}, CheckpointMismatch,
                          "layout: 4 parameters in the checkpoint, 2 here"),
     "layout": (_set("srkern", "offsets", 1, value=lambda o: o + 8), {}, CheckpointMismatch,
                "layout differs at parameter 1: (520, 32) in the checkpoint, (512, 32) here"),
     "moment dtype": (_set("state", 0, "exp_avg", value=lambda t: t.float()), {}, CheckpointMismatch,
-                     "state of parameter 0: [('exp_avg', 'float32'), ('exp_avg_sq', 'bfloat16')] in the checkpoint"),
+                     "state[0]['exp_avg'] is torch.float32; this optimizer keeps it as torch.bfloat16"),
     "moment size": (_set("state", 2, "exp_avg_sq", value=lambda t: t.reshape(-1)[:-1]), {}, CheckpointMismatch,
-                    "state[2]['exp_avg_sq'] has 127 elements, parameter 2 has 128"),
+                    "state[2]['exp_avg_sq'] has shape (127,), parameter 2 has (4, 32)"),
     "hyper-parameter": (_set("param_groups", 0, "lr", value=float("nan")), {}, CheckpointCorrupt,
                         "parameter group 0: lr"),
-    "step": (_set("srkern", "step", value=2**32), {}, CheckpointCorrupt, "step must be in [0, 2**32)"),
+    "step": (_set("state", 1, "step", value=torch.tensor(2.0**24)), {}, CheckpointCorrupt,
+             "state[1]['step'] must be a whole number in [0, 2**24)"),
+    "seed": (_set("param_groups", 0, "seed", value=-1), {}, CheckpointCorrupt, "seed"),
     "missing field": (lambda sd: sd["srkern"].pop("numels"), {}, CheckpointCorrupt,
                       "malformed srkern.torch.AdamW state dict: KeyError: 'numels'"),
 }
@@ -314,29 +321,44 @@ def test_mismatched_state_dict_refused_and_nothing_loaded(case):
     def snapshot():
         tensors = [p.detach().clone() for p in params]
         tensors += [t.clone() for p in params for t in target.state[p].values() if torch.is_tensor(t)]
-        return target.seed, target._step, tensors
+        return target.seed, steps(target), tensors
 
     before = snapshot()
     with pytest.raises(cls, match=re.escape(words)) as err:
         target.load_state_dict(sd)
     assert isinstance(err.value, ValueError)
     after = snapshot()
-    assert after[:2] == before[:2] == (2, 1)
+    assert after[:2] == before[:2] == (2, {1})
     for a, b in zip(after[2], before[2], strict=True):
         assert_same_bits(a, b, what=f"{case}: a buffer changed")
 
 
-def test_state_dict_without_format_fields_loads():
-    # State dicts written before the format fields existed are format version 1: they still load.
+def test_format_1_state_dict_loads():
+    # Format 1 (srkern before torch's layout) kept one step count and the settings in the
+    # "srkern" entry, and early ones had no format fields: both still load, and every parameter
+    # with state takes that step (what format 1's updates used), bit-identically continuing.
     sd = _saved_state_dict()
-    del sd["srkern"]["format"], sd["srkern"]["format_version"]
-    target = srt.AdamW(small_model(torch.bfloat16).parameters(), seed=2, **HYPER)
-    target.load_state_dict(sd)
-    assert target.seed == 1 and target._step == 1 and len(target.state) == 4
+    meta = sd["srkern"]
+    for with_fields in (True, False):
+        old = copy.deepcopy(sd)
+        old["srkern"] = {"contract": meta["contract"], "offsets": meta["offsets"], "numels": meta["numels"],
+                         "step": 1, "seed": 1, "precision": "bf16-sr", "state_dtype": "bfloat16"}
+        if with_fields:
+            old["srkern"].update(format="srkern.torch.AdamW", format_version=1)
+        old["param_groups"] = [{k: v for k, v in g.items() if k not in ("precision", "state_dtype", "seed")}
+                               for g in old["param_groups"]]
+        old["state"] = {i: {k: v for k, v in st.items() if k != "step"} for i, st in old["state"].items()}
+        target = srt.AdamW(small_model(torch.bfloat16).parameters(), seed=2, **HYPER)
+        target.load_state_dict(old)
+        assert target.seed == 1 and steps(target) == {1} and len(target.state) == 4
+        fresh = srt.AdamW(small_model(torch.bfloat16).parameters(), seed=2, **HYPER)
+        fresh.load_state_dict(sd)
+        for a, b in zip(target.state.values(), fresh.state.values(), strict=True):
+            assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_found_inf_and_grad_scale_through_the_optimizer():
-    # found_inf set: weights and state unchanged (the step count still advances, no host sync);
+    # found_inf set: weights, moments and step counts unchanged (torch's fused AdamW rolls its back);
     # grad_scale=0.5 equals gradients halved beforehand (exact in BF16), bit for bit.
     a, b = small_model(torch.bfloat16), small_model(torch.bfloat16)
     oa = srt.AdamW(a.parameters(), seed=5, **HYPER)
@@ -348,7 +370,7 @@ def test_found_inf_and_grad_scale_through_the_optimizer():
     ob.step(found_inf=torch.ones(1))
     for p, q in zip(a.parameters(), before, strict=True):
         assert_same_bits(p, q, what="weights after a skipped step")
-    assert all(torch.all(oa.state[p]["exp_avg"] == 0) for p in a.parameters())
+    assert all(torch.all(oa.state[p]["exp_avg"] == 0) for p in a.parameters()) and steps(oa) == {0}
     for p in b.parameters():
         p.grad = p.grad * 0.5
     oa.step(grad_scale=0.5)
@@ -357,15 +379,14 @@ def test_found_inf_and_grad_scale_through_the_optimizer():
         assert_same_bits(p, q, what="grad_scale vs pre-scaled gradients")
 
 
-def _snapshot(opt: srt.AdamW) -> tuple[int, list[torch.Tensor], dict]:
+def _snapshot(opt: srt.AdamW) -> tuple[list[torch.Tensor], dict]:
     params = opt._params()
-    return (opt._step, [p.detach().clone() for p in params],
+    return ([p.detach().clone() for p in params],
             {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(params) if p in opt.state})
 
 
-def _assert_unchanged(opt: srt.AdamW, before: tuple[int, list[torch.Tensor], dict], what: str) -> None:
-    step, weights, state = before
-    assert opt._step == step, f"{what}: step count moved from {step} to {opt._step}"
+def _assert_unchanged(opt: srt.AdamW, before: tuple[list[torch.Tensor], dict], what: str) -> None:
+    weights, state = before  # the state holds the step counts
     params = opt._params()
     for i, (p, q) in enumerate(zip(params, weights, strict=True)):
         assert_same_bits(p, q, what=f"{what}: param {i}")
@@ -393,7 +414,7 @@ def test_bad_group_changes_nothing():
         _assert_unchanged(opt, before, f"lr=nan in group 1, {when}")
         opt.param_groups[1]["lr"] = 1e-3
         opt.step()
-    assert opt._step == 2
+    assert steps(opt) == {2}
     # A wrong-dtype moment in group 1's bucket: caught before group 0's launch.
     p1 = layers[1].weight
     opt.state[p1]["exp_avg"] = opt.state[p1]["exp_avg"].to(torch.float16)
