@@ -67,23 +67,29 @@ def checked(opt: Any, sd: Any) -> tuple[list[dict], dict[int, dict[str, torch.Te
         groups = [{**g, **{k: mine[k] for k in SETTINGS}} for g, mine in zip(groups, opt.param_groups)]
     check_hypers([{k: _as_float(v) for k, v in g.items()} for g in groups], len(opt.param_groups))
     first = 0
+    position: dict[Any, int] = {}  # saved parameter id -> position here
     for gi, (g, mine) in enumerate(zip(groups, opt.param_groups, strict=True)):
         expect_equal(f"param_groups[{gi}] precision", g.get("precision"), mine["precision"])
         expect_equal(f"param_groups[{gi}] state_dtype", g.get("state_dtype"), mine["state_dtype"])
         check_counters({"seed": g.get("seed"), "step": 0})
-        # torch maps saved state to parameters through these ids: only the positions that
-        # state_dict() writes keep that mapping the one checked below.
-        want_ids = list(range(first, first + len(mine["params"])))
-        if g.get("params") != want_ids or not all(type(i) is int for i in g["params"]):
-            raise CheckpointMismatch(f"param_groups[{gi}]['params']: {g.get('params')!r:.80} in the checkpoint, "
+        # torch maps saved state to parameters through these ids, by position. Integer ids must
+        # be the positions state_dict() writes (so that mapping is the one checked below);
+        # torch.distributed.checkpoint writes parameter names instead, mapped by position.
+        ids, want_ids = g.get("params"), list(range(first, first + len(mine["params"])))
+        names = (isinstance(ids, list) and len(ids) == len(want_ids) and all(isinstance(i, str) for i in ids)
+                 and len(set(ids)) == len(ids) and not set(ids) & set(position))
+        if not names and (ids != want_ids or not all(type(i) is int for i in ids)):
+            raise CheckpointMismatch(f"param_groups[{gi}]['params']: {ids!r:.80} in the checkpoint, "
                                      f"{want_ids!r:.80} (this optimizer's parameters) here")
+        position.update(zip(ids, want_ids))
         first += len(want_ids)
     group_of = [gi for gi, g in enumerate(opt.param_groups) for _ in g["params"]]
     offsets = opt.layout()
     out = {}
-    for i, st in state.items():
-        if type(i) is not int or not 0 <= i < len(params) or not isinstance(st, dict):
-            raise CheckpointCorrupt(f"state entry {i!r}: not a parameter position with a dict of tensors")
+    for key, st in state.items():
+        i = position.get(key) if isinstance(key, (int, str)) and type(key) is not bool else None
+        if i is None or not isinstance(st, dict):
+            raise CheckpointCorrupt(f"state entry {key!r}: not a parameter position with a dict of tensors")
         if not st:  # a parameter that never had a gradient
             continue
         if old_step is not None:
