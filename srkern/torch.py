@@ -93,7 +93,7 @@ class AdamW(torch.optim.Optimizer):
         mode(precision)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=False,
                         maximize=maximize, foreach=foreach, fused=fused, capturable=capturable,
-                        differentiable=False, precision=precision,
+                        differentiable=False, decoupled_weight_decay=True, precision=precision,
                         state_dtype=state_dtype or default_state_dtype(precision),
                         seed=_contract.resolve_seed(seed))
         _check_group(defaults)
@@ -103,6 +103,20 @@ class AdamW(torch.optim.Optimizer):
     precision = property(lambda self: self.defaults["precision"])
     state_dtype = property(lambda self: self.defaults["state_dtype"])
     seed = property(lambda self: self.defaults["seed"])
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # As torch's AdamW: groups saved before a flag existed take its default (and srkern's
+        # settings those of this optimizer), and a step saved as a number becomes a tensor.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for k, v in _FLAGS.items():
+                group.setdefault(k, v)
+            for k in ("precision", "state_dtype", "seed"):
+                group.setdefault(k, self.defaults[k])
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and "step" in st and not torch.is_tensor(st["step"]):
+                    st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32)
 
     # ---- construction checks ----------------------------------------------------------------
 
@@ -190,7 +204,7 @@ class AdamW(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 if p.grad.layout != torch.strided:
-                    raise TypeError(f"param_groups[{gi}]: srkern.torch.AdamW does not support sparse gradients")
+                    raise RuntimeError(f"param_groups[{gi}]: srkern.torch.AdamW does not support sparse gradients")
                 try:
                     prec = param_precision(group["precision"], p.dtype)
                 except TypeError as e:
@@ -250,6 +264,11 @@ class AdamW(torch.optim.Optimizer):
             hook(self)
 
 
+# torch.optim.AdamW's flags and their defaults, for groups saved before a flag existed.
+_FLAGS = dict(amsgrad=False, maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
+              decoupled_weight_decay=True)
+
+
 def _number(gi: int, name: str, x: Any) -> float:
     """A hyper-parameter as the float the step carries (its range is checked in the step)."""
     if isinstance(x, torch.Tensor) and x.numel() == 1 and not x.is_complex():
@@ -270,6 +289,8 @@ def _check_group(group: dict[str, Any]) -> None:
             raise ValueError(f"a tensor lr must be a 1-element real tensor, got shape {tuple(lr.shape)}")
         lr = lr.item()
     betas = group["betas"]
+    if isinstance(betas, (tuple, list)) and len(betas) == 2 and len({torch.is_tensor(b) for b in betas}) > 1:
+        raise ValueError("betas must be either both floats or both Tensors")  # as torch
     if isinstance(betas, (tuple, list)):  # tensor betas are read as numbers
         betas = tuple(_number(0, f"betas[{i}]", b) for i, b in enumerate(betas))
     check_hyper({**group, "lr": lr, "betas": betas})
