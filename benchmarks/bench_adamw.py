@@ -6,7 +6,7 @@ bandwidth of the same bytes and the baselines' times, all measured in this run, 
 optimizer bytes per parameter of every mode):
   * ``srkern.adamw_step`` in each precision mode (BF16 gradients; FP32 gradients in ``fp32``):
     ``bf16-sr`` with BF16 and with FP32 moments, ``bf16-nearest``, ``bf16-kahan``,
-    ``fp32-master``, ``fp32``;
+    ``fp32-master``, ``fp32``, ``fp16-sr`` (FP16 weights and gradients, FP32 moments);
   * torch mixed precision, what (BF16, FP32) training runs: ``torch.optim.AdamW(fused=True)``
     and ``(foreach=True)`` stepping FP32 master weights with FP32 gradients, then the copy of the
     masters into the BF16 model weights (``torch._foreach_copy_``);
@@ -23,12 +23,14 @@ read, never written):
   * ``fp32-master``: grad 2 + master 4+4 + moments 2x(4+4) + BF16 copy written 2 = 28 (the BF16
     weights are only written);
   * ``fp32``: grad 4 + weight 4+4 + moments 2x(4+4) = 28;
+  * ``fp16-sr``: FP16 grad 2 + weight 2+2 + FP32 moments 2x(4+4) = 22;
   * torch mixed precision: FP32 grad 4 + master 4+4 + moments 2x(4+4) + BF16 copy 2 = 30 (the
     minimum; torch's copy reads the masters a second time, 4 more, not counted);
   * torchao SR AdamW: as ``bf16-sr``, 14.
 Optimizer bytes per parameter (memory held: weights + state, gradient excluded) are in every
 entry's ``extra_info["optimizer_bytes_per_param"]``: bf16-sr 6 (10 with FP32 moments),
-bf16-nearest 6, bf16-kahan 8, fp32-master 14, fp32 12; torch mixed precision 14, torchao 6.
+bf16-nearest 6, bf16-kahan 8, fp32-master 14, fp32 12, fp16-sr 10; torch mixed precision 14,
+torchao 6.
 
 Issue 3's CPU targets at 16M parameters (2 cores): bf16-sr >= 1.5x torch fused mixed precision,
 >= 3x foreach, >= 2x torchao, >= 0.8x copy bandwidth; benchmarks/report.py checks them.
@@ -77,7 +79,8 @@ HEADLINE_TENSORS = 16
 
 # (precision, moment dtype): every mode, the default moment dtype first.
 MODES = [("bf16-sr", "bfloat16"), ("bf16-sr", "float32"), ("bf16-nearest", "bfloat16"),
-         ("bf16-kahan", "bfloat16"), ("fp32-master", "float32"), ("fp32", "float32")]
+         ("bf16-kahan", "bfloat16"), ("fp32-master", "float32"), ("fp32", "float32"),
+         ("fp16-sr", "float32")]
 
 FUSED = "torch AdamW(fused=True) fp32-master + bf16 copy"
 FOREACH = "torch AdamW(foreach=True) fp32-master + bf16 copy"
@@ -98,7 +101,8 @@ def srkern_label(precision: str, state_dtype: str) -> str:
 
 
 def _grad_dtype(precision: str) -> str:
-    return "float32" if precision == "fp32" else "bfloat16"
+    # the gradients a user of the mode has: FP32 in fp32, FP16 in fp16-sr (FP16 models)
+    return {"fp32": "float32", "fp16-sr": "float16"}.get(precision, "bfloat16")
 
 
 def split(n: int, tensors: int) -> list[int]:
@@ -125,7 +129,7 @@ def _weights(sizes: list[int], dtype: Any, device: str) -> list[Any]:
 def srkern_step(sizes: list[int], precision: str, state_dtype: str, device: str) -> Callable[[], None]:
     """One ``srkern.adamw_step`` launch over all tensors; the step counter advances every call."""
     import torch
-    tdt = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+    tdt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     mode = PRECISIONS[precision]
     params = _weights(sizes, tdt[mode.param_dtype], device)
     grads = _grads(sizes, tdt[_grad_dtype(precision)], device)

@@ -262,16 +262,21 @@ def test_inputs(n: int, rng: np.random.Generator, fmt: str | None = None) -> np.
     return u.view(np.float32)
 
 
+# Per dtype: signed zeros and subnormals (the smallest, the largest, others); NaNs (signalling and
+# quiet payloads of both signs, the canonical quiet NaN last); the infinities. float16: the FP16
+# weights and gradients of fp16-sr (exponent 0x7C00, 10 fraction bits, quiet bit 0x0200).
 SUB_BITS = {"float32": (0x00000000, 0x80000000, 0x00000001, 0x80000003, 0x007FFFFF, 0x00012345, 0x80400000),
-            "bfloat16": (0x0000, 0x8000, 0x0001, 0x8003, 0x007F, 0x0012, 0x8040)}
+            "bfloat16": (0x0000, 0x8000, 0x0001, 0x8003, 0x007F, 0x0012, 0x8040),
+            "float16": (0x0000, 0x8000, 0x0001, 0x8003, 0x03FF, 0x0012, 0x8200)}
 NAN_BITS = {"float32": (0x7FA00001, 0xFFA5A5A5, 0x7FC12345, 0xFFC00000, 0x7FC00000),
-            "bfloat16": (0x7FA1, 0xFFA5, 0x7FC1, 0xFFC0, 0x7FC0)}
-INF_BITS = {"float32": (0x7F800000, 0xFF800000), "bfloat16": (0x7F80, 0xFF80)}
+            "bfloat16": (0x7FA1, 0xFFA5, 0x7FC1, 0xFFC0, 0x7FC0),
+            "float16": (0x7D01, 0xFCA5, 0x7E01, 0xFE00, 0x7E00)}
+INF_BITS = {"float32": (0x7F800000, 0xFF800000), "bfloat16": (0x7F80, 0xFF80), "float16": (0x7C00, 0xFC00)}
 
 
 def values(rng: np.random.Generator, n: int, dtype: str, scale: float, kind: str = "x",
            specials: str | None = "sub") -> np.ndarray:
-    """``n`` values of ``dtype`` (float32 / bfloat16): normal(0, scale), absolute for ``kind="v"``
+    """``n`` values of ``dtype`` (float32 / bfloat16 / float16): normal(0, scale), absolute for ``kind="v"``
     (second moments). With ``n >= 64`` and ``specials``: subnormals and signed zeros overwrite
     random positions ("sub"), plus NaN payloads of both signs and (for gradients, ``kind="g"``)
     infinities with "nan"."""
@@ -571,7 +576,7 @@ def adamw_cases(ctx: Ctx) -> list[tuple[str, Callable[[], dict]]]:
     import srkern
     cases = []
     for precision, mode in srkern.PRECISIONS.items():
-        for gdt in ("bfloat16", "float32"):
+        for gdt in mode.grad_dtypes:  # BF16 and FP32; fp16-sr FP16 too
             for sdt in mode.state_dtypes:
                 for variant in ADAMW_VARIANTS:
                     name = f"adamw prec={precision} grad={gdt} state={sdt} {variant} sizes={len(ADAMW_SIZES)} steps=3"
@@ -1151,7 +1156,8 @@ def child_sanitize_payload(args: argparse.Namespace) -> int:
                 bufs["master_params"] = [put(values(rng, s, "float32", 1.0, "p"), lead) for s, lead in placed]
             if mode.compensation:
                 bufs["compensation"] = [put(values(rng, s, "bfloat16", 1e-4, "c"), lead) for s, lead in placed]
-            grads = [put(values(rng, s, "bfloat16", 1e-2, "g"), lead) for s, lead in placed]
+            # the mode's first gradient dtype: BF16 (FP16 in fp16-sr, the FP16 loads)
+            grads = [put(values(rng, s, mode.grad_dtypes[0], 1e-2, "g"), lead) for s, lead in placed]
             srkern.adamw_step(bufs.pop("params"), grads, bufs.pop("exp_avgs"), bufs.pop("exp_avg_sqs"), step=1,
                               lr=1e-3, weight_decay=0.1, precision=precision, seed=SEED,
                               offsets=[U64 - 1031 - 20, U64 - 1031 - 11, U64 - 1031], **bufs)

@@ -1,4 +1,4 @@
-// adamw.cu: one fused, multi-tensor AdamW step in five precision modes.
+// adamw.cu: one fused, multi-tensor AdamW step in six precision modes.
 //
 // What one launch computes. A table (one row per tensor, srk_table.h) lists the tensors; element
 // j of tensor t has logical index offset[t] + j in the flat vector of all parameters. For every
@@ -23,27 +23,37 @@
 //                 c' written with SR (stream COMPENSATION); m, v as in bf16-sr
 //   fp32-master   FP32 master weight w (p above is w), FP32 m, v; the BF16 model copy = rn(w')
 //   fp32          FP32 p, m, v
+//   fp16-sr       FP16 p written with SR (the FP16 rule of srk_round.h, SrkF16::encode without
+//                 saturation, exactly as srkern.cast(x, float16, rounding="stochastic") rounds x
+//                 with the same draw: subnormals kept, finite overflow to +-Inf); m, v FP32 by
+//                 default, or BF16 written with SR as in bf16-sr. Gradients FP16, BF16 or FP32.
 // A set found_inf flag (*found_inf != 0) makes the launch write nothing.
 //
 // NaN and subnormals (contract v1.1): every stored value that is NaN (weights, moments, master
-// weights, compensation; FP32 and BF16) is the canonical quiet NaN, FP32 0x7fc00000 / BF16
-// 0x7fc0, whatever NaN the inputs held (adamw_bf16 / adamw_f32 below form every stored value, on
-// every path). Subnormals are never flushed: host builds run under SrkFpEnv
-// (srk_platform.h) on the calling thread from kernel entry and on every OpenMP thread, whatever
+// weights, compensation; FP32, BF16 and FP16) is the canonical quiet NaN, FP32 0x7fc00000 / BF16
+// 0x7fc0 / FP16 0x7e00, whatever NaN the inputs held (adamw_bf16 / adamw_f32 / adamw_f16 below
+// form every stored value, on every path). Subnormals are never flushed: host builds run under
+// SrkFpEnv (srk_platform.h) on the calling thread from kernel entry and on every OpenMP thread, whatever
 // FTZ/DAZ the caller set.
 //
-// Random bits (contract v1): the draw for element index i of stream S is
-// srk_draw16(srk_draw_block(seed, step, S, i / 8), i % 8). Which streams a mode draws, and for
-// which buffer, is AdamwMode below: the one list every path draws by. The unit of work is one
-// Philox block of 8 logical indices *of one tensor* (a (tensor, block) pair): how tensors are
-// grouped into launches, which thread runs a block, CPU or GPU, never changes a bit.
+// Random bits (contract v1): the draw for element index i of stream S is, for a BF16 write,
+// the 16-bit draw srk_draw16(srk_draw_block(seed, step, S, i / 8), i % 8), and for the FP16
+// weight of fp16-sr the 32-bit draw srk_draw_block(seed, step, PARAM, i / 4).w[i % 4]: the
+// contract's draw for an FP16 target, the very draw srkern.cast(..., offset=i, stream=PARAM)
+// would give index i. Which streams a mode draws, and for which buffer, is AdamwMode below: the
+// one list every path draws by. The unit of work is 8 logical indices *of one tensor* (a
+// (tensor, block) pair, block q = i / 8): one Philox block per 16-bit stream, Philox blocks 2q
+// and 2q + 1 for the FP16 weight's stream. How tensors are grouped into launches, which thread
+// runs a block, CPU or GPU, never changes a bit.
 //
 // One body: adamw_block updates the 8 lanes of one (tensor, block) pair, the mode's logic written
 // once per lane (AdamwMode::moments, ::weights). The GPU runs it in one thread per pair, found by
 // binary search of the table's first-unit column, with 16-byte loads and stores (SrkPacked) for a
 // full block and lane-by-lane accesses for the partial blocks at tensor ends. The CPU backends run
 // kernels/cpu/adamw_tile.h: the same per-lane functions on runs of 64 elements with SIMD Philox,
-// and adamw_block itself for every block outside such a run.
+// and adamw_block itself for every block outside such a run. fp16-sr takes that same tile with
+// the same per-lane functions (FP16 in and out through SrkF16's decode and encode, which g++
+// does not vectorise: correctness first, no separate SIMD FP16 path).
 //
 // References: Loshchilov & Hutter, "Decoupled Weight Decay Regularization" (AdamW);
 // Ozkara, Yu, Park, AISTATS 2025 (BF16 + SR AdamW); Zamirai et al. 2020 (Kahan-summed BF16);
@@ -52,6 +62,18 @@
 #include "srk_philox.h"
 #include "srk_round.h"
 #include "srk_table.h"
+
+// ---- FP16 elements ----------------------------------------------------------------------------
+
+// An FP16 value as its bit pattern, a type of its own so that overloads (srk_elem_f32,
+// adamw_round) tell it from a BF16 u16. Trivially copyable, 2 bytes: srk_table.h's 16-byte
+// accesses (SrkPacked) and lane accesses take it as they take u16; (SrkHalf)0 is +0.
+struct SrkHalf {
+  u16 bits;
+  SrkHalf() = default;
+  SRK_HD explicit SrkHalf(int zero) : bits((u16)zero) {}
+};
+SRK_HD float srk_elem_f32(SrkHalf x) { return SrkF16::decode(x.bits); }  // exact
 
 // ---- hyper-parameters (FP32, from the host) ---------------------------------------------------
 
@@ -74,10 +96,22 @@ SRK_HD u16 adamw_bf16(float x, u32 r, bool sr) {
   return (t & 0x7fffu) > 0x7f80u ? (u16)SRK_NAN_BF16 : t;
 }
 SRK_HD float adamw_f32(float x) { return srk_canon_f32(x); }
+// FP16: SrkF16::encode with a 32-bit draw r (SR; to nearest when !sr), no saturation: the bits
+// srkern.cast(x, "float16", rounding=...) gives x with that draw. encode's NaN is the sign plus
+// 0x7e00, and it makes nothing else NaN, so clearing the sign of a NaN result canonicalises.
+#define SRK_NAN_F16 0x7e00u
+SRK_HD SrkHalf adamw_f16(float x, u32 r, bool sr) {
+  u32 t = SrkF16::encode(x, r, sr, 0);
+  SrkHalf h;
+  h.bits = (u16)((t & 0x7fffu) > 0x7c00u ? SRK_NAN_F16 : t);
+  return h;
+}
 
-// The stored form in a buffer of the type *out points to (the draw is ignored for FP32).
+// The stored form in a buffer of the type *out points to (the draw is ignored for FP32; it is a
+// 16-bit draw for BF16, a 32-bit one for FP16).
 SRK_HD void adamw_round(float x, u32 r, bool sr, u16* out) { *out = adamw_bf16(x, r, sr); }
 SRK_HD void adamw_round(float x, u32, bool, float* out) { *out = adamw_f32(x); }
+SRK_HD void adamw_round(float x, u32 r, bool sr, SrkHalf* out) { *out = adamw_f16(x, r, sr); }
 
 // ---- the arithmetic: pure FP32 functions, the one place the update is written ----------------
 
@@ -107,7 +141,8 @@ SRK_HD float adamw_kahan_math(const AdamwHyper& h, float p, float c, float u, u1
 
 // ---- the modes: buffers, random streams and the per-lane logic, written once ------------------
 
-enum { MODE_SR = 0, MODE_NEAREST = 1, MODE_KAHAN = 2, MODE_MASTER = 3, MODE_FP32 = 4 };
+enum { MODE_SR = 0, MODE_NEAREST = 1, MODE_KAHAN = 2, MODE_MASTER = 3, MODE_FP32 = 4,
+       MODE_F16_SR = 5 };
 
 template <bool C, class A, class B> struct AdamwPick { typedef A T; };
 template <class A, class B> struct AdamwPick<false, A, B> { typedef B T; };
@@ -128,12 +163,28 @@ struct AdamwMode {
   SRK_HD static u16* ybuf(const SrkRow& r) { return MODE == MODE_MASTER ? (u16*)r.p : r.c; }
 
   // The random streams, one per buffer written with SR; a stream not listed is never drawn.
-  //   weight side: bf16-sr the weight (PARAM), bf16-kahan the compensation (COMPENSATION; its
-  //                weight is written to nearest)
-  //   moments:     EXP_AVG and EXP_AVG_SQ, in bf16-sr and bf16-kahan with BF16 moments
+  //   weight side: bf16-sr and fp16-sr the weight (PARAM), bf16-kahan the compensation
+  //                (COMPENSATION; its weight is written to nearest)
+  //   moments:     EXP_AVG and EXP_AVG_SQ, in bf16-sr, bf16-kahan and fp16-sr with BF16 moments
+  // X_DRAW32: X's draws are 32 bits wide (the FP16 weight of fp16-sr: element i draws word i % 4
+  // of Philox block i / 4, so the 8 lanes of block q take blocks 2q and 2q + 1); else 16 bits.
   // (Enumerators, not static members: those would be emitted as device globals.)
-  enum { X_SR = MODE == MODE_SR || MODE == MODE_KAHAN, MV_SR = X_SR && sizeof(S) == 2 };
+  enum { X_SR = MODE == MODE_SR || MODE == MODE_KAHAN || MODE == MODE_F16_SR,
+         MV_SR = X_SR && sizeof(S) == 2, X_DRAW32 = MODE == MODE_F16_SR };
   enum : u32 { X_STREAM = MODE == MODE_KAHAN ? SRK_STREAM_COMPENSATION : SRK_STREAM_PARAM };
+
+  // The X_STREAM words of block q's 8 lanes (d[1] used only where X_DRAW32), and lane k's draw.
+  SRK_HD static void xdraws(const AdamwHyper& h, u64 q, srk_u32x4* d) {
+    if (X_DRAW32) {
+      d[0] = srk_draw_block(h.seed, h.step, X_STREAM, 2 * q);
+      d[1] = srk_draw_block(h.seed, h.step, X_STREAM, 2 * q + 1);
+    } else {
+      d[0] = srk_draw_block(h.seed, h.step, X_STREAM, q);
+    }
+  }
+  SRK_HD static u32 xdraw(const srk_u32x4* d, int k) {
+    return X_DRAW32 ? d[k >> 2].w[k & 3] : srk_draw16(d[0], k);
+  }
 
   // New moments from the gradient g: *m, *v in FP32 for the update, *ms, *vs their stored
   // forms; rm, rv the lane's draws of EXP_AVG and EXP_AVG_SQ (ignored unless MV_SR).
@@ -195,14 +246,16 @@ SRK_HD void adamw_block(const AdamwHyper& h, const SrkRow& row, u64 q) {
   adamw_get<FULL>((const X*)xb, j, n, x);
   if (M::Y_READ) adamw_get<FULL>((const u16*)M::ybuf(row), j, n, y);
   const srk_u32x4 none = {{0u, 0u, 0u, 0u}};
-  const srk_u32x4 dx = M::X_SR ? srk_draw_block(h.seed, h.step, M::X_STREAM, q) : none;
+  srk_u32x4 dx[2] = {none, none};
+  if (M::X_SR) M::xdraws(h, q, dx);
   const srk_u32x4 dm = M::MV_SR ? srk_draw_block(h.seed, h.step, SRK_STREAM_EXP_AVG, q) : none;
   const srk_u32x4 dv = M::MV_SR ? srk_draw_block(h.seed, h.step, SRK_STREAM_EXP_AVG_SQ, q) : none;
   #pragma unroll
   for (int k = 0; k < 8; ++k) {
     float mk = srk_elem_f32(m[k]), vk = srk_elem_f32(v[k]);
     M::moments(h, srk_elem_f32(g[k]), &mk, &vk, &m[k], &v[k], srk_draw16(dm, k), srk_draw16(dv, k));
-    M::weights(h, mk, sqrtf(vk), srk_elem_f32(x[k]), srk_bf16_to_f32(y[k]), srk_draw16(dx, k), &x[k], &y[k]);
+    M::weights(h, mk, sqrtf(vk), srk_elem_f32(x[k]), srk_bf16_to_f32(y[k]), M::xdraw(dx, k), &x[k],
+               &y[k]);
   }
   adamw_put<FULL>((S*)row.m, j, n, m);
   adamw_put<FULL>((S*)row.v, j, n, v);
@@ -258,3 +311,9 @@ SRK_ADAMW_KERNEL(adamw_fp32_master_gbf16_sf32, MODE_MASTER, u16, u16, float)
 SRK_ADAMW_KERNEL(adamw_fp32_master_gf32_sf32, MODE_MASTER, u16, float, float)
 SRK_ADAMW_KERNEL(adamw_fp32_gbf16_sf32, MODE_FP32, float, u16, float)
 SRK_ADAMW_KERNEL(adamw_fp32_gf32_sf32, MODE_FP32, float, float, float)
+SRK_ADAMW_KERNEL(adamw_fp16_sr_gf16_sf32, MODE_F16_SR, SrkHalf, SrkHalf, float)
+SRK_ADAMW_KERNEL(adamw_fp16_sr_gbf16_sf32, MODE_F16_SR, SrkHalf, u16, float)
+SRK_ADAMW_KERNEL(adamw_fp16_sr_gf32_sf32, MODE_F16_SR, SrkHalf, float, float)
+SRK_ADAMW_KERNEL(adamw_fp16_sr_gf16_sbf16, MODE_F16_SR, SrkHalf, SrkHalf, u16)
+SRK_ADAMW_KERNEL(adamw_fp16_sr_gbf16_sbf16, MODE_F16_SR, SrkHalf, u16, u16)
+SRK_ADAMW_KERNEL(adamw_fp16_sr_gf32_sbf16, MODE_F16_SR, SrkHalf, float, u16)

@@ -32,7 +32,7 @@ def reduce_scatter_views(xv: View, outv: View, comm: Communicator, *, op: str, r
     start, stop = bounds[rank]
     m = stop - start
     cs = stream_of(xv)
-    if wire != xv.dtype:  # FP32 -> BF16 on the wire, each rank with its own indices
+    if wire != xv.dtype:  # FP32 (or FP16) -> BF16 with SR, each rank with its own indices; FP16 -> FP32 exact
         tmp = empty_like(xv, wire, (n,))
         if n:
             cast(xv.obj.reshape(-1) if xv.shape != (n,) else xv.obj, wire, seed=seed, offset=rank * n,

@@ -10,26 +10,31 @@ import torch
 
 from ._tensor import bump_versions
 from .checkpoint import HYPER_KEYS, check_hyper
-from .comm import Communicator, as_communicator
+from ._torch_comm import default_communicator
+from .comm import as_communicator
 from .layout import flat_offsets
 from .precisions import param_dtype
 from .sharded import ShardedAdamWCore, hyper_codes
 
-_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class ShardedAdamW(torch.optim.Optimizer):
     """ZeRO-style sharded srkern AdamW for PyTorch (see :class:`srkern.sharded.ShardedAdamWCore`).
 
-    The parameters become views into one flat buffer (BF16; FP32 for ``precision="fp32"``),
+    The parameters become views into one flat buffer (of the mode's weight dtype: BF16; FP32
+    for ``precision="fp32"``, FP16 for ``"fp16-sr"``),
     laid out in parameter-group order, each tensor at the offset equal to the number of
     elements before it: no padding, so flat index = the logical index :class:`AdamW` uses in
     one process. Each rank keeps the optimizer state of its shard only.
 
     Args:
         params: parameters or parameter groups (all on one device, dtype as above).
-        comm: :class:`srkern.comm.Communicator`, or an mpi4py communicator to wrap (default
-            ``MPI.COMM_WORLD``).
+        comm: the ranks to shard over: a ``torch.distributed`` process group (under torchrun;
+            gloo for CPU tensors, NCCL for CUDA ones; see ``srkern._torch_comm``), an mpi4py
+            communicator (under mpirun), or a :class:`srkern.comm.Communicator`. ``None``: the
+            default torch.distributed group if ``torch.distributed.is_initialized()``, else
+            ``MPI.COMM_WORLD``.
         lr, betas, eps, weight_decay: AdamW hyper-parameters (per group where given).
         precision: one of ``srkern.precisions.PRECISIONS``.
         state_dtype, seed, reduce_dtype, wire_dtype, op: as in ``ShardedAdamWCore``.
@@ -47,7 +52,7 @@ class ShardedAdamW(torch.optim.Optimizer):
                  state_dtype: str | None = None, seed: int | None = None,
                  reduce_dtype: str | None = None, wire_dtype: str | None = None,
                  op: str = "avg") -> None:
-        comm = Communicator() if comm is None else as_communicator(comm)
+        comm = default_communicator() if comm is None else as_communicator(comm)
 
         def check() -> tuple[list[torch.Tensor], dict[str, Any]]:
             # This rank's arguments; run through check_args, so that a bad argument on one rank

@@ -1,4 +1,4 @@
-"""``srkern.adamw_step``: a fused multi-tensor AdamW step in five precision modes.
+"""``srkern.adamw_step``: a fused multi-tensor AdamW step in six precision modes.
 
 One launch updates a whole list of tensors in place (``kernels/adamw.cu``); the kernel header
 states the arithmetic and its order. Random bits follow contract v1 with the logical flat index
@@ -83,18 +83,21 @@ def adamw_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[A
     backward through a graph that saved an old weight raises, as after torch's in-place ops.
 
     Args:
-        params: weights, updated in place. BF16 (FP32 for ``precision="fp32"``). In
+        params: weights, updated in place. BF16 (FP32 for ``precision="fp32"``, FP16 for
+            ``"fp16-sr"``). In
             ``fp32-master`` they are the BF16 model copy: written (round-to-nearest from the
             master), never read.
-        grads: gradients, BF16 or FP32 (one dtype per call). ``None`` entries are an error:
+        grads: gradients, BF16 or FP32 (one dtype per call; ``fp16-sr`` also FP16: the
+            mode's ``grad_dtypes``). ``None`` entries are an error:
             pass only parameters that have gradients (``srkern.torch.AdamW`` skips the others).
         exp_avgs, exp_avg_sqs: first and second moments, in place; BF16 or FP32 in the BF16
-            modes (one dtype for both lists), FP32 in ``fp32-master`` and ``fp32``. Start at 0.
+            modes (one dtype for both lists), FP32 in ``fp32-master`` and ``fp32``, FP32
+            (default) or BF16 in ``fp16-sr``. Start at 0.
         step: optimizer step, from 1 (bias corrections use it; it is also contract v1's ``step``).
         lr, betas, eps, weight_decay: AdamW hyper-parameters; lr >= 0, 0 <= beta < 1, eps > 0,
             weight_decay >= 0. May change every call (they are kernel arguments).
         precision: one of :data:`PRECISIONS` (``bf16-sr``, ``bf16-nearest``, ``bf16-kahan``,
-            ``fp32-master``, ``fp32``).
+            ``fp32-master``, ``fp32``, ``fp16-sr``).
         master_params: FP32 master weights, required in ``fp32-master`` (else must be None).
         compensation: BF16 Kahan buffers, required in ``bf16-kahan`` (start at 0).
         grad_scale: every gradient is multiplied by it (FP32) inside the kernel: loss-scale
@@ -108,7 +111,10 @@ def adamw_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[A
 
     Random bits (contract v1): element ``j`` of tensor ``t`` has index ``i = offsets[t] + j``; its
     draw for stream S is the 16-bit draw of ``(seed, step, S, i)`` with S = ``param``,
-    ``exp_avg``, ``exp_avg_sq`` or ``compensation`` (:data:`srkern.STREAMS`). The result is
+    ``exp_avg``, ``exp_avg_sq`` or ``compensation`` (:data:`srkern.STREAMS`). The FP16 weight of
+    ``fp16-sr`` takes the 32-bit draw of ``(seed, step, param, i)`` instead (word ``i % 4`` of
+    Philox block ``i // 4``) and rounds exactly as ``srkern.cast(x, "float16",
+    rounding="stochastic", seed=seed, step=step, offset=i, stream=param)`` would. The result is
     therefore bit-identical however tensors are split into calls, on CPU or GPU.
 
     The arithmetic, in FP32 and in this order (``kernels/adamw.cu``; scalars formed in float64 on
@@ -167,7 +173,7 @@ def _plan_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[A
     if any(p.framework == "jax" for p in pv):
         raise TypeError("params: JAX arrays are immutable; adamw_step works in place")
     _table.check_list("params", pv, pv, (prec.param_dtype,), True)
-    _table.check_list("grads", gv, pv, _table.GRAD_DTYPES, False)
+    _table.check_list("grads", gv, pv, prec.grad_dtypes, False)
     _table.check_list("exp_avgs", mv, pv, prec.state_dtypes, True)
     _table.check_list("exp_avg_sqs", vv, pv, prec.state_dtypes, True)
     if mv[0].dtype != vv[0].dtype:

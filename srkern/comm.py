@@ -20,7 +20,10 @@ MPI counts and displacements are 32-bit, so on the MPI path a single message of 
 2**31 - 1 elements (one rank's part of a reduce-scatter, or a whole all-gathered vector) is
 not supported.
 
-mpi4py is imported on first use, so ``import srkern`` works without it.
+mpi4py is imported on first use, so ``import srkern`` works without it. The same interface runs
+over a torch.distributed process group (gloo, NCCL): ``srkern._torch_comm.TorchCommunicator``,
+which registers itself here (:func:`register_adapter`) so that :func:`as_communicator` accepts
+process groups without this module importing torch.
 """
 from __future__ import annotations
 
@@ -122,14 +125,18 @@ class Communicator:
         # same (the max of each 32-bit half equals minus the max of its negation).
         d = 0 if err is not None else _digest(codes)
         halves = [d >> 32, d & 0xFFFFFFFF]
-        a = np.array([err is not None, *halves, *(-h for h in halves)], dtype=np.int64)
-        top = np.empty_like(a)
-        self.mpi.Allreduce(a, top, op=_mpi().MAX)
+        top = self._allreduce_max(np.array([err is not None, *halves, *(-h for h in halves)], dtype=np.int64))
         if top[0]:
             self._raise_first(err)
         if top[1] != -top[3] or top[2] != -top[4]:
             raise ValueError(self._mismatch(mismatch, codes))
         return value
+
+    def _allreduce_max(self, a: np.ndarray) -> np.ndarray:
+        """Collective: the element-wise maximum over ranks of the int64 vector ``a``."""
+        top = np.empty_like(a)
+        self.mpi.Allreduce(a, top, op=_mpi().MAX)
+        return top
 
     def _mismatch(self, mismatch: str, codes: Sequence[int] | Mapping[str, Any] | None) -> str:
         """Collective, once the digests differ: ``mismatch`` and, for named codes, the first
@@ -268,19 +275,45 @@ def _short(text: str, limit: int = 80) -> str:
 _WRAPPED: dict[int, tuple[Any, Communicator]] = {}
 
 
+# Transports beside MPI register here, without this module importing them (they sit in a higher
+# layer): ``srkern._torch_comm`` adds torch.distributed process groups when it is imported. Each
+# adapter returns the Communicator for an object it recognises (the same one each time), else None.
+_ADAPTERS: list[tuple[Callable[[Any], "Communicator | None"], str]] = []
+
+
+def register_adapter(adapt: Callable[[Any], "Communicator | None"], what: str) -> None:
+    """Make :func:`as_communicator` and :func:`abort_on_error` accept the objects ``adapt``
+    recognises (``what`` names them in the ``TypeError`` for anything else)."""
+    if all(a is not adapt for a, _ in _ADAPTERS):
+        _ADAPTERS.append((adapt, what))
+
+
+def _adapted(comm: Any) -> "Communicator | None":
+    for adapt, _ in _ADAPTERS:
+        c = adapt(comm)
+        if c is not None:
+            return c
+    return None
+
+
 def as_communicator(comm: Any, name: str = "comm") -> Communicator:
     """``comm`` itself if it is a :class:`Communicator`; an mpi4py communicator wrapped in one
-    (the same wrapper each time that communicator is passed); anything else (None included) is
-    a ``TypeError`` naming ``name``, raised on this rank before any collective."""
+    (the same wrapper each time that communicator is passed), or an object a registered adapter
+    recognises (a torch.distributed process group once ``srkern.torch`` is imported); anything
+    else (None included) is a ``TypeError`` naming ``name``, raised on this rank before any
+    collective."""
     if isinstance(comm, Communicator):
         return comm
+    adapted = None if comm is None else _adapted(comm)
+    if adapted is not None:
+        return adapted
     if comm is not None and isinstance(comm, _mpi().Comm):
         held = _WRAPPED.get(id(comm))
         if held is None or held[0] is not comm:
             held = _WRAPPED[id(comm)] = (comm, Communicator(comm))
         return held[1]
-    raise TypeError(f"{name} must be a srkern.dist.Communicator or an mpi4py communicator, "
-                    f"got {type(comm).__name__}")
+    kinds = ["a srkern.dist.Communicator", "an mpi4py communicator"] + [w for _, w in _ADAPTERS]
+    raise TypeError(f"{name} must be {', '.join(kinds[:-1])} or {kinds[-1]}, got {type(comm).__name__}")
 
 
 def _mpi_type(itemsize: int):
@@ -297,7 +330,9 @@ def abort_on_error(comm: "Communicator | Any" = None) -> Iterator[None]:
     """Run the body; if it raises on any rank, print the error with the rank and abort the job.
 
     Without this, an exception on one rank leaves the others blocked in their next collective.
-    ``MPI_Abort`` makes the launcher (mpirun) kill every rank and exit non-zero at once. Any
+    ``MPI_Abort`` makes the launcher (mpirun) kill every rank and exit non-zero at once (over a
+    torch.distributed group, ``comm`` a ``TorchCommunicator`` or the group itself, the rank
+    exits and torchrun ends the others: see ``srkern._torch_comm``; ``None`` means MPI). Any
     exception counts, ``SystemExit`` (``sys.exit(0)``, ``sys.exit()``) and ``KeyboardInterrupt``
     included: the other ranks cannot know this one is gone. To end the job normally, leave the
     body normally on every rank. A rank that raised never returns from the ``with``.
@@ -305,7 +340,7 @@ def abort_on_error(comm: "Communicator | Any" = None) -> Iterator[None]:
     try:
         yield
     except BaseException as e:  # SystemExit(0) and KeyboardInterrupt abort too: the job is over
-        c = comm if isinstance(comm, Communicator) else None
+        c = comm if isinstance(comm, Communicator) else None if comm is None else _adapted(comm)
         mpi = c.mpi if c else (comm if comm is not None else _mpi().COMM_WORLD)
         rank = mpi.Get_rank()
         sys.stdout.flush()

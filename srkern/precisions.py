@@ -1,12 +1,13 @@
 """The AdamW precision modes: the one table of which buffers each mode holds, in which dtype,
-and how its BF16 writes are rounded (``kernels/adamw.cu`` states the update each mode runs)."""
+and how its 16-bit writes are rounded (``kernels/adamw.cu`` states the update each mode runs)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from .formats import NP_DTYPES
 
-_ITEMSIZE = {name: NP_DTYPES[name].itemsize for name in ("bfloat16", "float32")}
+_ITEMSIZE = {name: NP_DTYPES[name].itemsize for name in ("bfloat16", "float16", "float32")}
+_GRADS = ("bfloat16", "float32")  # the gradient dtypes of the BF16 and FP32 modes
 
 
 @dataclass(frozen=True)
@@ -17,8 +18,9 @@ class Precision:
     state_dtypes: tuple[str, ...]  # allowed moment dtypes; the first is the default
     master: bool        # FP32 master weights (``master_params``)
     compensation: bool  # BF16 Kahan compensation (``compensation``)
-    stochastic: bool    # BF16 writes of weights/moments/compensation use SR
+    stochastic: bool    # 16-bit writes of weights/moments/compensation use SR
     kernel: str         # kernel name stem in kernels/adamw.cu
+    grad_dtypes: tuple[str, ...] = _GRADS  # gradient dtypes it has kernels for
 
 
 PRECISIONS: dict[str, Precision] = {
@@ -28,13 +30,21 @@ PRECISIONS: dict[str, Precision] = {
         Precision("bf16-kahan", "bfloat16", ("bfloat16", "float32"), False, True, True, "bf16_kahan"),
         Precision("fp32-master", "bfloat16", ("float32",), True, False, False, "fp32_master"),
         Precision("fp32", "float32", ("float32",), False, False, False, "fp32"),
+        Precision("fp16-sr", "float16", ("float32", "bfloat16"), False, False, True, "fp16_sr",
+                  ("float16", "bfloat16", "float32")),
     )
 }
 """The modes. ``bf16-sr``: BF16 weights and moments, every BF16 write stochastically rounded (the
 paper). ``bf16-nearest``: the same buffers, round-to-nearest writes (the baseline that stalls).
 ``bf16-kahan``: BF16 weights written to nearest plus a BF16 compensation buffer holding what
 the rounding dropped (written with SR), moments as in ``bf16-sr``. ``fp32-master``: FP32 master
-weights and moments, the BF16 model copy written to nearest. ``fp32``: everything FP32."""
+weights and moments, the BF16 model copy written to nearest. ``fp32``: everything FP32.
+``fp16-sr``: FP16 weights (for FP16 models), every weight write stochastically rounded by the FP16
+rule of ``srkern.cast(x, "float16", rounding="stochastic")`` with the contract's 32-bit draw for
+the element's index in stream ``param`` (so the same bits as that cast with ``offset`` = index);
+subnormals kept, overflow to +-Inf, a NaN stored as 0x7e00. FP32 moments by default, or BF16
+moments written with SR as in ``bf16-sr``; FP16, BF16 or FP32 gradients (the other modes take
+BF16 or FP32 gradients only). No master weights, no compensation."""
 
 def mode(name: str) -> Precision:
     """The mode called ``name``; a ``ValueError`` naming the modes for any other value."""
@@ -52,7 +62,8 @@ def bytes_per_param(precision: str, state_dtype: str | None = None) -> int:
     """Bytes of memory per parameter held by the weights and the optimizer, gradient excluded.
 
     ``bf16-sr`` with BF16 moments: 2 (weight) + 2 + 2 (moments) = 6; ``fp32-master``:
-    2 + 4 (master) + 4 + 4 = 14; ``bf16-kahan``: 8 (compensation 2); ``fp32``: 12.
+    2 + 4 (master) + 4 + 4 = 14; ``bf16-kahan``: 8 (compensation 2); ``fp32``: 12;
+    ``fp16-sr``: 2 + 4 + 4 = 10 (6 with BF16 moments).
     """
     p = mode(precision)
     s = state_dtype or p.state_dtypes[0]
@@ -64,7 +75,8 @@ def bytes_per_param(precision: str, state_dtype: str | None = None) -> int:
 def step_bytes_per_param(precision: str, state_dtype: str | None = None,
                          grad_dtype: str = "bfloat16") -> int:
     """Bytes one step moves per parameter (each buffer read once and written once; the BF16 copy
-    of ``fp32-master`` is only written): the figure the benchmarks divide by time."""
+    of ``fp32-master`` is only written): the figure the benchmarks divide by time. ``fp16-sr``
+    with FP16 gradients and FP32 moments: 2 + 2 * 8 + 2 * 2 = 22."""
     p = mode(precision)
     s = state_dtype or p.state_dtypes[0]
     moved = _ITEMSIZE[grad_dtype] + 2 * 2 * _ITEMSIZE[s]
@@ -78,5 +90,5 @@ def step_bytes_per_param(precision: str, state_dtype: str | None = None,
 
 
 def param_dtype(name: str) -> str:
-    """The dtype of the weights a mode updates (BF16, or FP32 for ``fp32``)."""
+    """The dtype of the weights a mode updates (BF16; FP32 for ``fp32``, FP16 for ``fp16-sr``)."""
     return mode(name).param_dtype

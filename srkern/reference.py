@@ -130,12 +130,12 @@ def upcast(x: np.ndarray) -> np.ndarray:
 # (AdamW's stored buffers, reduce-scatter sums, grad_norm's partials) is one positive quiet NaN
 # per format, whatever NaNs went in. Here it is applied to the finished values, by bit pattern.
 
-CANONICAL_NAN = {"float32": 0x7FC00000, "bfloat16": 0x7FC0, "float64": 0x7FF8000000000000}
-_UINT_OF = {"float32": np.uint32, "bfloat16": np.uint16, "float64": np.uint64}
+CANONICAL_NAN = {"float32": 0x7FC00000, "bfloat16": 0x7FC0, "float16": 0x7E00, "float64": 0x7FF8000000000000}
+_UINT_OF = {"float32": np.uint32, "bfloat16": np.uint16, "float16": np.uint16, "float64": np.uint64}
 
 
 def canonical_nan(a) -> np.ndarray:
-    """A copy of float32 / bfloat16 / float64 array ``a`` with every NaN made the canonical one."""
+    """A copy of float32 / bfloat16 / float16 / float64 array ``a`` with every NaN made the canonical one."""
     a = np.array(a, copy=True)
     name = dtype_name(a.dtype)
     bits = a.view(_UINT_OF[name])
@@ -175,9 +175,10 @@ def reduce_scatter_full(xs: list[np.ndarray], op: str = "avg", out_dtype: str = 
 
 
 # ---- AdamW (srkern.adamw_step) ------------------------------------------------------------------
-# The five precision modes of kernels/adamw.cu, written out with NumPy float32 operations in the
+# The six precision modes of kernels/adamw.cu, written out with NumPy float32 operations in the
 # kernel's documented order (NumPy's float32 +, *, / and sqrt are single IEEE operations, never
-# fused), and BF16 writes through round_float32 above with each element's logical flat index.
+# fused), and BF16 and FP16 writes through round_float32 above with each element's logical flat
+# index (FP16, fp16-sr's weights: the contract's 32-bit draws, as a cast to float16 takes them).
 # Every stored buffer then goes through canonical_nan (v1.1: NaN results are canonical).
 
 
@@ -215,7 +216,7 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, step: int, lr: float,
     f32 = np.float32
     if offsets is None:
         offsets = flat_offsets([np.asarray(p).size for p in params])
-    sr = precision in ("bf16-sr", "bf16-kahan")
+    sr = precision in ("bf16-sr", "bf16-kahan", "fp16-sr")
     out = {"params": [], "exp_avgs": [], "exp_avg_sqs": [],
            "master_params": [] if precision == "fp32-master" else None,
            "compensation": [] if precision == "bf16-kahan" else None}
@@ -253,6 +254,10 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, step: int, lr: float,
                 pn = p32 * s["decay"] - u
                 if precision == "fp32":
                     out["params"].append(canonical_nan(pn.astype(f32)).reshape(shape))
+                elif precision == "fp16-sr":
+                    out["params"].append(canonical_nan(round_float32(
+                        pn, "float16", "stochastic", seed=seed, offset=off, step=step,
+                        stream=STREAMS["param"])).reshape(shape))
                 else:
                     out["params"].append(canonical_nan(
                         store_bf16(pn, off, STREAMS["param"], precision == "bf16-sr")).reshape(shape))

@@ -72,12 +72,19 @@ class ShardedAdamWCore:
         groups: ``[(start, stop), ...]`` flat slices with their own hyper-parameters, in order,
             covering ``[0, n)``; default one group.
         state_dtype: dtype of the moments in the BF16 modes (``"bfloat16"`` default or
-            ``"float32"``); FP32 in ``"fp32-master"`` and ``"fp32"``.
+            ``"float32"``); FP32 in ``"fp32-master"`` and ``"fp32"``; in ``"fp16-sr"``
+            ``"float32"`` (default) or ``"bfloat16"``.
         seed: 64-bit seed shared by all ranks (``None``: rank 0 draws one and broadcasts it).
-        grad_dtype: dtype of ``flat_grads`` (default: the parameters' dtype).
-        reduce_dtype: dtype of the reduced gradient shard: ``"bfloat16"`` (SR) or ``"float32"``
-            (unrounded; default for ``"fp32"``).
-        wire_dtype: ``None`` or ``"bfloat16"`` to send FP32 gradients as SR-rounded BF16.
+        grad_dtype: dtype of ``flat_grads`` (default: the parameters' dtype): ``"bfloat16"`` or
+            ``"float32"``, and ``"float16"`` in ``"fp16-sr"``.
+        reduce_dtype: dtype of the reduced gradient shard: ``"bfloat16"`` (SR; default for the
+            modes with BF16 weights) or ``"float32"`` (unrounded; default for ``"fp32"`` and
+            ``"fp16-sr"``: there is no FP16 reduce kernel, and BF16 would drop 3 of the FP16
+            gradients' 11 significand bits).
+        wire_dtype: ``None`` or ``"bfloat16"`` to send FP32 (or FP16) gradients as SR-rounded
+            BF16. FP16 gradients travel as their exact FP32 upcast by default (``None`` or
+            ``"float32"``; the reduce kernel reads FP32 or BF16 chunks), so they are summed as
+            FP32 gradients are, at twice the bytes of FP16.
         op: ``"avg"`` (default) or ``"sum"`` over ranks.
 
     Every rank must pass the same settings (size, precision, groups, dtypes, op, device kind,
@@ -106,12 +113,22 @@ class ShardedAdamWCore:
             sd = state_dtype or default_state_dtype(precision)
             bytes_per_param(precision, sd)  # raises if the mode does not allow state_dtype
             gd = grad_dtype or pv.dtype
-            rd = reduce_dtype or ("float32" if precision == "fp32" else "bfloat16")
-            if gd not in WIRE_DTYPES or rd not in WIRE_DTYPES:
-                raise ValueError("grad_dtype and reduce_dtype must be 'bfloat16' or 'float32'")
-            if wire_dtype not in (None, gd, "bfloat16"):
-                raise ValueError(f"wire_dtype must be None or 'bfloat16', got {wire_dtype!r}")
-            wd = wire_dtype or gd
+            # Reduced to BF16 (SR) where the weights are BF16, else unrounded FP32 (fp32; fp16-sr,
+            # whose FP16 gradients BF16 would round further and no reduce kernel writes as FP16).
+            rd = reduce_dtype or ("bfloat16" if pv.dtype == "bfloat16" else "float32")
+            grads_ok = WIRE_DTYPES + (("float16",) if "float16" in mode(precision).grad_dtypes else ())
+            if gd not in grads_ok or rd not in WIRE_DTYPES:
+                raise ValueError("grad_dtype and reduce_dtype must be 'bfloat16' or 'float32' "
+                                 "(grad_dtype also 'float16' in the modes with FP16 gradients, "
+                                 f"fp16-sr), got {gd!r} and {rd!r} for precision {precision!r}")
+            # The wire: the gradients' dtype, or BF16 (SR). FP16 gradients go as their exact FP32
+            # upcast (the default) or BF16: the reduce kernel reads FP32 or BF16 chunks only.
+            wires = (gd, "bfloat16") if gd in WIRE_DTYPES else ("float32", "bfloat16")
+            if wire_dtype is not None and wire_dtype not in wires:
+                allowed = "None or 'bfloat16'" if gd in WIRE_DTYPES else \
+                    "None, 'float32' or 'bfloat16' for float16 gradients"
+                raise ValueError(f"wire_dtype must be {allowed}, got {wire_dtype!r}")
+            wd = wire_dtype or wires[0]
             n = pv.numel
             gs = [(0, n)] if groups is None else [(int(a), int(b)) for a, b in groups]
             if gs and (gs[0][0] != 0 or gs[-1][1] != n or any(a > b for a, b in gs)

@@ -25,11 +25,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from srkern import dist, reference as ref  # noqa: E402
 from srkern.checkpoint import seal_manifest  # noqa: E402
-from srkern.precisions import PRECISIONS  # noqa: E402
+from srkern.precisions import PRECISIONS, param_dtype  # noqa: E402
 from srkern.testing import bits_of, first_difference, mismatch_report  # noqa: E402
 
 BF16 = ml_dtypes.bfloat16
 MODES = list(PRECISIONS)
+NP_WEIGHTS = {"bfloat16": BF16, "float16": np.float16, "float32": np.float32}  # param_dtype -> NumPy
 # Invariance problem: two parameter groups of odd sizes (different lr), K steps.
 INV_SIZES = (500, 503)
 INV_STEPS = 4
@@ -39,16 +40,21 @@ SEED = 0x5EED_0001_2345
 
 
 def inv_initial(precision: str) -> np.ndarray:
-    """The initial flat weights of the invariance problem (the same everywhere)."""
+    """The initial flat weights of the invariance problem (the same everywhere), in the mode's
+    weight dtype: BF16, FP32 in fp32, FP16 in fp16-sr."""
     w = np.random.default_rng(7).normal(0, 1, sum(INV_SIZES)).astype(np.float32)
-    return w.astype(BF16) if precision != "fp32" else w
+    return w.astype(NP_WEIGHTS[param_dtype(precision)])
 
 
 def inv_grad(w: np.ndarray, step: int) -> np.ndarray:
     """The gradient of step ``step`` for weights ``w``: BF16-representable values (so the average
-    of identical per-rank copies is exact in FP32 for world <= 4), in ``w``'s dtype."""
+    of identical per-rank copies is exact in FP32 for world <= 4), in ``w``'s dtype; for FP16
+    weights (fp16-sr) FP16 values, whose average is exact in FP32 as well."""
     x = w.astype(np.float32)
-    g = (np.sin(3.0 * x + step) * 0.5 + 0.01 * x).astype(np.float32).astype(BF16)
+    g32 = (np.sin(3.0 * x + step) * 0.5 + 0.01 * x).astype(np.float32)
+    if w.dtype == np.float16:
+        return g32.astype(np.float16)
+    g = g32.astype(BF16)
     return g if w.dtype == BF16 else g.astype(np.float32)
 
 
@@ -167,6 +173,16 @@ def check_numerics(comm: dist.Communicator, ck: Checks, out: dict) -> None:
 
 
 # ---- ShardedAdamW: world-size invariance (framework-neutral core, NumPy buffers) ---------------
+
+# Non-default moment dtypes the invariance problem also runs: FP32 moments in bf16-sr, BF16
+# moments (written with SR) in fp16-sr.
+INV_STATE_CASES = (("bf16-sr", "float32"), ("fp16-sr", "bfloat16"))
+
+
+def inv_name(precision: str, state_dtype: str | None = None) -> str:
+    """The file stem of an invariance result: ``inv-<mode>[-f32state|-bf16state]``."""
+    return f"inv-{precision}" + {None: "", "float32": "-f32state", "bfloat16": "-bf16state"}[state_dtype]
+
 
 def run_invariance(comm: dist.Communicator, precision: str, state_dtype: str | None = None) -> np.ndarray:
     w0 = inv_initial(precision)
@@ -341,24 +357,30 @@ def check_errors(comm: dist.Communicator, ck: Checks, folder: Path) -> int:
 
 # ---- a small PyTorch model with ShardedAdamW: the example's loop in miniature ------------------
 
-def torch_model():
+# The precisions the torch ShardedAdamW model trains with in scenario ``all`` (``train``: bf16-sr).
+TRAIN_PRECISIONS = ("bf16-sr", "fp16-sr")
+
+
+def torch_model(precision: str = "bf16-sr"):
+    """The small model, in the weight dtype of ``precision`` (BF16; FP16 for fp16-sr)."""
     import torch
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(13, 17), torch.nn.Tanh(), torch.nn.Linear(17, 3))
-    return model.to(torch.bfloat16)
+    return model.to(getattr(torch, param_dtype(precision)))
 
 
-def torch_batch(step: int):
-    """The batch of ``step``: the same on every rank, so the averaged gradient is exact."""
+def torch_batch(step: int, dtype):
+    """The batch of ``step`` in torch dtype ``dtype`` (the model's): the same on every rank, so
+    the averaged gradient is exact."""
     import torch
     g = torch.Generator().manual_seed(1000 + step)
-    x = torch.randn(32, 13, generator=g).to(torch.bfloat16)
-    y = torch.randn(32, 3, generator=g).to(torch.bfloat16)
+    x = torch.randn(32, 13, generator=g).to(dtype)
+    y = torch.randn(32, 3, generator=g).to(dtype)
     return x, y
 
 
 def torch_loss(model, step: int):
-    x, y = torch_batch(step)
+    x, y = torch_batch(step, next(model.parameters()).dtype)
     return ((model(x).float() - y.float()) ** 2).mean()
 
 
@@ -366,11 +388,12 @@ TRAIN_HYPER = dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01)
 
 
 def run_train(comm: dist.Communicator, steps: int, folder: Path | None = None, ckpt_at: int = 0,
-              die: bool = False, resume: Path | None = None, raise_at: int = 0) -> np.ndarray:
+              die: bool = False, resume: Path | None = None, raise_at: int = 0,
+              precision: str = "bf16-sr") -> np.ndarray:
     import torch
-    model = torch_model()
+    model = torch_model(precision)
     from srkern.torch import ShardedAdamW
-    opt = ShardedAdamW(model.parameters(), comm, precision="bf16-sr", seed=SEED, **TRAIN_HYPER)
+    opt = ShardedAdamW(model.parameters(), comm, precision=precision, seed=SEED, **TRAIN_HYPER)
     start = 0
     if resume is not None:
         opt.load(resume)
@@ -414,15 +437,17 @@ def main() -> None:
                 w = run_invariance(comm, mode)
                 if comm.rank == 0:
                     bits_of(w).tofile(args.out / f"inv-{mode}-w{W}.bin")
-            w = run_invariance(comm, "bf16-sr", "float32")
-            if comm.rank == 0:
-                bits_of(w).tofile(args.out / f"inv-bf16-sr-f32state-w{W}.bin")
+            for mode, sdt in INV_STATE_CASES:  # each mode's other moment dtype
+                w = run_invariance(comm, mode, sdt)
+                if comm.rank == 0:
+                    bits_of(w).tofile(args.out / f"{inv_name(mode, sdt)}-w{W}.bin")
             folder = args.out / f"ckpt-w{W}"
             check_corrupt(comm, ck, folder)
             result["error_cases"] = check_errors(comm, ck, args.out / f"errors-w{W}")
-            w = run_train(comm, args.steps)
-            if comm.rank == 0:
-                w.tofile(args.out / f"train-w{W}.bin")
+            for prec in TRAIN_PRECISIONS:  # bf16-sr: train-w{W}.bin (the resume test reads it)
+                w = run_train(comm, args.steps, precision=prec)
+                if comm.rank == 0:
+                    w.tofile(args.out / f"train{'' if prec == 'bf16-sr' else '-' + prec}-w{W}.bin")
         elif args.scenario == "train":
             w = run_train(comm, args.steps, args.out / "ckpt", args.ckpt_at, args.die, args.resume)
             if comm.rank == 0:

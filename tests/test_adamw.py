@@ -19,10 +19,11 @@ import srkern
 from srkern.formats import KERNEL_SUFFIX
 from srkern import _backend, _build, _table
 from srkern import reference as R
+from srkern.precisions import step_bytes_per_param
 from srkern.testing import assert_same_bits, bits_of
 
 BF16 = ml_dtypes.bfloat16
-NP = {"bfloat16": BF16, "float32": np.float32}
+NP = {"bfloat16": BF16, "float16": np.float16, "float32": np.float32}
 HYPER = dict(lr=3e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1)
 
 # Odd sizes (0, 1, 7, 8, 9, ...) and enough mixed tensors that offsets fall on every lane of a
@@ -96,7 +97,7 @@ def snapshot(st: dict, be=None) -> dict:
 
 
 CASES = [(p, g, s) for p, mode in srkern.PRECISIONS.items()
-         for g in ("bfloat16", "float32") for s in mode.state_dtypes]
+         for g in mode.grad_dtypes for s in mode.state_dtypes]
 SHORT = KERNEL_SUFFIX  # kernel-name suffixes, as in test ids
 
 
@@ -155,7 +156,7 @@ def step_matches_reference(backend, precision, grad_dtype, state_dtype, sizes, o
     assert_state_equal(get_state(backend, dev), want, what)
 
 
-@pytest.mark.parametrize("precision", ["bf16-sr", "bf16-kahan", "fp32-master"])
+@pytest.mark.parametrize("precision", ["bf16-sr", "bf16-kahan", "fp32-master", "fp16-sr"])
 def test_grouping_invariance(backend, precision):
     # One launch for all tensors, one launch per tensor, and a random split into groups (each
     # with the tensors' global offsets) give identical bits: draws depend on the index only.
@@ -195,13 +196,68 @@ def test_shard_offsets_equal_whole(backend):
     assert_state_equal(get_state(backend, parts), get_state(backend, whole), "two shards vs whole")
 
 
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"], ids=lambda s: f"state={SHORT[s]}")
+def test_fp16_sr_weight_is_the_sr_cast_of_the_fp32_update(backend, state_dtype):
+    # fp16-sr's weight write consumes the contract's 32-bit draw for its index exactly as
+    # srkern.cast to float16 does: the stored weight equals cast(p', float16, stochastic,
+    # offset = the element's index, stream = param) of the FP32 update p', which the fp32 mode
+    # computes with the same arithmetic. Independent of the oracle (cast's own kernel rounds);
+    # offsets on every lane of a Philox block, inside an 8-element block, past 2^32 blocks.
+    sizes, offsets = [1, 5, 64, 77, 300, 1031], [3, 9, 21, 161, 2 ** 35 + 6, 2 ** 40 + 1]
+    seed, step = 0xABCDEF, 4
+    st = make_state("fp16-sr", "float16", state_dtype, sizes, seed=17)
+    f32 = make_state("fp32", "float32", "float32", sizes, seed=17)
+    f32["params"] = [p.astype(np.float32) for p in st["params"]]
+    f32["grads"] = [g.astype(np.float32) for g in st["grads"]]
+    f32["exp_avgs"] = [m.astype(np.float32) for m in st["exp_avgs"]]
+    f32["exp_avg_sqs"] = [v.astype(np.float32) for v in st["exp_avg_sqs"]]
+    kw = dict(HYPER, step=step, seed=seed, offsets=offsets)
+    dev, ref = put_state(backend, st), put_state(backend, f32)
+    run_kernel(dev, precision="fp16-sr", **kw)
+    run_kernel(ref, precision="fp32", **kw)
+    for i, (p16, p32) in enumerate(zip(dev["params"], ref["params"], strict=True)):
+        want = srkern.cast(backend.get(p32), "float16", rounding="stochastic", seed=seed, step=step,
+                           offset=offsets[i], stream=srkern.STREAMS["param"])
+        assert_same_bits(backend.get(p16), np.asarray(want), what=f"params[{i}] vs cast of the FP32 update")
+
+
+def test_fp16_sr_overflow_and_specials(backend):
+    # Weights at +-65504 (FP16's largest finite) pushed outwards by half an ulp (16): the FP16 SR
+    # rule rounds to +-Inf with probability 1/2 (the next grid value, 65536, is past the range;
+    # no saturation), both outcomes occur; +-Inf weights stay +-Inf, -0 with no update stays -0,
+    # and the bits are the oracle's.
+    n = 4096
+    p = np.full(n, 65504.0, np.float16)
+    p[1::2] = -65504.0
+    g = np.where(np.arange(n) % 2 == 0, -1.0, 1.0).astype(np.float32)  # grows |p|
+    p[:4] = [np.inf, -np.inf, -0.0, 0.0]
+    g[2:4] = 0.0
+    m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    st = dict(params=[p], grads=[g], exp_avgs=[m], exp_avg_sqs=[v], master_params=None, compensation=None)
+    # step 1, zero moments: |u| = lr * |g| / (|g| + eps) = 16 to FP32 precision
+    kw = dict(step=1, lr=16.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, precision="fp16-sr", seed=3)
+    want = run_reference(st, **kw)
+    dev = put_state(backend, st)
+    run_kernel(dev, **kw)
+    got = get_state(backend, dev)
+    assert_state_equal(got, want, "overflow")
+    w = got["params"][0].astype(np.float64)
+    assert np.isposinf(w[0]) and np.isneginf(w[1]) and bits_of(got["params"][0])[2] == 0x8000
+    body = np.abs(w[4:])
+    frac_inf = np.isinf(body).mean()
+    assert set(np.unique(body)) == {65504.0, np.inf}
+    # 4092 Bernoulli(1/2) outcomes: standard error 0.5 / sqrt(4092) = 0.0078; allow 5 of them
+    assert abs(frac_inf - 0.5) < 5 * 0.5 / np.sqrt(n - 4), frac_inf
+
+
 def _mean_over_draws(be, precision: str, seeds: int, tiles: int, n: int = 64):
     """Mean result of one step on ``n`` elements over ``seeds`` seeds x ``tiles`` copies.
 
     Each copy of the 64-element problem sits at other logical indices, so every (seed, index)
     pair gives an independent draw: seeds x tiles samples per element in ``seeds`` calls."""
     rng = np.random.default_rng(11)
-    p0 = (1.0 + rng.random(n)).astype(BF16)  # in [1, 2): BF16 ulp 2^-7
+    # in [1, 2): BF16 ulp 2^-7, FP16 ulp 2^-10
+    p0 = (1.0 + rng.random(n)).astype(NP[srkern.PRECISIONS[precision].param_dtype])
     g = rng.standard_normal(n).astype(np.float32)
     m0 = (rng.standard_normal(n) * 0.1).astype(np.float32)
     v0 = (rng.random(n) * 0.1 + 0.01).astype(np.float32)
@@ -231,6 +287,24 @@ def test_unbiased_over_seeds(backend):
     assert not bad.any(), f"bias beyond 5 SE at {np.nonzero(bad)[0][:5]}: err {err[bad][:5]}, se {se[bad][:5]}"
     # Power check: round-to-nearest is biased far beyond that bound on the same data.
     near, _ = _mean_over_draws(backend, "bf16-nearest", 1, 1)
+    assert (np.abs(near - exact) > 5 * se + 1e-3 * ulp).mean() > 0.5
+
+
+def test_fp16_sr_unbiased_over_seeds(backend):
+    # The same for fp16-sr's FP16 weights (ulp 2^-10 in [1, 2); the updates are ~0.4-8 ulps):
+    # N = 40 seeds x 50 index copies, the mean within 5 binomial standard errors
+    # sqrt(f (1 - f) / N) ulp of the float64 update, plus 1e-3 ulp for the FP32 arithmetic.
+    N = 40 * 50
+    mean, exact = _mean_over_draws(backend, "fp16-sr", 40, 50)
+    ulp = 2.0 ** -10
+    lo = np.floor(exact / ulp) * ulp
+    f = (exact - lo) / ulp
+    se = np.sqrt(f * (1 - f) / N) * ulp
+    err = np.abs(mean - exact)
+    bad = err > 5 * se + 1e-3 * ulp
+    assert not bad.any(), f"bias beyond 5 SE at {np.nonzero(bad)[0][:5]}: err {err[bad][:5]}, se {se[bad][:5]}"
+    # Power check: the round-to-nearest FP16 of the same update misses that bound at most elements.
+    near = np.asarray(srkern.cast(exact.astype(np.float32), "float16", rounding="nearest")).astype(np.float64)
     assert (np.abs(near - exact) > 5 * se + 1e-3 * ulp).mean() > 0.5
 
 
@@ -264,7 +338,44 @@ def test_small_updates_stall_with_nearest_but_not_with_sr(backend):
         assert gap < 1.5 * 2 ** -7, f"{prec} is {gap:.4f} from fp32 after fp32 moved {moved:.3f}"
 
 
-@pytest.mark.parametrize("precision", ["bf16-sr", "bf16-kahan", "fp32-master", "fp32"])
+def test_fp16_small_updates_stall_with_nearest_but_not_with_sr(backend):
+    # FP16 weights w ~ 1.5 (ulp 2^-10 ~ 0.00098), lr = 1e-4: every update (~lr) is below half an
+    # ulp. The round-to-nearest baseline (the fp32 step on the FP16 values, then the weights
+    # rounded to nearest FP16 after every step: what an FP16 RN write does) never moves; fp16-sr
+    # follows fp32, which moves ~0.04 in 400 steps. Without SR this test fails.
+    # Bound in standard errors: the final differences d = w_sr - w_fp32 of the 512 independent
+    # elements (own indices, own draws) have mean 0 (SR is unbiased at every write), so the mean
+    # SR move equals fp32's within 5 standard errors std(d) / sqrt(512) (~1.3 ulps here, of a
+    # ~37-ulp move). Each d is a sum of 400 independent zero-mean roundings of variance <= 1/4
+    # ulp^2, so E|d| <= sqrt(2 / pi) * sqrt(400 / 4) ulp ~ 8 ulps: the spread is SR's noise.
+    n, steps, lr = 512, 400, 1e-4
+    rng = np.random.default_rng(22)
+    w0 = (1.5 + 0.25 * rng.random(n)).astype(np.float16).astype(np.float32)
+    target = w0 - 0.1
+    finals = {}
+    for prec, nearest in (("fp32", False), ("fp32", True), ("fp16-sr", False)):
+        dt = np.float16 if prec == "fp16-sr" else np.float32
+        w = backend.put(w0.astype(dt))
+        m, v = backend.put(np.zeros(n, np.float32)), backend.put(np.zeros(n, np.float32))
+        for t in range(1, steps + 1):
+            g = backend.put((backend.get(w).astype(np.float32) - target).astype(np.float32))
+            srkern.adamw_step([w], [g], [m], [v], step=t, lr=lr, precision=prec, seed=6)
+            if nearest:
+                w = backend.put(np.asarray(srkern.cast(backend.get(w), "float16", rounding="nearest"))
+                                .astype(np.float32))
+        finals[(prec, nearest)] = backend.get(w).astype(np.float32)
+    fp32, rn, sr = finals[("fp32", False)], finals[("fp32", True)], finals[("fp16-sr", False)]
+    moved = np.abs(fp32 - w0).mean()
+    assert moved > 0.035, f"fp32 moved only {moved}: the problem is not testing anything"
+    assert np.array_equal(rn, w0), "FP16 round-to-nearest should stall (updates < ulp/2)"
+    d = (sr - fp32).astype(np.float64)
+    se = d.std(ddof=1) / np.sqrt(n)
+    assert abs(d.mean()) < 5 * se, f"fp16-sr drifts from fp32: mean {d.mean():.2e}, 5 SE = {5 * se:.2e}"
+    spread = np.sqrt(2 / np.pi) * np.sqrt(steps / 4) * 2 ** -10
+    assert np.abs(d).mean() < spread, f"fp16-sr is {np.abs(d).mean():.5f} from fp32 (bound {spread:.5f})"
+
+
+@pytest.mark.parametrize("precision", ["bf16-sr", "bf16-kahan", "fp32-master", "fp32", "fp16-sr"])
 def test_found_inf_changes_nothing(backend, precision):
     # A set flag skips the step without touching any buffer; a clear flag equals no flag.
     sdt = srkern.PRECISIONS[precision].state_dtypes[0]
@@ -330,6 +441,15 @@ def _bad_cases():
         c("offset=2**64", lambda s, d, put: dict(offsets=[0, 2 ** 64]), ValueError, "offsets[1]"),
         c("offset-past-2**64", lambda s, d, put: dict(offsets=[0, 2 ** 64 - 19]), ValueError, "offsets[1]"),
         c("precision", lambda s, d, put: dict(precision="bf16"), ValueError, "precision"),
+        # FP16 gradients have kernels only in fp16-sr; BF16 weights are not fp16-sr's
+        c("fp16-grads-in-bf16-sr", lambda s, d, put: dict(grads=[put(g.astype(np.float16)) for g in s["grads"]]),
+          TypeError, "grads[0] has dtype float16"),
+        c("bf16-params-in-fp16-sr", lambda s, d, put: dict(precision="fp16-sr"), TypeError,
+          "params[0] has dtype bfloat16"),
+        c("fp16-state-in-fp16-sr", lambda s, d, put: dict(precision="fp16-sr",
+                                                          params=[put(p.astype(np.float16)) for p in s["params"]],
+                                                          exp_avgs=[put(m.astype(np.float16)) for m in s["exp_avgs"]]),
+          TypeError, "exp_avgs[0]"),
         c("read-only", lambda s, d, put: dict(params=[d["params"][0], _readonly(d["params"][1])]), ValueError, "read-only"),
     ]
 
@@ -403,6 +523,13 @@ def test_bytes_per_param():
     assert srkern.bytes_per_param("bf16-kahan") == 8
     assert srkern.bytes_per_param("fp32-master") == 14
     assert srkern.bytes_per_param("fp32") == 12
+    assert srkern.bytes_per_param("fp16-sr") == 10  # 2 (FP16 weight) + 4 + 4 (FP32 moments)
+    assert srkern.bytes_per_param("fp16-sr", "bfloat16") == 6
+    with pytest.raises(ValueError, match="state_dtype"):
+        srkern.bytes_per_param("fp16-sr", "float16")
+    # one step: gradient read, moments and weight read and written
+    assert step_bytes_per_param("fp16-sr", grad_dtype="float16") == 2 + 2 * 8 + 2 * 2
+    assert step_bytes_per_param("fp16-sr", "bfloat16", "float32") == 4 + 2 * 4 + 2 * 2
 
 
 def test_torch_tensors_work_in_place():

@@ -83,6 +83,26 @@ def test_loaded_ptx_has_no_ftz(name, arch):
 
 
 @needs_nvrtc
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"], ids=lambda a: f"arch={a}")
+def test_every_adamw_kernel_is_compiled(arch):
+    # srkern.adamw_step launches adamw_<mode>_g<grad>_s<state> for every mode, gradient and moment
+    # dtype of the precision table (fp16-sr's FP16 kernels included): each is an entry of the
+    # loaded PTX, no entry is one that no mode launches, and each entry's own code is free of
+    # .ftz and has correctly rounded FP32 math (the file-wide check above, per kernel).
+    from srkern.formats import KERNEL_SUFFIX
+    from srkern.precisions import PRECISIONS
+    names = {f"adamw_{p.kernel}_g{KERNEL_SUFFIX[g]}_s{KERNEL_SUFFIX[s]}"
+             for p in PRECISIONS.values() for g in p.grad_dtypes for s in p.state_dtypes}
+    assert {"adamw_fp16_sr_gf16_sf32", "adamw_fp16_sr_gf32_sbf16"} <= names
+    ptx = _nvrtc.gpu_binary("adamw", arch).ptx.decode()
+    bodies = dict(re.findall(r"\.entry\s+(\w+)(.*?)(?=\.entry|\Z)", ptx, re.S))
+    assert set(bodies) == names, (sorted(names - set(bodies)), sorted(set(bodies) - names))
+    for name in sorted(names):
+        ops, bad = _float_findings(bodies[name])
+        assert ".ftz" not in bodies[name] and ops and not bad, (name, sorted(set(bad)))
+
+
+@needs_nvrtc
 def test_ftz_check_catches_ftz():
     # Negative control: the same compile with CuPy's extra flag has .ftz, which the test above sees.
     flags = _nvrtc.nvrtc_flags("sm_90") + ("-ftz=true",)

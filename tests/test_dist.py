@@ -109,13 +109,26 @@ def test_sr_reduce_scatter_numerics(runs, k):
 
 # ---- ShardedAdamW -----------------------------------------------------------------------------
 
+def _torch_of(a: np.ndarray):
+    """NumPy array ``a`` (BF16, FP16 or FP32) as a torch tensor of the same dtype and bits."""
+    import torch
+    t = torch.from_numpy(bits_of(a).view(np.int16 if a.itemsize == 2 else np.int32).copy())
+    return t.view({worker.BF16: torch.bfloat16, np.float16: torch.float16, np.float32: torch.float32}[a.dtype.type])
+
+
+def _bits_of(t) -> np.ndarray:
+    """The bit patterns of torch tensor ``t`` (uint16 for BF16 / FP16, uint32 for FP32)."""
+    import torch
+    wide = t.element_size() == 4
+    return t.view(torch.int32 if wide else torch.int16).numpy().view(np.uint32 if wide else np.uint16)
+
+
 def single_process_adamw(precision: str, state_dtype: str | None = None) -> np.ndarray:
     """The invariance problem with srkern.torch.AdamW in this process: the reference weights."""
     import torch
     import srkern.torch as srt
     w0 = worker.inv_initial(precision)
-    flat = torch.from_numpy(bits_of(w0).view(np.int16 if w0.itemsize == 2 else np.int32).copy())
-    flat = flat.view(torch.bfloat16 if w0.itemsize == 2 else torch.float32)
+    flat = _torch_of(w0)
     a = worker.INV_SIZES[0]
     p1 = torch.nn.Parameter(flat[:a].clone())
     p2 = torch.nn.Parameter(flat[a:].clone())
@@ -124,25 +137,20 @@ def single_process_adamw(precision: str, state_dtype: str | None = None) -> np.n
                     precision=precision, seed=worker.SEED, **kw)
     for t in range(1, worker.INV_STEPS + 1):
         w = torch.cat([p1.detach(), p2.detach()])
-        w_np = w.view(torch.int16 if w.dtype == torch.bfloat16 else torch.int32).numpy()
-        w_np = w_np.view(worker.BF16 if w.dtype == torch.bfloat16 else np.float32)
-        g = worker.inv_grad(w_np, t)
-        gt = torch.from_numpy(bits_of(g).view(np.int16 if g.itemsize == 2 else np.int32).copy())
-        gt = gt.view(torch.bfloat16 if g.itemsize == 2 else torch.float32)
+        g = worker.inv_grad(_bits_of(w).view(w0.dtype), t)
+        gt = _torch_of(g)
         p1.grad, p2.grad = gt[:a].clone(), gt[a:].clone()
         opt.step()
-    out = torch.cat([p1.detach(), p2.detach()])
-    return out.view(torch.int16 if out.dtype == torch.bfloat16 else torch.int32).numpy().view(
-        np.uint16 if out.dtype == torch.bfloat16 else np.uint32)
+    return _bits_of(torch.cat([p1.detach(), p2.detach()]))
 
 
 def single_process_adamw_step(precision: str, state_dtype: str | None = None) -> np.ndarray:
     """The invariance problem with srkern.adamw_step on whole NumPy tensors in this process."""
     import srkern
+    from srkern.precisions import default_state_dtype
     w = worker.inv_initial(precision).copy()
     a = worker.INV_SIZES[0]
-    sdt = {"bfloat16": worker.BF16, "float32": np.float32}[
-        state_dtype or ("bfloat16" if precision.startswith("bf16") else "float32")]
+    sdt = {"bfloat16": worker.BF16, "float32": np.float32}[state_dtype or default_state_dtype(precision)]
     m, v = np.zeros(w.size, sdt), np.zeros(w.size, sdt)
     master = w.astype(np.float32) if precision == "fp32-master" else None
     comp = np.zeros(w.size, worker.BF16) if precision == "bf16-kahan" else None
@@ -156,17 +164,19 @@ def single_process_adamw_step(precision: str, state_dtype: str | None = None) ->
     return bits_of(w)
 
 
-INV_CASES = [(m, None) for m in worker.MODES] + [("bf16-sr", "float32")]
+INV_CASES = [(m, None) for m in worker.MODES] + list(worker.INV_STATE_CASES)
 
 
 @pytest.mark.parametrize("precision,state_dtype", INV_CASES,
-                         ids=[f"mode={m}" + ("-state=f32" if s else "") for m, s in INV_CASES])
+                         ids=[f"mode={m}" + (f"-state={s}" if s else "") for m, s in INV_CASES])
 def test_sharded_adamw_world_size_invariance(runs, precision, state_dtype):
-    # Same reduced gradient each step (identical BF16-representable per-rank gradients, so the
-    # FP32 average is exact): weights after 4 steps of two parameter groups (odd sizes, different
-    # hyper-parameters) must be bit-identical for world sizes 1-4 and to srkern.torch.AdamW.
-    name = f"inv-{precision}" + ("-f32state" if state_dtype else "")
-    dt = np.uint32 if precision == "fp32" else np.uint16
+    # Same reduced gradient each step (identical BF16-representable per-rank gradients, FP16 ones
+    # for the FP16 weights of fp16-sr, so the FP32 average is exact): weights after 4 steps of two
+    # parameter groups (odd sizes, different hyper-parameters) must be bit-identical for world
+    # sizes 1-4 and to srkern.torch.AdamW. fp16-sr reduces its FP16 gradients (sent as their
+    # exact FP32 upcast) to FP32, so its reduced gradient is the gradient itself.
+    name = worker.inv_name(precision, state_dtype)
+    dt = np.uint32 if worker.inv_initial(precision).itemsize == 4 else np.uint16
     got = {k: read_bits(runs[k][0] / f"{name}-w{k}.bin", dt) for k in WORLDS}
     for k in WORLDS[1:]:
         assert_same_bits(got[k], got[1], what=f"{name}: world {k} vs world 1")
@@ -177,23 +187,27 @@ def test_sharded_adamw_world_size_invariance(runs, precision, state_dtype):
     assert (got[1] != w0).mean() > 0.5, "the weights barely moved: the test would not see a difference"
 
 
-def test_sharded_adamw_torch_class_matches_single_process(runs):
-    # The PyTorch ShardedAdamW on a small model: world sizes 1-4 agree bit for bit, and equal
-    # srkern.torch.AdamW stepping the same model in one process.
+@pytest.mark.parametrize("precision", worker.TRAIN_PRECISIONS, ids=lambda p: f"mode={p}")
+def test_sharded_adamw_torch_class_matches_single_process(runs, precision):
+    # The PyTorch ShardedAdamW on a small model (BF16; FP16 for fp16-sr): world sizes 1-4 agree
+    # bit for bit, and equal srkern.torch.AdamW stepping the same model in one process.
     import torch
     import srkern.torch as srt
-    got = {k: read_bits(runs[k][0] / f"train-w{k}.bin", np.uint16) for k in WORLDS}
+    stem = "train" if precision == "bf16-sr" else f"train-{precision}"
+    got = {k: read_bits(runs[k][0] / f"{stem}-w{k}.bin", np.uint16) for k in WORLDS}
     for k in WORLDS[1:]:
-        assert_same_bits(got[k], got[1], what=f"torch ShardedAdamW: world {k} vs world 1")
+        assert_same_bits(got[k], got[1], what=f"torch ShardedAdamW {precision}: world {k} vs world 1")
     torch.set_num_threads(1)
-    model = worker.torch_model()
-    opt = srt.AdamW(model.parameters(), precision="bf16-sr", seed=worker.SEED, **worker.TRAIN_HYPER)
+    model = worker.torch_model(precision)
+    opt = srt.AdamW(model.parameters(), precision=precision, seed=worker.SEED, **worker.TRAIN_HYPER)
     for t in range(1, 7):
         opt.zero_grad()
         worker.torch_loss(model, t).backward()
         opt.step()
-    ref = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).view(torch.int16).numpy().view(np.uint16)
-    assert_same_bits(got[1], ref, what="torch ShardedAdamW (world 1) vs srkern.torch.AdamW")
+    ref = _bits_of(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert_same_bits(got[1], ref, what=f"torch ShardedAdamW {precision} (world 1) vs srkern.torch.AdamW")
+    w0 = _bits_of(torch.cat([p.detach().reshape(-1) for p in worker.torch_model(precision).parameters()]))
+    assert (got[1] != w0).mean() > 0.5, "the weights barely moved: the test would not see a difference"
 
 
 def test_kill_and_resume_on_another_world_size(runs, mpi_backend, tmp_path):

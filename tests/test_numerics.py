@@ -3,8 +3,8 @@ and the partial layout of grad_norm.
 
 * Every NaN that arithmetic produces (AdamW's stored buffers, the reduce-scatter kernels,
   grad_norm's partials) is one canonical quiet NaN per format, FP32 0x7fc00000, BF16 0x7fc0,
-  FP64 0x7ff8000000000000, whatever NaN payloads and signs went in (x86 keeps them, GPUs
-  return their own NaN: the kernels canonicalise).
+  FP16 0x7e00 (fp16-sr's weights), FP64 0x7ff8000000000000, whatever NaN payloads and signs
+  went in (x86 keeps them, GPUs return their own NaN: the kernels canonicalise).
 * Subnormal inputs and results are never flushed, and the CPU kernels do not depend on the
   caller's floating-point control state: ``torch.set_flush_denormal(True)`` (MXCSR FTZ and DAZ)
   in the calling thread, or FTZ/DAZ left set in the OpenMP worker threads, changes no bit.
@@ -45,9 +45,11 @@ CANON = R.CANONICAL_NAN
 F32_NANS = np.array([0x7FA00001, 0xFFC12345, 0x7F800001, 0xFFFFFFFF, 0xFF800001, 0x7FFFFFFF,
                      0x7FC00000, 0xFFC00000], dtype=np.uint32)
 BF16_NANS = np.array([0xFFA1, 0x7F81, 0xFFC1, 0x7FFF, 0xFFFF, 0xFF81, 0x7FC0, 0xFFC0], dtype=np.uint16)
+F16_NANS = np.array([0xFD01, 0x7C01, 0xFE01, 0x7FFF, 0xFFFF, 0xFC01, 0x7E00, 0xFE00], dtype=np.uint16)
+NANS = {"float32": F32_NANS, "bfloat16": BF16_NANS, "float16": F16_NANS}
 
 CASES = [(p, g, s) for p, mode in srkern.PRECISIONS.items()
-         for g in ("bfloat16", "float32") for s in mode.state_dtypes]
+         for g in mode.grad_dtypes for s in mode.state_dtypes]
 CASE_IDS = [f"mode={p}-grad={SHORT[g]}-state={SHORT[s]}" for p, g, s in CASES]
 BUFFERS = ("params", "exp_avgs", "exp_avg_sqs", "master_params", "compensation")
 # Odd sizes, full 64-element CPU runs, partial Philox blocks, and one tensor past a CPU work chunk
@@ -56,14 +58,14 @@ SIZES = [1, 7, 9, 64, 65, 129, 1000, 17000]
 
 
 def sprinkle_nans(a: np.ndarray, rng: np.random.Generator, frac: float) -> np.ndarray:
-    """A copy of float32 / bfloat16 ``a`` with NaN payloads of both signs at random positions."""
+    """A copy of float32 / bfloat16 / float16 ``a`` with NaN payloads of both signs at random positions."""
     a = np.array(a, copy=True)
     n = a.size
     if n == 0:
         return a
     k = max(1, int(n * frac))
     pos = rng.choice(n, size=min(n, k), replace=False)
-    pats = F32_NANS if a.dtype == np.float32 else BF16_NANS
+    pats = NANS[dtype_name(a.dtype)]
     a.reshape(-1).view(pats.dtype)[pos] = pats[rng.integers(0, pats.size, pos.size)]
     return a
 
@@ -151,13 +153,16 @@ def test_adamw_nans_are_canonical(backend, precision, grad_dtype, state_dtype):
     got = run_adamw(backend, st, **kw)
     nans = assert_state_equal(got, want, f"[{backend.name}] {precision}")
     assert nans > 0
+    if srkern.PRECISIONS[precision].param_dtype == "float16":  # FP16 NaNs really stored (0x7e00)
+        assert sum(assert_nans_canonical(x, "params") for x in got["params"]) > 0
 
 
 @pytest.mark.parametrize("precision,grad_dtype,state_dtype", CASES, ids=CASE_IDS)
 def test_adamw_subnormals_not_flushed(backend, precision, grad_dtype, state_dtype):
     # Subnormal gradients, moments, weights, master weights and compensation (FP32 ~1e-45..1e-38,
-    # BF16 with a zero exponent), with eps = 1 so that the updates stay subnormal too: the
-    # oracle's bits, and subnormal results really occur (nothing was flushed to zero).
+    # BF16 and FP16 with a zero exponent), with eps = 1 so that the updates stay subnormal too: the
+    # oracle's bits, and subnormal results really occur (nothing was flushed to zero; a result
+    # counts as subnormal in its own format, so fp16-sr's FP16 weights ~6e-8..6e-5 count).
     st = subnormal_state(precision, grad_dtype, state_dtype, SIZES, seed=41)
     kw = dict(step=1, lr=1e-3, betas=(0.9, 0.999), eps=1.0, weight_decay=0.1, precision=precision,
               seed=77)
@@ -166,6 +171,9 @@ def test_adamw_subnormals_not_flushed(backend, precision, grad_dtype, state_dtyp
     assert_state_equal(got, want, f"[{backend.name}] {precision} subnormal")
     sub = sum(int(count_subnormal(x)) for key in BUFFERS if want[key] is not None for x in want[key])
     assert sub > 1000, f"only {sub} subnormal results: the test is not testing subnormals"
+    if srkern.PRECISIONS[precision].param_dtype == "float16":  # the SR-rounded FP16 weights themselves
+        wsub = sum(count_subnormal(x) for x in want["params"])
+        assert wsub > 1000, f"only {wsub} subnormal FP16 weights"
 
 
 def random_subnormal(n: int, dtype: str, rng: np.random.Generator, normal_frac: float = 0.1) -> np.ndarray:
@@ -177,6 +185,12 @@ def random_subnormal(n: int, dtype: str, rng: np.random.Generator, normal_frac: 
         k = rng.random(n) < normal_frac
         out[k] = (rng.standard_normal(int(k.sum())) * 1e-37).astype(np.float32)
         return out
+    if dtype == "float16":  # zero exponent, 10 mantissa bits; "small normals" just above 2**-14
+        bits = rng.integers(1, 0x400, n).astype(np.uint16) | (rng.integers(0, 2, n).astype(np.uint16) << 15)
+        out = bits.view(np.float16).copy()
+        k = rng.random(n) < normal_frac
+        out[k] = (rng.standard_normal(int(k.sum())) * 1e-4).astype(np.float16)
+        return out
     bits = rng.integers(1, 0x80, n).astype(np.uint16) | (rng.integers(0, 2, n).astype(np.uint16) << 15)
     out = bits.view(BF16).copy()
     k = rng.random(n) < normal_frac
@@ -185,8 +199,11 @@ def random_subnormal(n: int, dtype: str, rng: np.random.Generator, normal_frac: 
 
 
 def count_subnormal(a: Any) -> int:
-    a = np.asarray(a).astype(np.float64)
-    tiny = float(np.finfo(np.float32).tiny)
+    """Non-zero elements below the smallest normal number of ``a``'s own format (FP32's for
+    float32 and bfloat16, 2**-14 for float16)."""
+    a = np.asarray(a)
+    tiny = float(np.finfo(np.float16).tiny if a.dtype == np.float16 else np.finfo(np.float32).tiny)
+    a = a.astype(np.float64)
     return int(((a != 0) & (np.abs(a) < tiny)).sum())
 
 
@@ -404,6 +421,8 @@ def subnormal_workload(seed: int = 101) -> list[tuple[str, Callable[[Any], list[
     adamw_case("fp32-master", "float32", "float32")
     adamw_case("fp32", "bfloat16", "float32")
     adamw_case("fp32", "float32", "float32", found_inf=np.array([1e-45], np.float32))
+    adamw_case("fp16-sr", "float16", "float32")
+    adamw_case("fp16-sr", "float32", "bfloat16")
 
     for wire, variant in (("float32", "f32"), ("float32", "bf16_sr"), ("bfloat16", "bf16_rn")):
         world, m, start = 3, 20000, 3

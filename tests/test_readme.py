@@ -45,6 +45,10 @@ class Block(NamedTuple):
     def distributed(self) -> bool:
         return self.code.lstrip().startswith("# mpirun")
 
+    @property
+    def torchrun(self) -> bool:
+        return self.code.lstrip().startswith("# python -m torch.distributed.run")
+
 
 def blocks(text: str, langs: set[str]) -> list[Block]:
     """The fenced blocks of ``text`` whose language is in ``langs``, with their line numbers."""
@@ -87,6 +91,17 @@ def run_python_block(b: Block, folder: Path) -> None:
                              capture_output=True, text=True, timeout=300)
         if res.returncode != 0:
             pytest.fail(f"README.md line {b.line}: the {b.lang} block failed under mpirun -n 2 "
+                        f"(exit {res.returncode}):\n{res.stdout[-1500:]}\n{res.stderr[-3000:]}", pytrace=False)
+        return
+    if b.torchrun:
+        pytest.importorskip("torch.distributed")
+        script = folder / f"readme_line{b.line}.py"
+        script.write_text(b.padded)
+        env = dict(child_env(), OMP_NUM_THREADS="1")
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              str(script)], cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+        if res.returncode != 0:
+            pytest.fail(f"README.md line {b.line}: the {b.lang} block failed under torchrun with 2 processes "
                         f"(exit {res.returncode}):\n{res.stdout[-1500:]}\n{res.stderr[-3000:]}", pytrace=False)
         return
     try:
