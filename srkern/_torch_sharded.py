@@ -111,13 +111,15 @@ class ShardedAdamW(torch.optim.Optimizer):
         return [{k: g[k] for k in HYPER_KEYS} for g in self.param_groups]
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Reduce-scatter the gradients, SR AdamW on this rank's shard, all-gather the weights."""
+    def step(self, closure: Callable[[], Any] | None = None, *, grad_scale: float = 1.0) -> Any:
+        """Reduce-scatter the gradients, SR AdamW on this rank's shard, all-gather the weights.
+        ``grad_scale`` multiplies every reduced gradient inside the kernel (loss-scale unscaling,
+        clipping), as in :meth:`srkern.torch.AdamW.step`; every rank must pass the same value."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.core.step(self._hypers(), prepare=self._fill_grads)
+        self.core.step(self._hypers(), grad_scale=grad_scale, prepare=self._fill_grads)
         # The parameters are views of the flat buffer the kernels wrote through raw pointers, each
         # with its own version counter: bumped, so a graph that saved a weight raises on backward.
         bump_versions(self._params)

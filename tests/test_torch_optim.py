@@ -430,3 +430,24 @@ def test_bad_group_changes_nothing():
     with pytest.raises(TypeError, match="found_inf"):
         opt.step(found_inf=torch.zeros(1, dtype=torch.float64))
     _assert_unchanged(opt, before, "bad grad_scale / found_inf")
+
+
+def test_sharded_grad_scale_equals_prescaled_gradients():
+    # ShardedAdamW.step(grad_scale=0.5) in one process (world 1) equals stepping on gradients
+    # halved beforehand (exact in BF16), bit for bit; grad_scale=0.25 differs (the test can fail).
+    pytest.importorskip("mpi4py")
+    runs = {}
+    for how in ("scaled", "prescaled", "other"):
+        m = small_model(torch.bfloat16)
+        opt = srt.ShardedAdamW(m.parameters(), seed=6, **HYPER)
+        for t in range(3):
+            opt.zero_grad()
+            loss_of(m, t).backward()
+            if how == "prescaled":
+                for p in m.parameters():
+                    p.grad.mul_(0.5)
+            opt.step(grad_scale={"scaled": 0.5, "prescaled": 1.0, "other": 0.25}[how])
+        runs[how] = [p.detach().clone() for p in m.parameters()]
+    for a, b in zip(runs["scaled"], runs["prescaled"], strict=True):
+        assert_same_bits(a, b, what="ShardedAdamW grad_scale vs pre-scaled gradients")
+    assert any(not torch.equal(a, b) for a, b in zip(runs["scaled"], runs["other"], strict=True))
