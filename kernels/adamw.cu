@@ -38,9 +38,11 @@
 //
 // Random bits (contract v1): the draw for element index i of stream S is, for a BF16 write,
 // the 16-bit draw srk_draw16(srk_draw_block(seed, step, S, i / 8), i % 8), and for the FP16
-// weight of fp16-sr the 32-bit draw srk_draw_block(seed, step, PARAM, i / 4).w[i % 4]: the
-// contract's draw for an FP16 target, the very draw srkern.cast(..., offset=i, stream=PARAM)
-// would give index i. Which streams a mode draws, and for which buffer, is AdamwMode below: the
+// weight of fp16-sr the 32-bit draw srk_draw_block(seed, step, PARAM_FP16, i / 4).w[i % 4]:
+// the contract's draw for an FP16 target, the very draw srkern.cast(..., offset=i,
+// stream=PARAM_FP16) would give index i. PARAM_FP16 is its own stream because 32-bit draws of
+// stream PARAM would be the words whose halves BF16 weights at indices 2i and 2i+1 draw (one
+// optimizer may hold both). Which streams a mode draws, and for which buffer, is AdamwMode below: the
 // one list every path draws by. The unit of work is 8 logical indices *of one tensor* (a
 // (tensor, block) pair, block q = i / 8): one Philox block per 16-bit stream, Philox blocks 2q
 // and 2q + 1 for the FP16 weight's stream. How tensors are grouped into launches, which thread
@@ -171,7 +173,8 @@ struct AdamwMode {
   // (Enumerators, not static members: those would be emitted as device globals.)
   enum { X_SR = MODE == MODE_SR || MODE == MODE_KAHAN || MODE == MODE_F16_SR,
          MV_SR = X_SR && sizeof(S) == 2, X_DRAW32 = MODE == MODE_F16_SR };
-  enum : u32 { X_STREAM = MODE == MODE_KAHAN ? SRK_STREAM_COMPENSATION : SRK_STREAM_PARAM };
+  enum : u32 { X_STREAM = MODE == MODE_KAHAN ? SRK_STREAM_COMPENSATION
+                         : MODE == MODE_F16_SR ? SRK_STREAM_PARAM_FP16 : SRK_STREAM_PARAM };
 
   // The X_STREAM words of block q's 8 lanes (d[1] used only where X_DRAW32), and lane k's draw.
   SRK_HD static void xdraws(const AdamwHyper& h, u64 q, srk_u32x4* d) {

@@ -21,6 +21,8 @@
 #define SRK_STREAM_COMPENSATION 4u
 #define SRK_STREAM_COLLECTIVE 5u
 #define SRK_STREAM_WIRE 6u  // FP32 gradients SR-rounded to BF16 before they travel (reduce-scatter)
+#define SRK_STREAM_PARAM_FP16 7u  // fp16-sr's FP16 weights (32-bit draws: a stream of their own, so
+                                  // that no BF16 weight at index 2i or 2i+1 shares their words)
 
 // ---- BF16: the hot path, written directly on the bit pattern --------------------------------
 

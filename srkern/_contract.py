@@ -47,7 +47,8 @@ STREAMS: dict[str, int] = {
     name.removeprefix("SRK_STREAM_").lower(): value
     for name, value in header_defines("srk_round.h").items() if name.startswith("SRK_STREAM_")
 }
-"""Random-stream ids by purpose: cast, param, exp_avg, exp_avg_sq, compensation, collective, wire."""
+"""Random-stream ids by purpose: cast, param, exp_avg, exp_avg_sq, compensation, collective, wire,
+param_fp16 (fp16-sr's FP16 weights)."""
 
 U64 = 1 << 64
 U32 = 1 << 32

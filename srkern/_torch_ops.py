@@ -112,6 +112,12 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
             return  # a skipped step: no buffer, no step count changes (torch's fused AdamW too)
     if not params:
         return
+    for k, s in enumerate(steps):
+        if not isinstance(s, torch.Tensor) or s.dtype != torch.float32 or s.numel() != 1:
+            raise TypeError(f"parameter {k} of this step: its state 'step' must be a 1-element torch.float32 "
+                            f"tensor (torch's layout), got {getattr(s, 'dtype', type(s).__name__)}")
+    if len({id(s) for s in steps}) != len(steps):
+        raise ValueError("two parameters share one state 'step' tensor: each keeps its own count")
     counts = [int(s) for s in torch.stack([s.detach().reshape(()).to("cpu", torch.float32) for s in steps]).tolist()]
     buckets: dict[tuple, dict[str, list]] = {}
     staged: list[tuple[torch.Tensor, torch.Tensor]] = []

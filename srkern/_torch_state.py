@@ -18,6 +18,7 @@ Three kinds load:
 """
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -44,6 +45,11 @@ def checked(opt: Any, sd: Any) -> tuple[list[dict], dict[int, dict[str, torch.Te
     groups, state = sd["param_groups"], sd["state"]
     if not all(isinstance(g, dict) for g in groups):
         raise CheckpointCorrupt("param_groups must be a list of dicts")
+    if len(groups) != len(opt.param_groups):
+        raise CheckpointMismatch(f"parameter groups: {len(groups)} in the checkpoint, {len(opt.param_groups)} here")
+    # The saved groups' settings are copied (tensor lr and betas included), as torch does.
+    groups = [copy.deepcopy({k: v for k, v in g.items() if k != "params"}) | {"params": g.get("params")}
+              for g in groups]
     params = [p for g in opt.param_groups for p in g["params"]]
     meta = sd.get("srkern")
     old_step = None
@@ -59,12 +65,15 @@ def checked(opt: Any, sd: Any) -> tuple[list[dict], dict[int, dict[str, torch.Te
             check_counters(meta)
             old_step = meta["step"]
             groups = [{**g, **{k: meta[k] for k in SETTINGS}} for g in groups]
+    for gi, g in enumerate(groups):
+        if g.get("amsgrad"):
+            raise CheckpointMismatch(f"param_groups[{gi}] has amsgrad=True: srkern's AdamW has no amsgrad")
+        if g.get("decoupled_weight_decay", True) is not True:
+            raise CheckpointMismatch(f"param_groups[{gi}] has decoupled_weight_decay=False (Adam's L2 decay): "
+                                     "srkern's AdamW decays decoupled")
     foreign = not any("precision" in g for g in groups)
     if foreign:  # torch.optim.AdamW's: this optimizer's settings
-        for gi, g in enumerate(groups):
-            if g.get("amsgrad"):
-                raise CheckpointMismatch(f"param_groups[{gi}] has amsgrad=True: srkern's AdamW has no amsgrad")
-        groups = [{**g, **{k: mine[k] for k in SETTINGS}} for g, mine in zip(groups, opt.param_groups)]
+        groups = [{**g, **{k: mine[k] for k in SETTINGS}} for g, mine in zip(groups, opt.param_groups, strict=True)]
     check_hypers([{k: _as_float(v) for k, v in g.items()} for g in groups], len(opt.param_groups))
     first = 0
     position: dict[Any, int] = {}  # saved parameter id -> position here
@@ -96,7 +105,7 @@ def checked(opt: Any, sd: Any) -> tuple[list[dict], dict[int, dict[str, torch.Te
             st = {**st, "step": old_step}
         g = groups[group_of[i]]
         out[i] = _entry(i, st, params[i], g, offsets[i], foreign)
-    return [{**g, "params": mine["params"]} for g, mine in zip(groups, opt.param_groups)], out
+    return [{**g, "params": mine["params"]} for g, mine in zip(groups, opt.param_groups, strict=True)], out
 
 
 def _entry(i: int, st: dict, p: torch.Tensor, g: dict, offset: int, foreign: bool) -> dict[str, torch.Tensor]:

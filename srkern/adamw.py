@@ -114,7 +114,7 @@ def adamw_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[A
     ``exp_avg``, ``exp_avg_sq`` or ``compensation`` (:data:`srkern.STREAMS`). The FP16 weight of
     ``fp16-sr`` takes the 32-bit draw of ``(seed, step, param, i)`` instead (word ``i % 4`` of
     Philox block ``i // 4``) and rounds exactly as ``srkern.cast(x, "float16",
-    rounding="stochastic", seed=seed, step=step, offset=i, stream=param)`` would. The result is
+    rounding="stochastic", seed=seed, step=step, offset=i, stream=param_fp16)`` would. The result is
     therefore bit-identical however tensors are split into calls, on CPU or GPU.
 
     The arithmetic, in FP32 and in this order (``kernels/adamw.cu``; scalars formed in float64 on

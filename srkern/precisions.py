@@ -41,7 +41,8 @@ the rounding dropped (written with SR), moments as in ``bf16-sr``. ``fp32-master
 weights and moments, the BF16 model copy written to nearest. ``fp32``: everything FP32.
 ``fp16-sr``: FP16 weights (for FP16 models), every weight write stochastically rounded by the FP16
 rule of ``srkern.cast(x, "float16", rounding="stochastic")`` with the contract's 32-bit draw for
-the element's index in stream ``param`` (so the same bits as that cast with ``offset`` = index);
+the element's index in stream ``param_fp16`` (so the same bits as that cast with ``offset`` =
+index; a stream of its own, so no BF16 weight shares those draws);
 subnormals kept, overflow to +-Inf, a NaN stored as 0x7e00. FP32 moments by default, or BF16
 moments written with SR as in ``bf16-sr``; FP16, BF16 or FP32 gradients (the other modes take
 BF16 or FP32 gradients only). No master weights, no compensation."""

@@ -257,7 +257,7 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, *, step: int, lr: float,
                 elif precision == "fp16-sr":
                     out["params"].append(canonical_nan(round_float32(
                         pn, "float16", "stochastic", seed=seed, offset=off, step=step,
-                        stream=STREAMS["param"])).reshape(shape))
+                        stream=STREAMS["param_fp16"])).reshape(shape))
                 else:
                     out["params"].append(canonical_nan(
                         store_bf16(pn, off, STREAMS["param"], precision == "bf16-sr")).reshape(shape))

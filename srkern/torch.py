@@ -99,6 +99,10 @@ class AdamW(torch.optim.Optimizer):
         _check_group(defaults)
         super().__init__(params, defaults)
 
+    # torch.amp.GradScaler.step then hands the step its scale and inf flag as the attributes
+    # grad_scale and found_inf (unscaling happens in the kernel; FP16 gradients are fine).
+    _step_supports_amp_scaling = True
+
     # The optimizer-wide settings are the defaults every new group takes.
     precision = property(lambda self: self.defaults["precision"])
     state_dtype = property(lambda self: self.defaults["state_dtype"])
@@ -122,7 +126,11 @@ class AdamW(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group``, all or nothing: a group refused by torch's checks or by
-        srkern's (hyper-parameters, settings, parameter dtypes) leaves ``param_groups`` as it was."""
+        srkern's (hyper-parameters, settings, parameter dtypes) leaves ``param_groups`` as it was.
+        A group that names its ``precision`` but no ``state_dtype`` takes that mode's default."""
+        if isinstance(param_group, dict) and "precision" in param_group and "state_dtype" not in param_group \
+                and param_group["precision"] in PRECISIONS:
+            param_group = {**param_group, "state_dtype": default_state_dtype(param_group["precision"])}
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         gi = len(self.param_groups) - 1
@@ -172,8 +180,11 @@ class AdamW(torch.optim.Optimizer):
         """One AdamW step on every parameter that has a gradient.
 
         ``grad_scale`` multiplies every gradient inside the kernel (unscaling, clipping);
-        ``found_inf`` (1-element float32 tensor) non-zero makes the step change nothing (no
-        buffer, no step count; read on the host, on CUDA one synchronisation).
+        ``found_inf`` (1-element float32 tensor) non-zero makes the step write no buffer and
+        advance no step count (a parameter's first step still creates its zero state, as in
+        torch's fused AdamW); both are read on the host (on CUDA, one synchronisation). Under
+        ``torch.amp.GradScaler.step`` the scaler's scale and inf flag are taken as well, so the
+        gradients are unscaled inside the kernel (FP16 gradients included).
 
         Everything (every group's hyper-parameters, ``grad_scale``, ``found_inf``, every buffer)
         is checked before the first write: a bad call raises and changes no buffer and no state.
@@ -182,10 +193,17 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.is_tensor(grad_scale) and grad_scale.numel() == 1 and not grad_scale.is_complex():
+            grad_scale = grad_scale.item()
         if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)):
             raise TypeError(f"grad_scale must be a float, got {type(grad_scale).__name__}")
         if found_inf is not None and not isinstance(found_inf, torch.Tensor):
             raise TypeError(f"found_inf must be a 1-element torch.float32 tensor, got {type(found_inf).__name__}")
+        amp_scale, amp_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if amp_scale is not None:  # GradScaler's scale S: the gradients are S times the true ones
+            grad_scale = grad_scale / float(amp_scale)
+        if amp_inf is not None:
+            found_inf = amp_inf if found_inf is None else found_inf + amp_inf.to(found_inf.device)
         lists: tuple[list, ...] = ([], [], [], [], [], [], [], [], [])  # p g m v extra step mode group offset
         hyper: list[float] = []
         lr_tensors: list[torch.Tensor | None] = []
@@ -198,7 +216,10 @@ class AdamW(torch.optim.Optimizer):
             hyper += [0.0 if isinstance(lr, torch.Tensor) else _number(gi, "lr", lr), _number(gi, "betas[0]", group["betas"][0]),
                       _number(gi, "betas[1]", group["betas"][1]), _number(gi, "eps", group["eps"]),
                       _number(gi, "weight_decay", group["weight_decay"]), 1.0 if group["maximize"] else 0.0]
-            seeds.append(seed_arg(group["seed"]))
+            try:
+                seeds.append(seed_arg(_contract.check_u64("seed", group["seed"])))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"param_groups[{gi}]: {e}") from None
             for p in group["params"]:
                 off, offset = offset, offset + flat_size(p)
                 if p.grad is None:
@@ -296,5 +317,10 @@ def _check_group(group: dict[str, Any]) -> None:
     check_hyper({**group, "lr": lr, "betas": betas})
     if not isinstance(group["maximize"], bool):
         raise TypeError(f"maximize must be a bool, got {type(group['maximize']).__name__}")
+    if group.get("amsgrad"):
+        raise NotImplementedError("srkern.torch.AdamW has no amsgrad variant")
+    if group.get("decoupled_weight_decay", True) is not True:
+        raise NotImplementedError("srkern.torch.AdamW decays weights decoupled (AdamW); "
+                                  "decoupled_weight_decay=False (Adam's L2 decay) is not implemented")
     bytes_per_param(group["precision"], group["state_dtype"])  # validates both
     _contract.check_u64("seed", group["seed"])

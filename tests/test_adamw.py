@@ -217,7 +217,7 @@ def test_fp16_sr_weight_is_the_sr_cast_of_the_fp32_update(backend, state_dtype):
     run_kernel(ref, precision="fp32", **kw)
     for i, (p16, p32) in enumerate(zip(dev["params"], ref["params"], strict=True)):
         want = srkern.cast(backend.get(p32), "float16", rounding="stochastic", seed=seed, step=step,
-                           offset=offsets[i], stream=srkern.STREAMS["param"])
+                           offset=offsets[i], stream=srkern.STREAMS["param_fp16"])
         assert_same_bits(backend.get(p16), np.asarray(want), what=f"params[{i}] vs cast of the FP32 update")
 
 

@@ -451,3 +451,120 @@ def test_sharded_grad_scale_equals_prescaled_gradients():
     for a, b in zip(runs["scaled"], runs["prescaled"], strict=True):
         assert_same_bits(a, b, what="ShardedAdamW grad_scale vs pre-scaled gradients")
     assert any(not torch.equal(a, b) for a, b in zip(runs["scaled"], runs["other"], strict=True))
+
+
+# ---- what the review of the drop-in found ---------------------------------------------------------
+
+def _bits(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_group_precision_takes_its_modes_state_dtype():
+    # A group naming its precision and no state_dtype takes that mode's default (it used to take
+    # the optimizer's, which fp32 refuses and fp16-sr would silently use).
+    p32, p16 = torch.nn.Parameter(torch.zeros(8)), torch.nn.Parameter(torch.zeros(8, dtype=torch.float16))
+    opt = srt.AdamW([{"params": [p32], "precision": "fp32"}, {"params": [p16], "precision": "fp16-sr"}], seed=1)
+    assert [g["state_dtype"] for g in opt.param_groups] == ["float32", "float32"]
+    p32.grad, p16.grad = torch.ones(8), torch.ones(8, dtype=torch.float16)
+    opt.step()
+    assert opt.state[p16]["exp_avg"].dtype == torch.float32 and opt.state[p32]["exp_avg"].dtype == torch.float32
+
+
+def test_grad_scaler_unscales_fp16_gradients_in_the_kernel():
+    # torch.amp.GradScaler with an FP16 model: the scaler hands srkern its scale and inf flag
+    # (torch's own unscale refuses FP16 gradients); the step equals step(grad_scale=1/S) on the
+    # scaled gradients, bit for bit, and a step with an inf gradient changes no weight or count.
+    runs = []
+    for how in ("scaler", "by hand"):
+        m = small_model(torch.float16)
+        opt = srt.AdamW(m.parameters(), precision="fp16-sr", seed=8, **HYPER)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        for t in range(3):
+            opt.zero_grad()
+            scaler.scale(loss_of(m, t)).backward()
+            if how == "scaler":
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step(grad_scale=2.0 ** -10)
+        runs.append(_bits(m))
+        if how == "scaler":
+            before, steps_before = _bits(m), steps(opt)
+            opt.zero_grad()
+            scaler.scale(loss_of(m, 9)).backward()
+            next(m.parameters()).grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+            assert steps(opt) == steps_before and scaler.get_scale() == 2.0 ** 9
+            for a, b in zip(_bits(m), before, strict=True):
+                assert_same_bits(a, b, what="weights after a step with an inf gradient")
+    for a, b in zip(*runs, strict=True):
+        assert_same_bits(a, b, what="GradScaler vs grad_scale=1/S")
+
+
+def test_load_refuses_other_group_counts_and_copies_tensor_settings():
+    m = small_model(torch.float32)
+    params = list(m.parameters())
+    src = torch.optim.AdamW([{"params": params[:2]}, {"params": params[2:]}], lr=1e-3)
+    mine = srt.AdamW(params, precision="fp32", seed=0)
+    with pytest.raises(CheckpointMismatch, match="parameter groups: 2 in the checkpoint, 1 here"):
+        mine.load_state_dict(src.state_dict())
+    assert len(mine.param_groups) == 1
+    a = srt.AdamW(params, lr=torch.tensor(1e-3), precision="fp32", seed=0)
+    b = srt.AdamW(params, lr=torch.tensor(1e-3), precision="fp32", seed=0)
+    b.load_state_dict(a.state_dict())
+    a.param_groups[0]["lr"].fill_(5.0)  # a scheduler on a must not move b
+    assert float(b.param_groups[0]["lr"]) == pytest.approx(1e-3)
+
+
+def test_adam_l2_decay_and_bad_step_tensors_are_refused():
+    m = small_model(torch.bfloat16)
+    params = list(m.parameters())
+    opt = srt.AdamW(params[:2], seed=3, **HYPER)
+    with pytest.raises(NotImplementedError, match="decoupled_weight_decay=False"):
+        opt.add_param_group({"params": params[2:], "decoupled_weight_decay": False})
+    assert len(opt.param_groups) == 1
+    sd = opt.state_dict()
+    sd["param_groups"][0]["decoupled_weight_decay"] = False
+    with pytest.raises(CheckpointMismatch, match="L2 decay"):
+        opt.load_state_dict(sd)
+    loss_of(m, 0).backward()
+    opt.step()
+    p0, p1 = params[:2]
+    for hurt, cls, words in ((lambda: opt.state[p0].__setitem__("step", torch.tensor(1)), TypeError, "float32"),
+                             (lambda: opt.state[p1].__setitem__("step", opt.state[p0]["step"]), ValueError, "share"),
+                             (lambda: opt.param_groups[0].__setitem__("seed", 2 ** 64 + 5), ValueError, "seed")):
+        keep = {p: dict(opt.state[p]) for p in (p0, p1)}
+        seed = opt.param_groups[0]["seed"]
+        hurt()
+        before = _snapshot(opt)
+        with pytest.raises(cls, match=words):
+            opt.step()
+        _assert_unchanged(opt, before, words)
+        for p in (p0, p1):
+            opt.state[p] = keep[p]
+        opt.param_groups[0]["seed"] = seed
+
+
+def test_compiled_step_with_aot_autograd_same_bits():
+    # aot_eager runs the functionalization of the custom op's declared mutations (what inductor
+    # sees), without a C++ compiler: the bits and step counts of eager steps, with a parameter
+    # missing its gradient at one step, a transposed (non-contiguous) parameter and a tensor lr.
+    torch._dynamo.reset()
+    runs = []
+    for compiled in (False, True):
+        m = small_model(torch.bfloat16)
+        w = torch.nn.Parameter(torch.randn(8, 4, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).t())
+        opt = srt.AdamW([*m.parameters(), w], lr=torch.tensor(1e-2), seed=9)
+        step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
+        for t in range(4):
+            opt.zero_grad()
+            (loss_of(m, t) + w.float().square().sum()).backward()
+            if t == 1:
+                next(m.parameters()).grad = None
+            step()
+        runs.append(([*_bits(m), w.detach().clone()], sorted(int(st["step"]) for st in opt.state.values())))
+    (a, sa), (b, sb) = runs
+    assert sa == sb and 3 in sa and 4 in sa
+    for x, y in zip(a, b, strict=True):
+        assert_same_bits(x, y, what="aot_eager compiled step vs eager")
