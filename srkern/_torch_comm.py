@@ -76,6 +76,13 @@ def _bytes(v: View, off: int, count: int) -> torch.Tensor:
     n = count * v.itemsize
     if n == 0:
         return torch.empty(0, dtype=torch.uint8, device=_device(v))
+    t = v.obj
+    if v.framework == "torch" and t.is_contiguous() and t.data_ptr() == v.ptr:
+        # A view of the torch tensor itself: its storage needs no Python object to be freed.
+        # Tensors over NumPy memory do, and gloo's worker threads may free the last reference of
+        # an asynchronous exchange's tensor during interpreter teardown, where taking the GIL
+        # aborts the process ("terminate called without an active exception").
+        return t.detach().reshape(-1)[off:off + count].view(torch.uint8)
     ptr = v.ptr + off * v.itemsize
     if v.device == "cuda":
         return torch.as_tensor(_DeviceBytes(ptr, n), device=_device(v))
