@@ -60,7 +60,20 @@ def inv_grad(w: np.ndarray, step: int) -> np.ndarray:
 
 class Checks:
     def __init__(self, comm: dist.Communicator) -> None:
-        self.comm, self.failures = comm, []
+        self.comm, self.failures, self.raised = comm, [], 0
+
+    def expect_raise(self, what: str, exc: type, words: str, fn) -> None:
+        """``fn`` must raise ``exc`` naming ``words`` on this rank, and every rank the same error."""
+        self.raised += 1
+        try:
+            fn()
+            msg = None
+        except exc as e:
+            msg = f"{type(e).__name__}: {e}"
+        msgs = self.comm.mpi.allgather(msg)
+        self.expect(msg is not None, f"errors: {what}: accepted (no {exc.__name__}) on this rank")
+        self.expect(msg is None or words in msg, f"errors: {what}: message {msg!r} lacks {words!r}")
+        self.expect(len(set(msgs)) == 1, f"errors: {what}: ranks raised different errors {msgs}")
 
     def expect(self, ok: bool, what: str) -> None:
         if not ok:
@@ -289,20 +302,8 @@ def check_errors(comm: dist.Communicator, ck: Checks, folder: Path) -> int:
     """Each case must raise on every rank (same type and message), never hang: a hang would run
     into MPIEXEC_TIMEOUT and fail the launch. Returns the number of cases run."""
     W, r = comm.size, comm.rank
-    cases = 0
+    expect_raise = ck.expect_raise
 
-    def expect_raise(what: str, exc: type, words: str, fn) -> None:
-        nonlocal cases
-        cases += 1
-        try:
-            fn()
-            msg = None
-        except exc as e:
-            msg = f"{type(e).__name__}: {e}"
-        msgs = comm.mpi.allgather(msg)
-        ck.expect(msg is not None, f"errors: {what}: accepted (no {exc.__name__}) on this rank")
-        ck.expect(msg is None or words in msg, f"errors: {what}: message {msg!r} lacks {words!r}")
-        ck.expect(len(set(msgs)) == 1, f"errors: {what}: ranks raised different errors {msgs}")
 
     # Seeds that differ only in bit 63 (a modulo-2**63 comparison would call them equal).
     x = np.ones(29, dtype=BF16)
@@ -352,7 +353,7 @@ def check_errors(comm: dist.Communicator, ck: Checks, folder: Path) -> int:
     comm.barrier()
     expect_raise("save where mkdir fails on rank 0", dist.CheckpointError, "failed",
                  lambda: core.save(blocker / "ckpt"))
-    return cases
+    return ck.raised
 
 
 # ---- a small PyTorch model with ShardedAdamW: the example's loop in miniature ------------------

@@ -192,6 +192,17 @@ def fmt_params(formats: list[Format] | None = None) -> list:
     return [pytest.param(f, id=f"dtype={f.short}") for f in (FORMATS.values() if formats is None else formats)]
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: torch's own CPU kernels (forward, backward, the reference
+    optimizers) are deterministic per thread count, so bit-exact comparisons fix it."""
+    torch = pytest.importorskip("torch")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def child_env() -> dict[str, str]:
     """Environment for a child Python that must import the same srkern as this process."""
     import srkern

@@ -271,41 +271,37 @@ def _mean_over_draws(be, precision: str, seeds: int, tiles: int, n: int = 64):
     return acc / (seeds * tiles), exact
 
 
-def test_unbiased_over_seeds(backend):
-    # The mean over N = 40 seeds x 50 index copies of one bf16-sr step equals the float64 AdamW
-    # update. Each result is one of the two BF16 neighbours lo, lo + ulp of the target, with the
-    # binomial standard error sqrt(f (1 - f) / N) ulp, f = (target - lo) / ulp; allow 5 standard
-    # errors, plus 1e-3 ulp for the kernel's FP32 arithmetic (~1e-7 relative, far below that).
-    N = 40 * 50
-    mean, exact = _mean_over_draws(backend, "bf16-sr", 40, 50)
-    ulp = 2.0 ** -7
+def _assert_unbiased(mean: np.ndarray, exact: np.ndarray, ulp: float, n: int) -> np.ndarray:
+    """Each result is one of the two neighbours lo, lo + ulp of the target, so the mean of ``n``
+    has the binomial standard error sqrt(f (1 - f) / n) ulp, f = (target - lo) / ulp: allow 5
+    standard errors, plus 1e-3 ulp for the kernel's FP32 arithmetic (~1e-7 relative). Returns
+    the bound, for the power check."""
     lo = np.floor(exact / ulp) * ulp
     f = (exact - lo) / ulp
-    se = np.sqrt(f * (1 - f) / N) * ulp
+    bound = 5 * np.sqrt(f * (1 - f) / n) * ulp + 1e-3 * ulp
     err = np.abs(mean - exact)
-    bad = err > 5 * se + 1e-3 * ulp
-    assert not bad.any(), f"bias beyond 5 SE at {np.nonzero(bad)[0][:5]}: err {err[bad][:5]}, se {se[bad][:5]}"
+    bad = err > bound
+    assert not bad.any(), f"bias beyond 5 SE at {np.nonzero(bad)[0][:5]}: err {err[bad][:5]}, bound {bound[bad][:5]}"
+    return bound
+
+
+def test_unbiased_over_seeds(backend):
+    # The mean over N = 40 seeds x 50 index copies of one bf16-sr step equals the float64 AdamW
+    # update within 5 standard errors (BF16 ulp 2^-7 in [1, 2)).
+    mean, exact = _mean_over_draws(backend, "bf16-sr", 40, 50)
+    bound = _assert_unbiased(mean, exact, 2.0 ** -7, 40 * 50)
     # Power check: round-to-nearest is biased far beyond that bound on the same data.
     near, _ = _mean_over_draws(backend, "bf16-nearest", 1, 1)
-    assert (np.abs(near - exact) > 5 * se + 1e-3 * ulp).mean() > 0.5
+    assert (np.abs(near - exact) > bound).mean() > 0.5
 
 
 def test_fp16_sr_unbiased_over_seeds(backend):
-    # The same for fp16-sr's FP16 weights (ulp 2^-10 in [1, 2); the updates are ~0.4-8 ulps):
-    # N = 40 seeds x 50 index copies, the mean within 5 binomial standard errors
-    # sqrt(f (1 - f) / N) ulp of the float64 update, plus 1e-3 ulp for the FP32 arithmetic.
-    N = 40 * 50
+    # The same for fp16-sr's FP16 weights (ulp 2^-10 in [1, 2); the updates are ~0.4-8 ulps).
     mean, exact = _mean_over_draws(backend, "fp16-sr", 40, 50)
-    ulp = 2.0 ** -10
-    lo = np.floor(exact / ulp) * ulp
-    f = (exact - lo) / ulp
-    se = np.sqrt(f * (1 - f) / N) * ulp
-    err = np.abs(mean - exact)
-    bad = err > 5 * se + 1e-3 * ulp
-    assert not bad.any(), f"bias beyond 5 SE at {np.nonzero(bad)[0][:5]}: err {err[bad][:5]}, se {se[bad][:5]}"
+    bound = _assert_unbiased(mean, exact, 2.0 ** -10, 40 * 50)
     # Power check: the round-to-nearest FP16 of the same update misses that bound at most elements.
     near = np.asarray(srkern.cast(exact.astype(np.float32), "float16", rounding="nearest")).astype(np.float64)
-    assert (np.abs(near - exact) > 5 * se + 1e-3 * ulp).mean() > 0.5
+    assert (np.abs(near - exact) > bound).mean() > 0.5
 
 
 def test_small_updates_stall_with_nearest_but_not_with_sr(backend):

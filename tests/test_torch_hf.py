@@ -20,13 +20,7 @@ FROZEN = "transformer.wpe.weight"  # the position embeddings stay as initialised
 STEPS, SAVE_AT = 6, 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # torch's CPU kernels (the forward and backward) are deterministic per thread count.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # bit-exact against torch's CPU kernels
 
 
 def gpt2() -> torch.nn.Module:

@@ -60,13 +60,7 @@ def trained(dtype, precision: str, steps: int) -> tuple[torch.nn.Module, "srt.Ad
     return model, opt
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # torch's own CPU kernels are deterministic per thread count; keep it fixed for the tests.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # bit-exact against torch's CPU kernels
 
 
 def test_fp32_matches_torch_adamw_over_100_steps():

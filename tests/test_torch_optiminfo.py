@@ -167,13 +167,7 @@ def fresh(kwargs: dict) -> dict:
     return {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # torch's CPU kernels are deterministic per thread count; keep it fixed for the tests.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # bit-exact against torch's CPU kernels
 
 
 # ---- shared helpers ----------------------------------------------------------------------------------
