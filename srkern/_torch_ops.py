@@ -16,6 +16,7 @@ from .adamw import _plan_step, check_hyperparameters
 from .precisions import PRECISIONS, mode
 
 MODES = tuple(PRECISIONS)          # a parameter's precision travels to the op as its index here
+MODE_INDEX = {name: i for i, name in enumerate(MODES)}
 HYPER = 6                          # per group: lr, beta1, beta2, eps, weight_decay, maximize
 STEP_LIMIT = 2 ** 24               # torch keeps step counts as FP32: exact integers up to here
 _U64 = 2 ** 64
@@ -112,13 +113,14 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
             return  # a skipped step: no buffer, no step count changes (torch's fused AdamW too)
     if not params:
         return
+    counts = []
     for k, s in enumerate(steps):
         if not isinstance(s, torch.Tensor) or s.dtype != torch.float32 or s.numel() != 1:
             raise TypeError(f"parameter {k} of this step: its state 'step' must be a 1-element torch.float32 "
                             f"tensor (torch's layout), got {getattr(s, 'dtype', type(s).__name__)}")
+        counts.append(int(s.item()))  # a CPU scalar in torch's layout: no synchronisation
     if len({id(s) for s in steps}) != len(steps):
         raise ValueError("two parameters share one state 'step' tensor: each keeps its own count")
-    counts = [int(s) for s in torch.stack([s.detach().reshape(()).to("cpu", torch.float32) for s in steps]).tolist()]
     buckets: dict[tuple, dict[str, list]] = {}
     staged: list[tuple[torch.Tensor, torch.Tensor]] = []
     xi = 0

@@ -20,7 +20,7 @@ from collections import defaultdict
 import torch
 
 from . import _contract
-from ._torch_ops import MODES, flat_size, param_precision, run_step, seed_arg, state_dtype_for, TORCH_DTYPES
+from ._torch_ops import MODE_INDEX, flat_size, param_precision, run_step, seed_arg, state_dtype_for, TORCH_DTYPES
 from ._torch_sharded import ShardedAdamW  # re-exported: srkern.torch.ShardedAdamW
 from ._torch_state import checked
 from .checkpoint import (TORCH_FORMAT, TORCH_VERSION, CheckpointCorrupt, CheckpointError, check_hyper,
@@ -209,6 +209,7 @@ class AdamW(torch.optim.Optimizer):
         lr_tensors: list[torch.Tensor | None] = []
         seeds: list[int] = []
         new_states: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        precision_of: dict[tuple, str] = {}  # (group precision, dtype) -> the parameter's mode
         offset = 0
         for gi, group in enumerate(self.param_groups):
             lr = group["lr"]
@@ -226,10 +227,13 @@ class AdamW(torch.optim.Optimizer):
                     continue
                 if p.grad.layout != torch.strided:
                     raise RuntimeError(f"param_groups[{gi}]: srkern.torch.AdamW does not support sparse gradients")
-                try:
-                    prec = param_precision(group["precision"], p.dtype)
-                except TypeError as e:
-                    raise TypeError(f"param_groups[{gi}]: {e}") from None
+                key = (group["precision"], p.dtype)
+                prec = precision_of.get(key)
+                if prec is None:
+                    try:
+                        prec = precision_of[key] = param_precision(*key)
+                    except TypeError as e:
+                        raise TypeError(f"param_groups[{gi}]: {e}") from None
                 state = self.state.get(p)
                 if not state:
                     state = new_states[p] = self._new_state(p, prec, group["state_dtype"])
@@ -238,7 +242,7 @@ class AdamW(torch.optim.Optimizer):
                 if PRECISIONS[prec].master or PRECISIONS[prec].compensation:
                     lists[4].append(state["master" if PRECISIONS[prec].master else "compensation"])
                 lists[5].append(state["step"])
-                lists[6].append(MODES.index(prec))
+                lists[6].append(MODE_INDEX[prec])
                 lists[7].append(gi)
                 lists[8].append(off)
         run_step(*lists, hyper, lr_tensors, seeds, float(grad_scale), found_inf)
