@@ -32,7 +32,7 @@ def _mapped(precision: str, dtype: torch.dtype) -> str | None:
         return "fp32"
     if dtype == torch.bfloat16:
         return precision if p.param_dtype == "bfloat16" else "bf16-sr" if precision == "fp16-sr" else None
-    if dtype == torch.float16 and "fp16-sr" in PRECISIONS and (p.stochastic or precision == "fp16-sr"):
+    if dtype == torch.float16 and p.stochastic:  # every stochastic mode, fp16-sr included
         return "fp16-sr"
     return None
 

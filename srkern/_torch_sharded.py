@@ -11,13 +11,11 @@ import torch
 from ._tensor import bump_versions
 from .checkpoint import HYPER_KEYS, check_hyper
 from ._torch_comm import default_communicator
+from ._torch_ops import TORCH_DTYPES
 from .comm import as_communicator
 from .layout import flat_offsets
 from .precisions import param_dtype
 from .sharded import ShardedAdamWCore, hyper_codes
-
-_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
 
 class ShardedAdamW(torch.optim.Optimizer):
     """ZeRO-style sharded srkern AdamW for PyTorch (see :class:`srkern.sharded.ShardedAdamWCore`).
@@ -62,7 +60,7 @@ class ShardedAdamW(torch.optim.Optimizer):
             defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
             check_hyper(defaults)
             torch.optim.Optimizer.__init__(self, params, defaults)
-            want = _TORCH_DTYPES[param_dtype(precision)]
+            want = TORCH_DTYPES[param_dtype(precision)]
             plist = [p for g in self.param_groups for p in g["params"]]
             if not plist:
                 raise ValueError("ShardedAdamW got no parameters")

@@ -51,6 +51,7 @@ def checked(opt: Any, sd: Any) -> tuple[list[dict], dict[int, dict[str, torch.Te
     groups = [copy.deepcopy({k: v for k, v in g.items() if k != "params"}) | {"params": g.get("params")}
               for g in groups]
     params = [p for g in opt.param_groups for p in g["params"]]
+    offsets = opt.layout()
     meta = sd.get("srkern")
     old_step = None
     if meta is not None:
@@ -60,7 +61,7 @@ def checked(opt: Any, sd: Any) -> tuple[list[dict], dict[int, dict[str, torch.Te
         version = m["format_version"] if m["format_version"] in (1, TORCH_VERSION) else TORCH_VERSION
         check_format(m, TORCH_FORMAT, version, "contract")
         check_layout(list(zip(meta["offsets"], meta["numels"], strict=True)),
-                     list(zip(opt.layout(), [flat_size(p) for p in params], strict=True)))
+                     list(zip(offsets, [flat_size(p) for p in params], strict=True)))
         if version == 1:
             check_counters(meta)
             old_step = meta["step"]
@@ -93,7 +94,6 @@ def checked(opt: Any, sd: Any) -> tuple[list[dict], dict[int, dict[str, torch.Te
         position.update(zip(ids, want_ids))
         first += len(want_ids)
     group_of = [gi for gi, g in enumerate(opt.param_groups) for _ in g["params"]]
-    offsets = opt.layout()
     out = {}
     for key, st in state.items():
         i = position.get(key) if isinstance(key, (int, str)) and type(key) is not bool else None
@@ -112,9 +112,7 @@ def _entry(i: int, st: dict, p: torch.Tensor, g: dict, offset: int, foreign: boo
     """Parameter ``i``'s state: checked, and converted where a torch.optim.AdamW state allows."""
     prec = param_precision(g["precision"], p.dtype)
     sections = dict(state_sections(prec, state_dtype_for(prec, g["state_dtype"])))
-    step = st.get("step")
-    if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_complex():
-        step = float(step)
+    step = _as_float(st.get("step"))
     if isinstance(step, float) and step.is_integer():
         step = int(step)
     if type(step) is not int or not 0 <= step < STEP_LIMIT:

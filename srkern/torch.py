@@ -13,9 +13,8 @@ Import it explicitly (``import srkern.torch``); ``import srkern`` does not impor
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
-
 from collections import defaultdict
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -91,9 +90,8 @@ class AdamW(torch.optim.Optimizer):
                                       "autograd (differentiable=True is for optimizer-through-optimizer "
                                       "training; use torch.optim.AdamW for that)")
         mode(precision)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=False,
-                        maximize=maximize, foreach=foreach, fused=fused, capturable=capturable,
-                        differentiable=False, decoupled_weight_decay=True, precision=precision,
+        defaults = dict(_FLAGS, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        maximize=maximize, foreach=foreach, fused=fused, capturable=capturable, precision=precision,
                         state_dtype=state_dtype or default_state_dtype(precision),
                         seed=_contract.resolve_seed(seed))
         _check_group(defaults)
