@@ -203,6 +203,17 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+def save_and_load(obj: Any, *, weights_only: bool) -> Any:
+    """``obj`` through ``torch.save`` into memory and ``torch.load`` back (a checkpoint round trip)."""
+    import io
+
+    import torch
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=weights_only)
+
+
 def child_env() -> dict[str, str]:
     """Environment for a child Python that must import the same srkern as this process."""
     import srkern

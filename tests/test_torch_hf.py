@@ -4,7 +4,6 @@
 bit the uninterrupted run."""
 from __future__ import annotations
 
-import io
 
 import pytest
 
@@ -12,6 +11,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 import srkern.torch as srt  # noqa: E402
 from srkern.testing import assert_same_bits  # noqa: E402
+
+from conftest import save_and_load  # noqa: E402
 
 CONFIG = dict(n_layer=2, n_head=2, n_embd=64, vocab_size=256, n_positions=64, tie_word_embeddings=True,
               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # no dropout: the forward is deterministic
@@ -71,10 +72,7 @@ def test_gpt2_bf16_sr_checkpoint_resumes_bit_exact():
     m1 = gpt2()
     o1 = optimizer(m1)
     first = train(m1, o1, range(SAVE_AT))
-    buf = io.BytesIO()
-    torch.save({"model": m1.state_dict(), "optimizer": o1.state_dict()}, buf)
-    buf.seek(0)
-    ck = torch.load(buf, weights_only=True)
+    ck = save_and_load({"model": m1.state_dict(), "optimizer": o1.state_dict()}, weights_only=True)
 
     m2 = gpt2()
     m2.load_state_dict(ck["model"])

@@ -3,7 +3,6 @@ checkpoints (bit-exact continuation) and refused state dicts."""
 from __future__ import annotations
 
 import copy
-import io
 import re
 
 import pytest
@@ -11,8 +10,11 @@ import pytest
 torch = pytest.importorskip("torch")
 import srkern.torch as srt  # noqa: E402
 from srkern.checkpoint import CheckpointCorrupt, CheckpointMismatch  # noqa: E402
-from srkern.precisions import PRECISIONS  # noqa: E402
+from srkern._torch_ops import TORCH_DTYPES  # noqa: E402
+from srkern.precisions import PRECISIONS, param_dtype  # noqa: E402
 from srkern.testing import assert_same_bits  # noqa: E402
+
+from conftest import save_and_load  # noqa: E402
 
 HYPER = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 
@@ -115,15 +117,12 @@ MODES = list(PRECISIONS)
 def test_state_dict_round_trip_continues_bit_exact(precision):
     # Save model + optimizer after 4 steps (through torch.save, weights_only load), restore
     # into fresh objects, run 4 more steps: bit-identical to 8 uninterrupted steps.
-    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    dtype = TORCH_DTYPES[param_dtype(precision)]  # FP16 weights for fp16-sr
 
     ref, _ = trained(dtype, precision, 8)
 
     m1, o1 = trained(dtype, precision, 4)
-    buf = io.BytesIO()
-    torch.save({"model": m1.state_dict(), "opt": o1.state_dict()}, buf)
-    buf.seek(0)
-    ck = torch.load(buf, weights_only=True)
+    ck = save_and_load({"model": m1.state_dict(), "opt": o1.state_dict()}, weights_only=True)
     m2 = small_model(dtype)
     m2.load_state_dict(ck["model"])
     o2 = srt.AdamW(m2.parameters(), precision=precision, seed=None, **HYPER)  # seed from checkpoint
@@ -152,10 +151,7 @@ def test_copies_and_pickles_continue_bit_exact(precision, how):
     elif how == "pickle":
         m2, o2 = pickle.loads(pickle.dumps((m1, o1)))
     else:
-        buf = io.BytesIO()
-        torch.save((m1, o1), buf)
-        buf.seek(0)
-        m2, o2 = torch.load(buf, weights_only=False)
+        m2, o2 = save_and_load((m1, o1), weights_only=False)
     assert (o2.seed, steps(o2), o2.precision) == (42, {4}, precision)
     train(m2, o2, range(4, 8))
     train(m1, o1, range(4, 8))  # the original goes on unchanged by the copy

@@ -22,7 +22,6 @@ and gradients, with bounds in units in the last place (see ``assert_tracks_refer
 from __future__ import annotations
 
 import copy
-import io
 import math
 import pickle
 from dataclasses import dataclass
@@ -36,6 +35,8 @@ from torch.nn import Parameter  # noqa: E402
 
 import srkern.torch as srt  # noqa: E402
 from srkern.testing import assert_same_bits  # noqa: E402
+
+from conftest import save_and_load  # noqa: E402
 
 SEED = 1234
 DEVICE = "cpu"
@@ -447,13 +448,6 @@ def _sd_equal(a, b, path="sd") -> None:
         assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), f"{path}: {a!r} vs {b!r}"
 
 
-def _save_load(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 @per_input
 @per_mode
 def test_state_dict_continuation(mode, which):
@@ -471,7 +465,7 @@ def test_state_dict_continuation(mode, which):
     o1 = srt.AdamW(p1, **srk_kwargs(mode, fresh(inp.kwargs)))
     train(o1, p1, range(3))
     saved = copy.deepcopy(o1.state_dict())
-    loaded = _save_load(saved)
+    loaded = save_and_load(saved, weights_only=True)
     _sd_equal(loaded, saved)
     for drop_meta in (False, True):
         sd = copy.deepcopy(loaded)
@@ -608,10 +602,7 @@ def test_pickle_and_torch_save(mode, how):
     if how == "pickle":
         cparams, copt = pickle.loads(pickle.dumps((params, opt)))
     else:
-        buf = io.BytesIO()
-        torch.save((params, opt), buf)
-        buf.seek(0)
-        cparams, copt = torch.load(buf, weights_only=False)
+        cparams, copt = save_and_load((params, opt), weights_only=False)
     train(copt, cparams, range(3, 6))
     train(opt, params, range(3, 6))
     assert_same_run(copt, cparams, opt, params, f"{mode}, {how}")
@@ -636,7 +627,7 @@ def test_dcp_optimizer_state_dict_round_trip(mode):
     m1 = model()
     o1 = srt.AdamW(m1.parameters(), **srk_kwargs(mode, {}))
     train(o1, list(m1.parameters()), range(3))
-    osd = _save_load(get_optimizer_state_dict(m1, o1))
+    osd = save_and_load(get_optimizer_state_dict(m1, o1), weights_only=True)
     assert sorted(osd["state"]) == ["0.bias", "0.weight", "2.bias", "2.weight"]
     m2 = model()
     m2.load_state_dict(m1.state_dict())
