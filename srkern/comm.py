@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import os
 import sys
+import time
 import traceback
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
@@ -161,7 +162,7 @@ class Communicator:
         for c in self._nccl.values():
             with contextlib.suppress(Exception):
                 c.abort()
-        self.mpi.Abort(code)
+        _mpi_abort(self.mpi, code)
 
     # -- NCCL
     def _nccl_comm(self, device_id: int):
@@ -325,6 +326,20 @@ def _mpi_buf(v: View):
     return _mpi().buffer.fromaddress(v.ptr, v.nbytes) if v.nbytes else _mpi().buffer.fromaddress(0, 0)
 
 
+# MPICH's launcher kills every rank as soon as one calls MPI_Abort, and what that rank wrote to
+# its stderr just before may still sit in the pipe: about 1 launch in 40 lost the whole message
+# (tests/test_dist_attack.py, 2 ranks). A pause this long lost none in 200.
+ABORT_FLUSH_S = 0.05
+
+
+def _mpi_abort(mpi, code: int) -> None:
+    """``MPI_Abort`` after the launcher has had time to forward this rank's last output."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(ABORT_FLUSH_S)
+    mpi.Abort(code)
+
+
 @contextlib.contextmanager
 def abort_on_error(comm: "Communicator | Any" = None) -> Iterator[None]:
     """Run the body; if it raises on any rank, print the error with the rank and abort the job.
@@ -355,7 +370,7 @@ def abort_on_error(comm: "Communicator | Any" = None) -> Iterator[None]:
         if c is not None:
             c.abort(1)  # NCCL communicators first, then MPI_Abort
         else:
-            mpi.Abort(1)
+            _mpi_abort(mpi, 1)
         # MPICH's MPI_Abort can return before the launcher kills this process: leaving the
         # generator now would swallow the exception and run the code after the with block.
         os._exit(1)
