@@ -130,6 +130,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"backend for CPU tensors: {chosen} (SRKERN_BACKEND; one of {', '.join(_backend.BACKENDS)}; "
           f"gpu-emu runs the GPU code over the grid of {_backend.emu_sms()} SMs"
           f"{', with ASan and UBSan' if _build.emu_sanitized() else ''})")
+    if ok:
+        try:
+            simd = _backend.simd_path("cpu")
+        except _build.BuildError as e:
+            simd = f"UNKNOWN: {e}"
+        isa = os.environ.get("SRKERN_CPU_ISA") or "native"
+        print(f"CPU SIMD path: {simd} (cpu backend, SRKERN_CPU_ISA={isa}; cpu-portable: portable)")
     ok, text, devices = gpu_backend_status()
     print(f"GPU backend: {'yes' if ok else 'NO'}: {text}")
     print("CUDA devices: " + ("none" if not devices else ""))

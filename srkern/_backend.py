@@ -71,6 +71,23 @@ def _cpu_function(module: str, kernel: str, codes: str, backend: str):
     return fn
 
 
+def simd_path(backend: str | None = None) -> str:
+    """The SIMD path the CPU kernels of ``backend`` run (default: :func:`cpu_backend`):
+    ``"avx512"``, ``"avx2"`` or ``"portable"``, as the compiled cast library reports it
+    (``srk_simd_path`` of kernels/cpu/philox_tile.h, the #if that picks the Philox tile), so the
+    flags of the build, ``SRKERN_CPU_ISA`` included, decide it. ``"gpu-emu"`` and ``"cuda"``
+    run the shared GPU bodies, no host SIMD path: their own names come back."""
+    name = backend or cpu_backend()
+    if name in ("gpu-emu", "cuda"):
+        return name
+    if name not in BACKENDS:
+        raise _build.BuildError(f"backend {name!r} is not one of {BACKENDS + ('cuda',)}")
+    fn = _build.cpu_library("cast", name).srk_simd_path
+    fn.argtypes = []
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
+
+
 def _check_asan_loaded() -> None:
     """A sanitized build loaded into a process without the ASan runtime kills the interpreter
     ("ASan runtime does not come first"): say what to do instead."""

@@ -14,7 +14,15 @@
 // set errno). Measured on a 2-core EPYC (Zen 3), CPU time per element and thread, bf16-sr with
 // BF16 moments: ~2.3 ns, of which ~1 ns is the three Philox streams (16 vector ops per round per
 // 8 blocks, near the core's issue width) and ~0.3 ns the correctly rounded sqrt and division;
-// the step is compute-bound on such a CPU.
+// the step is compute-bound on such a CPU. On a 2-core AVX-512 Xeon (one thread, thread CPU
+// time, kernel only, 64K elements in L2 / 16M out of it): ~0.9-1.2 ns for bf16-nearest (no
+// Philox; the correctly rounded vdivps and vsqrtps alone take ~1.4 cycles per element), bf16-sr
+// 2.5 / 2.6-3.0 ns with the AVX2 tiles and 1.8 / 1.8-2.1 ns with the AVX-512 ones drawn three
+// streams at once (srk_draw_tiles<8, 3>). What bf16-sr adds to bf16-nearest is the Philox of
+// its three streams and nothing more, in L2 as out of it (so no memory stall): with AVX2 it was
+// 3/8 of a block per element at ~5-6 ns per block, because an 8-block tile keeps only two ymm
+// vectors in flight (latency-bound; 32-block tiles take 4.8 ns); with AVX-512 it is three zmm
+// vectors per call at ~2 ns per block.
 //
 // fp16-sr runs the same tiles: its weight's 32-bit draws are the words of the 16 Philox blocks
 // 2 q0 .. 2 q0 + 15 (one srk_draw_tile<16>: word k is the draw of element 8 q0 + k), and the FP16
@@ -34,14 +42,22 @@ template <int MODE, class P, class G, class S>
 SRK_HD void adamw_run64(const AdamwHyper& h, const SrkRow& row, u64 q0) {
   typedef AdamwMode<MODE, P, S> M;
   typedef typename M::X X;
-  alignas(32) u32 wx[64], wm[32], wv[32];
-  if (M::X_SR) {
-    if (M::X_DRAW32) srk_draw_tile<16>(h.seed, h.step, M::X_STREAM, 2 * q0, wx);
-    else srk_draw_tile<8>(h.seed, h.step, M::X_STREAM, q0, wx);
-  }
-  if (M::MV_SR) {
-    srk_draw_tile<8>(h.seed, h.step, SRK_STREAM_EXP_AVG, q0, wm);
-    srk_draw_tile<8>(h.seed, h.step, SRK_STREAM_EXP_AVG_SQ, q0, wv);
+  // wx: X_STREAM's words (64 for X_DRAW32, else 32), then EXP_AVG's and EXP_AVG_SQ's (32 each).
+  // Where all three are 8-block tiles of block q0 they are drawn in one srk_draw_tiles call: on
+  // AVX-512 that runs their three vectors interleaved (one 8-block vector alone waits on its
+  // multiply latency).
+  alignas(64) u32 wx[64 + 64];
+  u32* const wm = wx + (M::X_DRAW32 ? 64 : 32);
+  u32* const wv = wm + 32;
+  const u32 streams[3] = {(u32)M::X_STREAM, SRK_STREAM_EXP_AVG, SRK_STREAM_EXP_AVG_SQ};
+  if (M::X_SR && M::MV_SR && !M::X_DRAW32) {
+    srk_draw_tiles<8, 3>(h.seed, h.step, streams, q0, wx);
+  } else {
+    if (M::X_SR) {
+      if (M::X_DRAW32) srk_draw_tile<16>(h.seed, h.step, M::X_STREAM, 2 * q0, wx);
+      else srk_draw_tile<8>(h.seed, h.step, M::X_STREAM, q0, wx);
+    }
+    if (M::MV_SR) srk_draw_tiles<8, 2>(h.seed, h.step, streams + 1, q0, wm);
   }
   // The 16-bit draw of element 8 * q0 + k is halfword k of a tile (little-endian words); its
   // 32-bit draw (X_DRAW32) is word k of wx.
