@@ -12,6 +12,27 @@
 // threads per SM on sm_80/sm_90); a block-size sweep on the target GPU is what would change it.
 #define SRK_GPU_BLOCK 256
 #define SRK_GPU_BLOCKS_PER_SM 32
+// Register budgets (ptxas, sm_90: 65536 registers per SM). SRK_GPU_BOUNDS(b) is
+// __launch_bounds__(SRK_GPU_BLOCK, b): ptxas keeps registers low enough for b resident blocks of
+// SRK_GPU_BLOCK threads per SM (b = 5: at most 48 registers, b = 8: 32, full occupancy). Measured
+// register counts and the limits CI holds them to: tests/test_sass.py. Host compilers (cpu
+// backends, gpu-emu) ignore it.
+// Each is the largest b that spills nothing; which occupancy is fastest is for a GPU run to say
+// (benchmarks/gpu_check.py times these kernels).
+//   SRK_REDUCE_MIN_BLOCKS      dist_reduce_*_bf16_{sr,rn}: without a bound the SR kernels take
+//                              66-80 registers (3 blocks per SM), RN 44-47; b = 5 gives at most
+//                              48, b = 6 spills the SR kernels (76 bytes).
+//   SRK_REDUCE_F32_MIN_BLOCKS  dist_reduce_bf16_f32: 48 unbounded, 40 with b = 6; b = 7 spills.
+//   SRK_STREAM_MIN_BLOCKS      full occupancy (32 registers): the upcasts of kernels/cast.cu
+//                              (29-36 unbounded) and dist_reduce_f32_f32 (44 unbounded).
+#define SRK_REDUCE_MIN_BLOCKS 5
+#define SRK_REDUCE_F32_MIN_BLOCKS 6
+#define SRK_STREAM_MIN_BLOCKS 8
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define SRK_GPU_BOUNDS(b) __launch_bounds__(SRK_GPU_BLOCK, b)
+#else
+#define SRK_GPU_BOUNDS(b)
+#endif
 // gpu-emu: the multiprocessors of the emulated device (an H200's), unless SRKERN_EMU_SMS is set.
 #define SRK_EMU_SMS 132
 

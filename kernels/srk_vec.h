@@ -8,8 +8,21 @@
 // fault on a GPU and undefined behaviour in C++. The bits loaded or stored are the same either
 // way, so only speed depends on alignment. Host builds use the same code; g++ vectorises the
 // loops of their callers by itself.
+//
+// On a GPU every pointer srkern hands a kernel is global memory (device, managed or mapped host
+// allocations), which SRK_GLOBAL tells the compiler: where a pointer is not a kernel parameter
+// (AdamW reads its buffers' addresses from the tensor table) it could not know, and emitted
+// generic LD.E.128 / ST.E.128 (sm_90), which check the address space at run time; with it the
+// full-block accesses are LDG.E.128 / STG.E.128, and ptxas needs up to 8 fewer registers
+// (adamw_bf16_kahan_gbf16_sbf16: 90 -> 82). Only the instruction changes, never the bytes.
 #pragma once
 #include "srk_platform.h"
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define SRK_GLOBAL(p) __builtin_assume(__isGlobal(p))
+#else
+#define SRK_GLOBAL(p) (void)0
+#endif
 
 template <class T, int N>
 struct alignas(N * sizeof(T)) SrkPacked {
@@ -22,6 +35,7 @@ struct alignas(N * sizeof(T)) SrkPacked {
 // N elements from p, with one access when p is aligned to the struct's size.
 template <int N, class T>
 SRK_HD SrkPacked<T, N> srk_load(const T* p) {
+  SRK_GLOBAL(p);
   SrkPacked<T, N> r;
   if (((uptr)p & (sizeof(r) - 1)) == 0) {
     r = *(const SrkPacked<T, N>*)p;
@@ -35,6 +49,7 @@ SRK_HD SrkPacked<T, N> srk_load(const T* p) {
 // N elements to p, with one access when p is aligned to the struct's size.
 template <int N, class T>
 SRK_HD void srk_store(T* p, const SrkPacked<T, N>& x) {
+  SRK_GLOBAL(p);
   if (((uptr)p & (sizeof(x) - 1)) == 0) {
     *(SrkPacked<T, N>*)p = x;
   } else {

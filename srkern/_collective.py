@@ -44,9 +44,9 @@ def reduce_scatter_views(xv: View, outv: View, comm: Communicator, *, op: str, r
                    rv, [m] * world, [r * m for r in range(world)], stream=cs)
     div = float(world) if op == "avg" else 1.0
     base = [("p", rv.ptr), ("q", m), ("i", world), ("f", div), ("p", outv.ptr), ("q", m)]
-    if outv.dtype == "float32":
+    if outv.dtype == "float32":  # a unit is 16 bytes of each chunk (dist_f32_body): 4 FP32, 8 BF16
         _backend.launch("dist", f"dist_reduce_{KERNEL_SUFFIX[wire]}_f32", base, device=xv.device,
-                        device_id=xv.device_id, units=m, stream=cs)
+                        device_id=xv.device_id, units=-(-m // (4 if wire == "float32" else 8)), stream=cs)
     else:
         kernel = f"dist_reduce_{KERNEL_SUFFIX[wire]}_bf16_{'sr' if rounding == 'stochastic' else 'rn'}"
         _backend.launch("dist", kernel, base + [("Q", start), ("Q", seed), ("Q", step), ("I", stream)],

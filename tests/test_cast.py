@@ -503,6 +503,22 @@ def test_upcast_all_patterns(backend, fmt):
     assert_same_bits(got, x.astype(np.float32), what=f"{fmt.name} -> float32", nan="sign")
 
 
+@pytest.mark.parametrize("fmt", fmt_params())
+@pytest.mark.parametrize("n", [1, 7, 15, 17, 1000, 4099], ids=lambda s: f"n={s}")
+@pytest.mark.parametrize("lead", [(0, 0), (1, 0), (0, 3), (5, 1)], ids=lambda s: f"lead={s[0]},{s[1]}")
+def test_upcast_sizes_and_misaligned_views(backend, fmt, n, lead):
+    # The GPU upcast moves 16 bytes per thread: its tail (n % 8 or n % 16 elements) and its
+    # element-wise fallback for views that are not 16-byte aligned (input `lead`, out= `lead`
+    # elements past an aligned start) must give the same bits as the aligned vector body.
+    x = all_patterns(fmt)[np.random.default_rng(n).integers(0, 2 ** fmt.nbits, n)]
+    want = x.astype(np.float32)
+    got = backend.get(srkern.cast(backend.put(x, lead=lead[0]), "float32"))
+    assert_same_bits(got, want, what=f"{fmt.name} -> float32 n={n}", nan="sign")
+    out = backend.put(np.full(n, np.float32(-7.0)), lead=lead[1])
+    assert srkern.cast(backend.put(x, lead=lead[0]), "float32", out=out) is out
+    assert_same_bits(backend.get(out), want, what=f"{fmt.name} -> float32 n={n} out=", nan="sign")
+
+
 # ---- bad input: a clear error naming the argument, and no buffer changed ---------------------------
 
 def _sentinel_out(n: int = 16, dtype=ml_dtypes.bfloat16) -> np.ndarray:
