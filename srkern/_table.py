@@ -61,15 +61,18 @@ def table(params: Sequence[View], cols: Sequence[Sequence[int]], offsets: Sequen
     """The kernels' tensor table (``kernels/srk_table.h``; one row per tensor: the six buffer
     pointers of ``cols``, the size, the logical offset and the first work unit) and the total
     number of work units, where tensor ``t`` has ``units[t]`` of them."""
-    table = np.zeros((len(params), TABLE_COLS), dtype=np.uint64)
-    b0 = 0
-    for t, p in enumerate(params):
-        table[t, :6] = [c[t] for c in cols]
-        table[t, 6] = p.numel
-        table[t, 7] = offsets[t]
-        table[t, TABLE_UNIT0] = b0
-        b0 += units[t]
-    return table, b0
+    # Filled by column: a row at a time cost ~5 us a tensor (1,000 tensors: 5 ms per table).
+    n = len(params)
+    table = np.zeros((n, TABLE_COLS), dtype=np.uint64)
+    if n == 0:
+        return table, 0
+    for j, c in enumerate(cols):
+        table[:, j] = np.array(c, dtype=np.uint64)
+    table[:, 6] = np.array([p.numel for p in params], dtype=np.uint64)
+    table[:, 7] = np.array(offsets, dtype=np.uint64)
+    u = np.array(units, dtype=np.uint64)
+    table[1:, TABLE_UNIT0] = np.cumsum(u[:-1], dtype=np.uint64)
+    return table, int(u.sum(dtype=np.uint64))
 
 
 def device_table(table: np.ndarray, v: View, stream: int) -> tuple[Any, int]:

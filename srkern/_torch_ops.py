@@ -8,11 +8,11 @@ step and changes nothing); compiled ones go through the op. Both run the same fu
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-from .adamw import _plan_step, check_hyperparameters
+from .adamw import Prepared, _prepare_step, check_hyperparameters
 from .precisions import PRECISIONS, mode
 
 MODES = tuple(PRECISIONS)          # a parameter's precision travels to the op as its index here
@@ -94,9 +94,25 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
     count after this step; parameters that share a step count (the usual case: one launch)
     are launched together per group, device, precision and dtype.
     """
-    n_groups = len(seeds)
+    step_buckets(params, grads, exp_avgs, exp_avg_sqs, extras, steps, modes, groups, offsets, hyper,
+                 lr_tensors, seeds, grad_scale, found_inf)
+
+
+class Bucket(NamedTuple):
+    """One launch of a step: its group, the Philox step, the prepared launch, and the positions
+    (in the step's parameter list) of its parameters."""
+    group: int
+    step: int
+    prepared: Prepared
+    members: list[int]
+
+
+def group_hyper(hyper: list[float], lr_tensors: list[Optional[torch.Tensor]],
+                grad_scale: float) -> list[tuple[tuple, bool]]:
+    """Each group's checked (lr, betas, eps, weight_decay, grad_scale) and maximize flag; a
+    tensor lr is read here (on CUDA one synchronisation)."""
     hp = []
-    for gi in range(n_groups):
+    for gi in range(len(lr_tensors)):
         lr, b1, b2, eps, wd, maximize = hyper[HYPER * gi:HYPER * gi + HYPER]
         t = lr_tensors[gi]
         if t is not None:
@@ -105,14 +121,31 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
             hp.append((check_hyperparameters(lr, (b1, b2), eps, wd, grad_scale), maximize != 0.0))
         except (TypeError, ValueError) as e:
             raise type(e)(f"param_groups[{gi}]: {e}") from None
-    if found_inf is not None:
-        if found_inf.dtype != torch.float32 or found_inf.numel() != 1:
-            raise TypeError(f"found_inf must be a 1-element torch.float32 tensor, got "
-                            f"{found_inf.dtype} {tuple(found_inf.shape)}")
-        if float(found_inf) != 0.0:
-            return  # a skipped step: no buffer, no step count changes (torch's fused AdamW too)
+    return hp
+
+
+def skipped(found_inf: Optional[torch.Tensor]) -> bool:
+    """Whether ``found_inf`` (checked) is non-zero: read on the host (on CUDA one synchronisation)."""
+    if found_inf is None:
+        return False
+    if found_inf.dtype != torch.float32 or found_inf.numel() != 1:
+        raise TypeError(f"found_inf must be a 1-element torch.float32 tensor, got "
+                        f"{found_inf.dtype} {tuple(found_inf.shape)}")
+    return float(found_inf) != 0.0
+
+
+def step_buckets(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                 exp_avg_sqs: list[torch.Tensor], extras: list[torch.Tensor], steps: list[torch.Tensor],
+                 modes: list[int], groups: list[int], offsets: list[int], hyper: list[float],
+                 lr_tensors: list[Optional[torch.Tensor]], seeds: list[int], grad_scale: float,
+                 found_inf: Optional[torch.Tensor]) -> list[Bucket] | None:
+    """:func:`adamw_step_`, returning the launches it ran (None if it staged a non-contiguous
+    parameter or launched nothing) for ``srkern/_plan.py`` to keep."""
+    hp = group_hyper(hyper, lr_tensors, grad_scale)
+    if skipped(found_inf):
+        return None  # a skipped step: no buffer, no step count changes (torch's fused AdamW too)
     if not params:
-        return
+        return None
     counts = []
     for k, s in enumerate(steps):
         if not isinstance(s, torch.Tensor) or s.dtype != torch.float32 or s.numel() != 1:
@@ -137,7 +170,7 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
             pw = p.contiguous()
             staged.append((p, pw))
         key = (groups[k], p.device, g.dtype, prec, exp_avgs[k].dtype, counts[k] + 1)
-        b = buckets.setdefault(key, {"p": [], "g": [], "m": [], "v": [], "x": [], "o": []})
+        b = buckets.setdefault(key, {"p": [], "g": [], "m": [], "v": [], "x": [], "o": [], "k": []})
         b["p"].append(_real(pw))
         b["g"].append(_real(g))
         b["m"].append(_real(exp_avgs[k]))
@@ -146,12 +179,13 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
             b["x"].append(extras[xi])
             xi += 1
         b["o"].append(offsets[k])
+        b["k"].append(k)
     launches = []
     for (gi, _, _, prec, _, step), b in buckets.items():
         (lr, betas, eps, wd, gs), maximize = hp[gi]
         pm = PRECISIONS[prec]
         try:
-            launches.append(_plan_step(
+            launches.append((gi, b["k"]) + _prepare_step(
                 b["p"], b["g"], b["m"], b["v"], step=step, lr=lr, betas=betas, eps=eps, weight_decay=wd,
                 precision=prec, master_params=b["x"] if pm.master else None,
                 compensation=b["x"] if pm.compensation else None,
@@ -160,12 +194,16 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
         except (TypeError, ValueError) as e:
             raise type(e)(f"param_groups[{gi}]: {e}") from None
     # Every check has passed: from here on buffers are written.
-    for launch in launches:
-        if launch is not None:
-            launch()
+    for _, _, prepared, step, sc, gs, fi_ptr in launches:
+        if prepared is not None:
+            prepared.launch(step, sc, gs, fi_ptr)
     for p, pw in staged:
         p.copy_(pw)
     torch._foreach_add_(steps, 1.0)
+    if staged:
+        return None
+    return [Bucket(gi, step, prepared, members) for gi, members, prepared, step, *_ in launches
+            if prepared is not None] or None
 
 
 @torch.library.custom_op("srkern::adamw_step_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "extras", "steps"))
@@ -184,10 +222,11 @@ def _(params, grads, exp_avgs, exp_avg_sqs, extras, steps, modes, groups, offset
     return None
 
 
-def run_step(*args) -> None:
-    """The step: through the custom op when compiling, directly otherwise (the same function)."""
+def run_step(*args) -> list[Bucket] | None:
+    """The step: through the custom op when compiling, directly otherwise (the same function);
+    an eager step returns its launches (see :func:`step_buckets`)."""
     if torch.compiler.is_compiling():
         _adamw_op(*args)
-    else:
-        adamw_step_(*args)
+        return None
+    return step_buckets(*args)
 

@@ -8,17 +8,30 @@ into calls, on thread count or on backend.
 from __future__ import annotations
 
 import math
+import struct
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from . import _backend, _contract, _table
 from .formats import KERNEL_SUFFIX
-from ._tensor import as_view, check_disjoint, mark_written, stream_of
+from ._tensor import View, as_view, bump_versions, check_disjoint, stream_of
 from .layout import flat_offsets
 from .precisions import PRECISIONS, bytes_per_param, default_state_dtype, mode as _precision, step_bytes_per_param  # noqa: F401 (re-exported)
 
 # ---- host-side scalars --------------------------------------------------------------------------
+
+_F32 = struct.Struct("f")
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to FP32 once, as ``np.float32(x)`` does (the same C conversion), or +-inf
+    where it overflows. 0.2 us, against ~1 us for ``np.float32`` inside ``np.errstate``: the
+    scalars are formed every step."""
+    try:
+        return _F32.unpack(_F32.pack(x))[0]
+    except OverflowError:  # finite, beyond FP32's range
+        return math.copysign(math.inf, x)
 
 
 def _scalars(step: int, lr: float, betas: tuple[float, float], eps: float,
@@ -27,11 +40,10 @@ def _scalars(step: int, lr: float, betas: tuple[float, float], eps: float,
     b1, b2 = betas
     bc1 = 1.0 - b1 ** step
     bc2 = 1.0 - b2 ** step
-    f = lambda x: float(np.float32(x))  # noqa: E731
-    with np.errstate(over="ignore"):
-        sc = {"b1": f(b1), "omb1": f(1.0 - b1), "b2": f(b2), "omb2": f(1.0 - b2),
-              "step_size": f(lr / bc1), "inv_sqrt_bc2": f(1.0 / math.sqrt(bc2)), "eps": f(eps),
-              "decay": f(1.0 - lr * weight_decay), "lrwd": f(lr * weight_decay)}
+    f = _f32
+    sc = {"b1": f(b1), "omb1": f(1.0 - b1), "b2": f(b2), "omb2": f(1.0 - b2),
+          "step_size": f(lr / bc1), "inv_sqrt_bc2": f(1.0 / math.sqrt(bc2)), "eps": f(eps),
+          "decay": f(1.0 - lr * weight_decay), "lrwd": f(lr * weight_decay)}
     bad = [k for k, v in sc.items() if not math.isfinite(v)]
     if bad:
         raise ValueError(f"lr={lr!r}, weight_decay={weight_decay!r} at step {step} give kernel scalars "
@@ -134,17 +146,27 @@ def adamw_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[A
         launch()
 
 
-def _plan_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[Any],
+def _plan_step(*args: Any, **kw: Any) -> Callable[[], None] | None:
+    """:func:`adamw_step`'s checks, all of them: returns the launch to run (None when there is
+    nothing to update) or raises having written nothing."""
+    prepared, step, sc, gs, fi_ptr = _prepare_step(*args, **kw)
+    if prepared is None:
+        return None
+    return lambda: prepared.launch(step, sc, gs, fi_ptr)
+
+
+def _prepare_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[Any],
                exp_avg_sqs: Sequence[Any], *, step: int, lr: float,
                betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                weight_decay: float = 0.0, precision: str = "bf16-sr",
                master_params: Sequence[Any] | None = None,
                compensation: Sequence[Any] | None = None, grad_scale: float = 1.0,
                found_inf: Any = None, seed: int,
-               offsets: Sequence[int] | None = None) -> Callable[[], None] | None:
-    """:func:`adamw_step`'s checks, all of them: returns the launch to run (None when there is
-    nothing to update) or raises having written nothing. ``srkern.torch.AdamW`` plans every
-    bucket before launching any, so that a bad call changes no buffer."""
+               offsets: Sequence[int] | None = None) -> tuple[Prepared | None, int, dict[str, float], float, int]:
+    """:func:`adamw_step`'s checks, all of them, or a raise having written nothing: returns the
+    prepared launch (None when there is nothing to update) and its run's step, FP32 scalars,
+    FP32 grad_scale and found_inf pointer. ``srkern.torch.AdamW`` prepares every bucket before
+    launching any, so that a bad call changes no buffer."""
     prec = _precision(precision)
     seed = _contract.check_u64("seed", seed)
     step = _contract.check_u64("step", step, _contract.U32)
@@ -168,7 +190,7 @@ def _plan_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[A
     wv = _table.views("master_params", master_params, n) if prec.master else []
     cv = _table.views("compensation", compensation, n) if prec.compensation else []
     if n == 0:
-        return None
+        return None, step, {}, 0.0, 0
 
     if any(p.framework == "jax" for p in pv):
         raise TypeError("params: JAX arrays are immutable; adamw_step works in place")
@@ -200,29 +222,69 @@ def _plan_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[A
     check_disjoint(named, "every buffer of an AdamW step must be distinct")
     offs = flat_offsets([p.numel for p in pv], offsets)
     sc = _scalars(step, lr, (b1, b2), eps, weight_decay)
-    zero = [0] * n
-    cols = [[p.ptr for p in pv], [g.ptr for g in gv], [m.ptr for m in mv], [v.ptr for v in vv],
-            [w.ptr for w in wv] if wv else zero, [c.ptr for c in cv] if cv else zero]
-    # Units of the update: (tensor, Philox block) pairs; a tensor covers blocks
-    # offset // 8 .. (offset + n - 1) // 8.
-    blocks = [0 if p.numel == 0 else (o + p.numel - 1) // 8 - o // 8 + 1 for p, o in zip(pv, offs, strict=True)]
-    table, npairs = _table.table(pv, cols, offs, blocks)
-    if npairs == 0:
-        return None
-    kernel = f"adamw_{prec.kernel}_g{KERNEL_SUFFIX[gv[0].dtype]}_s{KERNEL_SUFFIX[mv[0].dtype]}"
-    written = pv + mv + vv + wv + cv
+    prepared = Prepared.build(prec.kernel, pv, gv, mv, vv, wv, cv, offs, seed)
+    return prepared, step, sc, float(np.float32(grad_scale)), fi.ptr if fi else 0
 
-    def launch() -> None:
-        # All checks passed: from here on buffers are written.
-        stream = stream_of(pv[0])
-        keep, tptr = _table.device_table(table, pv[0], stream)
-        _backend.launch("adamw", kernel, [
-            ("p", tptr), ("q", n), ("q", npairs), ("Q", seed), ("Q", step),
+
+class Prepared:
+    """One checked AdamW launch with its tensor table, whose step, scalars and gradient pointers
+    may change between runs: :func:`_plan_step` makes one per call; ``srkern.torch.AdamW`` keeps
+    them across steps (``srkern/_plan.py``), rewriting only the gradient column of ``table``
+    after checking the new gradients itself."""
+    GRAD_COL = 1  # the table column of the gradient pointers (kernels/srk_table.h)
+
+    def __init__(self, kernel: str, table: np.ndarray, npairs: int, seed: int, device: View,
+                 written: list[View]) -> None:
+        self.kernel, self.table, self.npairs, self.seed, self.device = kernel, table, npairs, seed, device
+        self.n = len(table)
+        self.written = written
+        # The torch tensors to bump after each launch, gathered once (a list of 3,000 views
+        # filtered per step costs ~0.1 us a tensor).
+        self.bump = [v.obj for v in written if v.framework == "torch"]
+        self._dev: tuple[Any, ...] | None = None  # (stream, keep-alive, pointer) of the GPU copy
+
+    @classmethod
+    def build(cls, kernel: str, pv: list[View], gv: list[View], mv: list[View], vv: list[View],
+              wv: list[View], cv: list[View], offs: list[int], seed: int) -> "Prepared | None":
+        """From checked views (see :func:`_plan_step`); None when no element is to be updated."""
+        n = len(pv)
+        zero = [0] * n
+        cols = [[p.ptr for p in pv], [g.ptr for g in gv], [m.ptr for m in mv], [v.ptr for v in vv],
+                [w.ptr for w in wv] if wv else zero, [c.ptr for c in cv] if cv else zero]
+        # Units of the update: (tensor, Philox block) pairs; a tensor covers blocks
+        # offset // 8 .. (offset + n - 1) // 8.
+        blocks = [0 if p.numel == 0 else (o + p.numel - 1) // 8 - o // 8 + 1 for p, o in zip(pv, offs, strict=True)]
+        table, npairs = _table.table(pv, cols, offs, blocks)
+        if npairs == 0:
+            return None
+        name = f"adamw_{kernel}_g{KERNEL_SUFFIX[gv[0].dtype]}_s{KERNEL_SUFFIX[mv[0].dtype]}"
+        return cls(name, table, npairs, seed, pv[0], pv + mv + vv + wv + cv)
+
+    def set_grads(self, ptrs: np.ndarray) -> None:
+        """New gradient pointers, one per row (the caller has checked the gradients)."""
+        self.table[:, self.GRAD_COL] = ptrs
+        self._dev = None
+
+    def _device_table(self, stream: int) -> tuple[Any, int]:
+        if self.device.device == "cpu":
+            return self.table, self.table.ctypes.data
+        # On a GPU the table is copied to the device (from pageable memory: on CuPy's default
+        # stream a synchronising copy); a run with the same table on the same stream (the same
+        # gradient buffers, as the caching allocator usually hands out) reuses that copy, which
+        # no kernel writes.
+        if self._dev is None or self._dev[0] != stream:
+            self._dev = (stream, *_table.device_table(self.table, self.device, stream))
+        return self._dev[1], self._dev[2]
+
+    def launch(self, step: int, sc: dict[str, float], grad_scale: float, found_inf_ptr: int) -> None:
+        """Run the update (checked: from here on buffers are written); ``grad_scale`` is FP32."""
+        stream = stream_of(self.device)
+        _, tptr = self._device_table(stream)
+        _backend.launch("adamw", self.kernel, [
+            ("p", tptr), ("q", self.n), ("q", self.npairs), ("Q", self.seed), ("Q", step),
             ("f", sc["b1"]), ("f", sc["omb1"]), ("f", sc["b2"]), ("f", sc["omb2"]),
             ("f", sc["step_size"]), ("f", sc["inv_sqrt_bc2"]), ("f", sc["eps"]), ("f", sc["decay"]),
-            ("f", sc["lrwd"]), ("f", float(np.float32(grad_scale))), ("p", fi.ptr if fi else 0)],
-            device=pv[0].device, device_id=pv[0].device_id, units=npairs, stream=stream)
-        del keep  # CuPy frees it stream-ordered; the CPU launch has returned
-        mark_written(written)  # autograd's version counters (even if found_inf skipped the write)
-
-    return launch
+            ("f", sc["lrwd"]), ("f", grad_scale), ("p", found_inf_ptr)],
+            device=self.device.device, device_id=self.device.device_id, units=self.npairs, stream=stream)
+        # autograd's version counters (even if found_inf skipped the write)
+        bump_versions(self.bump)

@@ -1,12 +1,13 @@
 """``srkern.cast``: FP32 to BF16 / FP16 / FP8 with stochastic or nearest rounding, and back."""
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
 
 from . import _backend, _contract
-from .formats import FLOAT_DTYPES, FORMATS, FP8_DTYPES, dtype_name
+from .formats import FLOAT_DTYPES, FORMATS, FP8_DTYPES, NP_DTYPES, dtype_name
 from ._tensor import (View, as_view, check_disjoint, contiguous, stream_of,
                       empty_like, finish, fp8_name, mark_written, relabel, unwritable)
 
@@ -61,6 +62,10 @@ def cast(x: Any, dtype: Any, *, rounding: str = "stochastic", seed: int | None =
         ``out`` if given, else a new tensor in ``x``'s framework and device (for an FP8 target
         and a CuPy ``x``: a ``uint8`` CuPy array of the bit patterns).
     """
+    if out is None and cuda_stream is None and x_dtype is None:
+        fast = _fast_cast(x, dtype, rounding, seed, offset, step, stream, saturate)
+        if fast is not None:
+            return fast
     target = dtype_name(dtype)
     if target not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
@@ -169,3 +174,84 @@ def _stream_ptr(cuda_stream: Any) -> int:
         if hasattr(cuda_stream, attr):
             return int(getattr(cuda_stream, attr))
     return int(cuda_stream)
+
+
+# ---- the common case, fast ----------------------------------------------------------------------
+# A contiguous FP32 CPU tensor (torch or NumPy) rounded to a 16/8-bit format, no out= and no
+# streams: the checks above reduced to what that case needs, and the kernel called directly with
+# values already checked to fit its parameters (what _backend.launch's conversion would check).
+# 1K elements: ~16 us a call through the general path (torch .to: 2.8 us), ~4 us here. Anything
+# else, or any argument out of the ordinary, returns None and takes the general path, which
+# decides and raises.
+
+_F32 = np.dtype(np.float32)
+_CAST_CODES = "ppqQQQIi"
+_FAST_FW: dict[type, str] = {np.ndarray: "numpy"}
+_TARGETS: dict[Any, str | None] = {}   # dtype argument -> a 16/8-bit format name, or None
+_TORCH: list[Any] = []                 # [torch.float32, {format name: torch dtype}] once torch is seen
+_KERNELS: dict[tuple[str, str], str] = {}  # (format, rounding) -> kernel name
+_U32, _U64 = _contract.U32, _contract.U64
+
+
+def _fast_target(dtype: Any) -> str | None:
+    try:
+        return _TARGETS[dtype]
+    except KeyError:
+        pass
+    except TypeError:  # unhashable: the general path says what is wrong
+        return None
+    try:
+        name = dtype_name(dtype)
+    except Exception:
+        name = None
+    _TARGETS[dtype] = name if name in FORMATS else None
+    return _TARGETS[dtype]
+
+
+def _fast_cast(x: Any, dtype: Any, rounding: Any, seed: Any, offset: Any, step: Any, stream: Any,
+               saturate: Any) -> Any:
+    t = type(x)
+    fw = _FAST_FW.get(t)
+    if fw is None:
+        if t.__module__ != "torch" or t.__name__ != "Tensor":
+            return None
+        torch = sys.modules["torch"]
+        _TORCH[:] = [torch.float32, {name: getattr(torch, name) for name in FORMATS}]
+        fw = _FAST_FW[t] = "torch"
+    target = _fast_target(dtype)
+    if (target is None or type(rounding) is not str or rounding not in ROUNDINGS or type(saturate) is not bool
+            or type(step) is not int or not 0 <= step < _U32 or type(stream) is not int or not 0 <= stream < _U32
+            or type(offset) is not int or offset < 0
+            or (seed is not None and (type(seed) is not int or not 0 <= seed < _U64))):
+        return None
+    if fw == "torch":
+        if x.dtype is not _TORCH[0] or not x.is_cpu or x.is_neg() or not x.is_contiguous():
+            return None
+        ptr, n = x.data_ptr(), x.numel()
+        if ptr % 4:
+            return None
+    else:
+        if x.dtype != _F32 or not (x.flags.c_contiguous and x.flags.aligned):
+            return None
+        ptr, n = x.ctypes.data, x.size
+    if offset + max(n, 1) > _U64:
+        return None
+    backend = _backend.cpu_backend()  # read at every launch, as _backend.launch does
+    if backend == "gpu-emu":  # its grid runner: the general path
+        return None
+    kernel = _KERNELS.get((target, rounding))
+    if kernel is None:
+        kernel = _KERNELS[target, rounding] = f"cast_f32_{FORMATS[target].short}_{'sr' if rounding == 'stochastic' else 'rn'}"
+    # _backend's own cache of loaded functions (not one here, which its cache_clear would miss)
+    fn = _backend._cpu_function("cast", kernel, _CAST_CODES, backend)
+    # Every check has passed: only now may a seed be drawn.
+    if seed is None:
+        seed = _contract.next_seed() if rounding == "stochastic" else 0
+    if fw == "torch":
+        result = sys.modules["torch"].empty_like(x, dtype=_TORCH[1][target])  # 1.2 us; empty(shape): 2.6
+        optr = result.data_ptr()
+    else:
+        result = np.empty(x.shape, dtype=NP_DTYPES[target])
+        optr = result.ctypes.data
+    fn(ptr, optr, n, offset, seed, step, stream, int(saturate))
+    return result

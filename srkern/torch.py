@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from . import _contract
+from ._plan import make_plan
 from ._torch_ops import MODE_INDEX, flat_size, param_precision, run_step, seed_arg, state_dtype_for, TORCH_DTYPES
 from ._torch_sharded import ShardedAdamW  # re-exported: srkern.torch.ShardedAdamW
 from ._torch_state import checked
@@ -59,7 +60,8 @@ class AdamW(torch.optim.Optimizer):
             always runs one fused multi-tensor launch per group, device, dtype and step count.
         amsgrad, differentiable: only ``False`` (``True`` is a ``NotImplementedError``).
 
-    State (torch's layout): ``state[p]`` holds ``step`` (an FP32 scalar tensor on the CPU),
+    State (torch's layout): ``state[p]`` holds ``step`` (an FP32 scalar tensor on the CPU; after
+    a step, a view into one flat tensor that later steps advance in one operation),
     ``exp_avg``, ``exp_avg_sq``, and ``master`` (``fp32-master``) or ``compensation``
     (``bf16-kahan``). Step counts are per parameter, as torch keeps them: a parameter's count,
     its bias corrections and the Philox ``step`` of its random draws advance only at steps
@@ -71,7 +73,9 @@ class AdamW(torch.optim.Optimizer):
     two); parameters added later with ``add_param_group`` go at the end. ``state_dict()`` is
     torch's (see :mod:`srkern._torch_state` for what loads); saving, loading and continuing is
     bit-identical to an uninterrupted run, and so are deepcopies, pickles and ``torch.compile``d
-    steps (the step is the custom op ``srkern::adamw_step_``).
+    steps (the step is the custom op ``srkern::adamw_step_``). Eager steps after the first re-run
+    its prepared launches while nothing they depend on has changed (:mod:`srkern._plan`), with
+    the same bits.
     """
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-3,
@@ -110,6 +114,7 @@ class AdamW(torch.optim.Optimizer):
         # As torch's AdamW: groups saved before a flag existed take its default (and srkern's
         # settings those of this optimizer), and a step saved as a number becomes a tensor.
         super().__setstate__(state)
+        self.__dict__.pop("_srk_plan", None)  # (load_state_dict too) the next step runs in full
         for group in self.param_groups:
             for k, v in _FLAGS.items():
                 group.setdefault(k, v)
@@ -202,23 +207,15 @@ class AdamW(torch.optim.Optimizer):
             grad_scale = grad_scale / float(amp_scale)
         if amp_inf is not None:
             found_inf = amp_inf if found_inf is None else found_inf + amp_inf.to(found_inf.device)
+        hyper, lr_tensors, seeds = self._group_args()
+        plan = None if torch.compiler.is_compiling() else self.__dict__.get("_srk_plan")
+        if plan is not None and plan.run(self, hyper, lr_tensors, float(grad_scale), found_inf):
+            return loss
         lists: tuple[list, ...] = ([], [], [], [], [], [], [], [], [])  # p g m v extra step mode group offset
-        hyper: list[float] = []
-        lr_tensors: list[torch.Tensor | None] = []
-        seeds: list[int] = []
         new_states: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
         precision_of: dict[tuple, str] = {}  # (group precision, dtype) -> the parameter's mode
         offset = 0
         for gi, group in enumerate(self.param_groups):
-            lr = group["lr"]
-            lr_tensors.append(lr if isinstance(lr, torch.Tensor) else None)
-            hyper += [0.0 if isinstance(lr, torch.Tensor) else _number(gi, "lr", lr), _number(gi, "betas[0]", group["betas"][0]),
-                      _number(gi, "betas[1]", group["betas"][1]), _number(gi, "eps", group["eps"]),
-                      _number(gi, "weight_decay", group["weight_decay"]), 1.0 if group["maximize"] else 0.0]
-            try:
-                seeds.append(seed_arg(_contract.check_u64("seed", group["seed"])))
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"param_groups[{gi}]: {e}") from None
             for p in group["params"]:
                 off, offset = offset, offset + flat_size(p)
                 if p.grad is None:
@@ -243,10 +240,30 @@ class AdamW(torch.optim.Optimizer):
                 lists[6].append(MODE_INDEX[prec])
                 lists[7].append(gi)
                 lists[8].append(off)
-        run_step(*lists, hyper, lr_tensors, seeds, float(grad_scale), found_inf)
+        buckets = run_step(*lists, hyper, lr_tensors, seeds, float(grad_scale), found_inf)
         # Checked and launched: new parameters keep the state the step wrote.
         self.state.update(new_states)
+        if not torch.compiler.is_compiling():  # the next eager steps re-run this one's launches
+            self._srk_plan = make_plan(self, lists[0], lists[1], lists[6], buckets)
         return loss
+
+    def _group_args(self) -> tuple[list[float], list[torch.Tensor | None], list[int]]:
+        """Every group's hyper-parameters as the step carries them (``HYPER`` floats each, a
+        tensor lr apart) and its seed as a signed 64-bit int."""
+        hyper: list[float] = []
+        lr_tensors: list[torch.Tensor | None] = []
+        seeds: list[int] = []
+        for gi, group in enumerate(self.param_groups):
+            lr = group["lr"]
+            lr_tensors.append(lr if isinstance(lr, torch.Tensor) else None)
+            hyper += [0.0 if isinstance(lr, torch.Tensor) else _number(gi, "lr", lr), _number(gi, "betas[0]", group["betas"][0]),
+                      _number(gi, "betas[1]", group["betas"][1]), _number(gi, "eps", group["eps"]),
+                      _number(gi, "weight_decay", group["weight_decay"]), 1.0 if group["maximize"] else 0.0]
+            try:
+                seeds.append(seed_arg(_contract.check_u64("seed", group["seed"])))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"param_groups[{gi}]: {e}") from None
+        return hyper, lr_tensors, seeds
 
     # ---- checkpoints ------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ LAYERS = {
     "launch": ("_backend", "_table"),
     "families": ("cast", "adamw", "norm", "reference", "comm", "_collective"),
     "composites": ("checkpoint", "sharded", "dist"),
-    "frameworks": ("_torch_ops", "_torch_state", "_torch_comm", "_torch_sharded", "torch"),
+    "frameworks": ("_torch_ops", "_plan", "_torch_state", "_torch_comm", "_torch_sharded", "torch"),
     "entry": ("__init__", "__main__"),
 }
 LAYER_OF = {m: i for i, mods in enumerate(LAYERS.values()) for m in mods}
