@@ -18,6 +18,7 @@ Used by ``benchmarks/conftest.py`` (fixtures and options) and importable from a 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import os
 import platform
 import subprocess
@@ -152,6 +153,22 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The SIMD extensions that decide srkern's CPU path, as /proc/cpuinfo spells them.
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16", "avx512_fp16")
+
+
+def _cpu_simd_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [x for x in SIMD_FLAGS if x in have]
+    except OSError:
+        pass
+    return []
+
+
 def _version(module: str) -> str | None:
     try:
         mod = __import__(module)
@@ -172,20 +189,49 @@ def git_commit() -> str:
     return (head or "unknown") + ("+dirty" if dirty else "")
 
 
+def simd_path(device: str = "cpu") -> str:
+    """The kernel code path that runs for ``device``: ``srkern._backend.simd_path()`` on CPU tensors
+    ("avx512", "avx2", "portable" or "gpu-emu", following ``$SRKERN_BACKEND``), "cuda" on a GPU, and
+    "unknown" where this srkern has no ``simd_path`` yet (or it fails: the reason is appended), so
+    a record never claims a path it cannot name."""
+    if device.startswith("cuda"):
+        return "cuda"
+    try:
+        from srkern import _backend
+    except Exception as e:  # noqa: BLE001 - no srkern: the record says so instead of failing
+        return f"unknown ({type(e).__name__})"
+    fn = getattr(_backend, "simd_path", None)
+    if fn is None:
+        return "unknown"
+    try:
+        return str(fn(None))
+    except Exception as e:  # noqa: BLE001 - a failing probe is recorded, the benchmark goes on
+        return f"unknown ({type(e).__name__}: {str(e)[:80]})"
+
+
 @functools.lru_cache(maxsize=None)
 def machine_info(device: str = "cpu") -> dict[str, Any]:
     """CPU model and cores, device name, compiler, library versions and git commit."""
     info: dict[str, Any] = {
         "cpu": _cpu_model(),
+        "cpu_simd_flags": _cpu_simd_flags(),
         "cores": os.cpu_count(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "commit": git_commit(),
         "load_avg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "srkern_backend": os.environ.get("SRKERN_BACKEND") or "cpu",
+        "simd_path": simd_path(device),
     }
     for lib in ("srkern", "numpy", "ml_dtypes", "torch", "torchao", "cupy", "jax"):
         info[lib] = _version(lib)
+    # The AdamW peers by their installed metadata: importing deepspeed costs seconds and logs.
+    for lib, dist in (("deepspeed", "deepspeed"), ("optimi", "torch-optimi")):
+        try:
+            info[lib] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            info[lib] = None
     try:
         import torch
         info["torch_threads"] = torch.get_num_threads()
@@ -255,6 +301,8 @@ def record(benchmark: Any, *, kernel: str, size: int, dtype: str, device: str, b
             info["speedup_vs_baseline"] = baselines[first] / t
     info["device_name"] = machine_info(device).get("device_name")
     info["commit"] = machine_info(device).get("commit")
+    # read per record, not from the cached machine info: SRKERN_BACKEND is read at every launch
+    info["simd_path"] = simd_path(device)
     info.update(extra)
     benchmark.extra_info.update(info)
     return info

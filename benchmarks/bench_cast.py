@@ -13,6 +13,12 @@ Bytes moved by a cast of n elements: 4n read + (2n or n) written. Targets for SR
 at 64M elements: >= 0.8x copy bandwidth, >= 10x the recipe, no slower than torch's
 round-to-nearest cast.
 
+Per-call cost (issue 13): SR to BF16 of 1K elements, where the data is 6 KB and the call's host
+work (argument checks, DLPack views, the launch) is nearly all of the time, as ``x.to(dtype)``
+and as ``srkern.cast(x, "bfloat16")`` are called (each allocates its output), and into a
+preallocated output (``out=`` against torch's ``copy_``). Target: srkern.cast of 1K at most 5 us
+per call.
+
 Run:  python -m pytest benchmarks/bench_cast.py --benchmark-json=out.json
       (--size=64M for the headline size, --sweep for 2**10..2**28, --device=cpu,cuda)
 """
@@ -189,3 +195,44 @@ def test_sweep_bf16(benchmark, inputs, baselines, device, sweep_size, contender)
     role = "roofline" if contender == "torch copy_" else ("kernel" if base else "baseline")
     _common.record(benchmark, kernel=contender, size=n, dtype="float32->bfloat16", device=device,
                    bytes_moved=nbytes, baselines=base, sweep=True, role=role)
+
+
+# ---- per-call cost: 1K elements, where the call's host work is nearly the whole time -------------------
+
+CALL_N = 1 << 10
+CALLS = {"torch .to(bfloat16)": "allocating", "srkern.cast bf16 stochastic": "allocating",
+         "torch copy_ into out": "out", "srkern.cast bf16 stochastic out=": "out"}
+CALL_BASELINE = {"allocating": "torch .to(bfloat16)", "out": "torch copy_ into out"}
+
+
+def _call_fn(contender: str, x) -> Callable[[], Any]:
+    import torch
+    if contender == "torch .to(bfloat16)":
+        return lambda: x.to(torch.bfloat16)
+    if contender == "srkern.cast bf16 stochastic":
+        return lambda: srkern.cast(x, "bfloat16", seed=SEED)
+    if contender == "torch copy_ into out":
+        return torch_to(x, torch.bfloat16)
+    return srkern_cast(x, "bf16", "stochastic")
+
+
+@pytest.mark.parametrize("contender", list(CALLS))  # torch first: srkern cites its entry
+def test_cast_call(benchmark, baselines, device, contender):
+    """Time per call of SR to BF16 on 1K elements (``call_us``), against torch's cast of the same
+    1K: the allocating call against ``.to``, the ``out=`` call against ``copy_``."""
+    import torch
+    benchmark.group = f"cast per call {device} n={CALL_N}"
+    x = torch.randn(CALL_N, generator=torch.Generator(device=device).manual_seed(0), device=device)
+    kind = CALLS[contender]
+    _common.run_benchmark(benchmark, _call_fn(contender, x), device, budget=0.5)
+    t = _common.stats_min(benchmark)
+    base = None
+    if contender.startswith("torch"):
+        baselines.note(f"{contender} [1K call]", device, CALL_N, t)
+    else:
+        name = CALL_BASELINE[kind]
+        base = {name: baselines.time(f"{name} [1K call]", device, CALL_N, lambda: _call_fn(name, x))}
+    _common.record(benchmark, kernel=f"{contender} [1K call]", size=CALL_N, dtype="float32->bfloat16",
+                   device=device, bytes_moved=_cast_bytes(CALL_N, "bf16"), baselines=base,
+                   role="kernel" if base else "baseline", call=kind,
+                   **({"call_us": t * 1e6} if t else {}))

@@ -6,7 +6,8 @@ Run:  mpirun -n 4 python benchmarks/bench_dist.py [--n 4194304] [--repeat 5] [--
 (pytest collects ``test_bench_dist_smoke`` below, which runs it on 2 ranks with a small vector.)
 
 Timings on an oversubscribed machine (more ranks than cores) measure the scheduler as much as
-srkern: read them as noisy. Bytes are exact.
+srkern: read them as noisy. Bytes are exact. Every row names the SIMD path that ran
+(``_common.simd_path``), and the JSON's machine the CPU model.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ def run(n: int, repeat: int) -> list[dict]:
     import ml_dtypes
     from mpi4py import MPI
     sys.path.insert(0, str(ROOT))
+    import _common  # benchmarks/ is this script's folder: first on sys.path
     from srkern import dist
 
     comm = dist.Communicator()
@@ -57,7 +59,8 @@ def run(n: int, repeat: int) -> list[dict]:
         sent = comm.bytes_sent - before if comm.bytes_sent != before else wire_bytes
         t = _best(comm, fn, repeat)
         rows.append({"op": name, "world": W, "n": n, "bytes_sent_rank0": comm.mpi.bcast(sent, root=0),
-                     "time_ms": t * 1e3, "GB_s_per_rank": sent / t / 1e9 if t else 0.0})
+                     "time_ms": t * 1e3, "GB_s_per_rank": sent / t / 1e9 if t else 0.0,
+                     "simd_path": _common.simd_path("cpu")})
 
     measure("reduce_scatter bf16 -> bf16 SR", lambda: dist.reduce_scatter(x16, comm, seed=1, step=1), 0)
     measure("reduce_scatter fp32 -> bf16 SR", lambda: dist.reduce_scatter(x32, comm, seed=1, step=1), 0)
@@ -96,7 +99,9 @@ def main() -> None:
               f"{row['time_ms']:>9.2f} {row['GB_s_per_rank']:>10.3f}")
     if args.json:
         from mpi4py import MPI
-        info = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
+        import _common
+        info = {"machine": platform.machine(), "cpu": _common._cpu_model(), "simd_path": _common.simd_path("cpu"),
+                "cpus": os.cpu_count(), "python": platform.python_version(),
                 "mpi4py": mpi4py.__version__, "mpi": MPI.Get_library_version().splitlines()[0],
                 "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                          text=True).stdout.strip()}
@@ -115,7 +120,9 @@ def test_bench_dist_smoke(tmp_path):
     res = subprocess.run([mpirun, "-n", "2", sys.executable, __file__, "--n", "10000", "--repeat", "2",
                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=150)
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = {r["op"]: r for r in json.loads(out.read_text())["rows"]}
+    data = json.loads(out.read_text())
+    rows = {r["op"]: r for r in data["rows"]}
+    assert data["machine"]["simd_path"] and all(r["simd_path"] for r in rows.values())
     # Rank 0 owns 5000 of 10000 elements: it sends the other 5000, 2 bytes each on a BF16 wire.
     assert rows["reduce_scatter bf16 -> bf16 SR"]["bytes_sent_rank0"] == 10000
     assert rows["reduce_scatter fp32 (bf16 SR wire) -> bf16 SR"]["bytes_sent_rank0"] == 10000

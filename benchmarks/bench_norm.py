@@ -12,8 +12,8 @@ same bytes and the baseline's time, all measured in this run):
 Bytes moved: the gradients are read once and nothing of their size is written, so n * 2 bytes for
 BF16 and n * 4 for FP32 (the partials, 8 bytes per 2048 elements, are not counted).
 
-Layout: the AdamW headline layout (``--adamw-size``, default 16M parameters on CPU, in 16 equal
-tensors), so a clipping step's norm and update are measured on the same tensors.
+Layout: the AdamW headline layout (``--adamw-size``, default 16M and 64M parameters on CPU, in 16
+equal tensors), so a clipping step's norm and update are measured on the same tensors.
 
 Run:  python -m pytest benchmarks/bench_norm.py --benchmark-json=out.json
       (--adamw-size=16M, --device=cpu,cuda)
