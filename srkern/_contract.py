@@ -67,8 +67,11 @@ def manual_seed(n: int) -> None:
 
 def next_seed() -> int:
     """A fresh 64-bit seed from the library generator (see :func:`manual_seed`)."""
+    # One raw PCG64 output: the same number integers(0, 2**64, dtype=uint64) returns (over the
+    # full range it takes one raw draw as it is), at 0.4 us instead of 4.6 (srkern.cast draws one
+    # per call without a seed).
     with _gen_lock:
-        return int(_gen.integers(0, U64, dtype=np.uint64))
+        return int(_gen.bit_generator.random_raw())
 
 
 def check_u64(name: str, value, limit: int = U64) -> int:

@@ -32,6 +32,7 @@ by the user is a new object: the plan sees it and the next plan adopts it.
 from __future__ import annotations
 
 import operator
+import struct
 from itertools import chain, repeat
 from typing import Any
 
@@ -152,16 +153,19 @@ class StepPlan:
         lo, hi = (float(counts.min()), float(counts.max())) if counts.size else (0.0, 0.0)
         if not (lo >= 0 and hi < STEP_LIMIT - 1):
             return False
-        runs = []
-        for b, mi in zip(self.buckets, self.member_idx):  # one count per launch, as the full step
-            c = counts[mi] if lo != hi else counts[:1]
-            if c[0] != c.max() or c[0] != c.min():
-                return False
-            runs.append((b, int(c[0]) + 1))
+        if lo == hi:  # one count for all (the usual case): no per-launch reductions (~6 us each)
+            runs = [(b, int(lo) + 1) for b in self.buckets]
+        else:
+            runs = []
+            for b, mi in zip(self.buckets, self.member_idx):  # one count per launch, as the full step
+                c = counts[mi]
+                if c[0] != c.max() or c[0] != c.min():
+                    return False
+                runs.append((b, int(c[0]) + 1))
         # The per-step checks and scalars of the full step, in its order (errors are its errors);
         # the checked hyper-parameters are kept while they are the same numbers (~4 us a group),
-        # compared as hex so that -0.0 is not 0.0.
-        key = [x.hex() for x in hyper] + [grad_scale.hex()]
+        # compared by their bits so that -0.0 is not 0.0.
+        key = _pack(hyper, grad_scale)
         if self.hp is not None and key == self.hp[0] and all(map(operator.is_, lr_tensors, repeat(None))):
             hp = self.hp[1]
         else:
@@ -226,6 +230,11 @@ class StepPlan:
         if (lo[order][1:] < hi[order][:-1]).any():
             return None
         return gl
+
+
+def _pack(hyper: list[float], grad_scale: float) -> bytes:
+    """The bits of a step's hyper-parameters (so -0.0 is not 0.0): 1 us, against 7 for float.hex."""
+    return struct.pack(f"{len(hyper) + 1}d", *hyper, grad_scale)
 
 
 def overlaps_written(w_lo: np.ndarray, w_hi: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:

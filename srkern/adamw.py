@@ -285,6 +285,7 @@ class Prepared:
             ("f", sc["b1"]), ("f", sc["omb1"]), ("f", sc["b2"]), ("f", sc["omb2"]),
             ("f", sc["step_size"]), ("f", sc["inv_sqrt_bc2"]), ("f", sc["eps"]), ("f", sc["decay"]),
             ("f", sc["lrwd"]), ("f", grad_scale), ("p", found_inf_ptr)],
-            device=self.device.device, device_id=self.device.device_id, units=self.npairs, stream=stream)
+            device=self.device.device, device_id=self.device.device_id, units=self.npairs, stream=stream,
+            exact=True)  # sc and grad_scale are FP32 values; the integers were checked at build
         # autograd's version counters (even if found_inf skipped the write)
         bump_versions(self.bump)

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import srkern
-from srkern import reference
+from srkern import _contract, reference
 from srkern._tensor import View
 from srkern.formats import FORMATS, Format
 from srkern.testing import all_patterns, assert_same_bits, bits_of, first_difference, format_grid, mismatch_report
@@ -286,6 +286,13 @@ def test_seed_none_uses_manual_seed():
     a2 = srkern.cast(x, "bfloat16")
     assert_same_bits(a2, a, x, "manual_seed must make seed=None reproducible")
     assert not np.array_equal(bits_of(a), bits_of(b)), "successive seed=None calls must draw new seeds"
+    # The seeds themselves are pinned: manual_seed(n) gives the uint64 draws of NumPy's
+    # Generator(PCG64(n)) over [0, 2**64), so a run seeded this way repeats across versions.
+    srkern.manual_seed(1234)
+    want = np.random.Generator(np.random.PCG64(1234)).integers(0, 2 ** 64, 5, dtype=np.uint64)
+    assert_same_bits(srkern.cast(x, "bfloat16"), srkern.cast(x, "bfloat16", seed=int(want[0])), x,
+                     "seed=None draws the generator's next seed")
+    assert [_contract.next_seed() for _ in range(4)] == [int(s) for s in want[1:]]
 
 
 @pytest.mark.parametrize("fmt", fmt_params())
