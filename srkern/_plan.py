@@ -50,8 +50,10 @@ _version = operator.attrgetter("_version")
 _ptr = torch.Tensor.data_ptr
 _contiguous = torch.Tensor.is_contiguous
 _neg = torch.Tensor.is_neg
+_conj = torch.Tensor.is_conj
 _device = torch.Tensor.get_device
 _itemsize = operator.attrgetter("itemsize")
+_params_of = operator.itemgetter("params")
 _STATE = ("step", "exp_avg", "exp_avg_sq")
 
 
@@ -61,8 +63,8 @@ def groups_signature(opt: torch.optim.Optimizer) -> list[tuple]:
             for g in opt.param_groups]
 
 
-def _ids(xs: Any) -> list[int]:
-    return list(map(id, xs))
+def _all_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return list(chain.from_iterable(map(_params_of, opt.param_groups)))
 
 
 class StepPlan:
@@ -72,9 +74,13 @@ class StepPlan:
                  modes: list[int], buckets: list[Bucket]) -> None:
         self.groups = groups_signature(opt)
         self.state = opt.state
-        self.all_ids = _ids(p for g in opt.param_groups for p in g["params"])
+        self.all_params = _all_params(opt)  # (held: compared by identity, ~40 ns an entry)
         self.params = params
         self.idle = [p for g in opt.param_groups for p in g["params"] if p.grad is None]
+        # Every parameter's shape and dtype set the flat offsets (and so the draws) of those
+        # after it, the idle ones' included; the dtype also picks each one's mode.
+        self.idle_shape = list(map(_shape, self.idle))
+        self.all_dtype = list(map(_dtype, self.all_params))
         self.pptr = list(map(_ptr, params))
         self.gdtype = list(map(_dtype, grads))
         self.shape = list(map(_shape, params))
@@ -105,7 +111,8 @@ class StepPlan:
         self.disjoint = all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
         # The parameters as the launches write them (complex ones as real views, which share
         # the counter): their versions catch resize_, set_ and in-place writes by others.
-        self.bumped = [v.obj for b in buckets for v in b.prepared.written[:b.prepared.n]]
+        # The state buffers' versions as well: a set_ keeps the address but may change the size.
+        self.bumped = [t for b in buckets for t in b.prepared.bump]
         # Version counters as the last launch left them, and what a launch adds to each: one
         # per tensor bumped, except where parameters are views of one buffer and share a
         # counter, so the first run measures it.
@@ -122,7 +129,9 @@ class StepPlan:
         self.dicts = [state[p] for p in self.params]
         self.entries = {k: list(map(operator.itemgetter(k), self.dicts)) for k in _STATE}
         self.extras = [(d, k, d[k]) for d, k in zip(self.dicts, self.extra_names) if k is not None]
-        self.bufs = self.entries["exp_avg"] + self.entries["exp_avg_sq"] + [x for _, _, x in self.extras]
+        # The step counts too: the plan counts in the flat tensor they must still view.
+        self.bufs = (self.entries["step"] + self.entries["exp_avg"] + self.entries["exp_avg_sq"]
+                     + [x for _, _, x in self.extras])
         self.buf_ptrs = list(map(_ptr, self.bufs))
 
     def _state_holds(self) -> bool:
@@ -199,16 +208,21 @@ class StepPlan:
 
     def _grads(self, opt: torch.optim.Optimizer) -> list[int] | None:
         """The gradient pointers (step order) if the plan still holds, else None."""
-        if (opt.state is not self.state or groups_signature(opt) != self.groups
-                or _ids(p for g in opt.param_groups for p in g["params"]) != self.all_ids):
+        if opt.state is not self.state or groups_signature(opt) != self.groups:
+            return None
+        allp = _all_params(opt)
+        if (len(allp) != len(self.all_params) or not all(map(operator.is_, allp, self.all_params))
+                or list(map(_dtype, allp)) != self.all_dtype):
             return None
         params = self.params
         grads = list(map(_grad, params))
         if (list(map(_dtype, grads)) != self.gdtype or list(map(_shape, grads)) != self.shape
-                or not all(map(_contiguous, grads)) or any(map(_neg, grads))
+                or not all(map(_contiguous, grads)) or any(map(_neg, grads)) or any(map(_conj, grads))
+                or not all(map(_contiguous, params))
                 or list(map(_device, grads)) != self.device):
             return None
-        if self.idle and not all(map(operator.is_, map(_grad, self.idle), repeat(None))):
+        if self.idle and (not all(map(operator.is_, map(_grad, self.idle), repeat(None)))
+                          or list(map(_shape, self.idle)) != self.idle_shape):
             return None
         if list(map(_ptr, params)) != self.pptr or not self._state_holds():
             return None
@@ -254,8 +268,11 @@ def make_plan(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: lis
         return None
     for p in params:
         s = opt.state[p]["step"]
-        if s.dim() != 0 or s.device.type != "cpu":
+        if s.dim() != 0 or s.device.type != "cpu" or s.is_inference():
             return None
+    # Inference tensors have no version counter to check (the full step writes them).
+    if any(t.is_inference() for b in buckets for t in b.prepared.bump):
+        return None
     return StepPlan(opt, params, grads, modes, buckets)
 
 

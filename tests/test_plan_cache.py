@@ -210,7 +210,13 @@ def _new_optimizer_state(t, ps, opt):
         opt.state.clear()
 
 
-STALE = {"load_state_dict": _load_state_dict, "add_param_group": _add_param_group,
+def _step_data_reassigned(t, ps, opt):
+    if t == 2:
+        for p in ps:
+            opt.state[p]["step"].data = torch.tensor(10.0)  # same objects, storage outside the flat tensor
+
+
+STALE = {"step_data_reassigned": _step_data_reassigned, "load_state_dict": _load_state_dict, "add_param_group": _add_param_group,
          "data_reassigned": _data_reassigned, "param_resized": _param_resized,
          "param_set_in_place": _param_resize_in_place, "param_written_in_place": _param_written_in_place,
          "step_replaced": _step_replaced, "moment_replaced": _moment_replaced,
@@ -380,3 +386,86 @@ def test_cast_fast_path_draws_one_seed_and_raises_the_general_paths_errors():
 def srkern_cast(*args, **kw):
     import srkern
     return srkern.cast(*args, **kw)
+
+
+def _bits_of_runs(body, monkeypatch) -> tuple[list[torch.Tensor], int]:
+    """``body(cached)`` with and without the plan: (its tensors with the plan, full steps then)."""
+    full = FullSteps(monkeypatch)
+    cached = body(True)
+    n = full.n
+    assert_runs_equal(cached, body(False))
+    return cached, n
+
+
+def test_a_parameter_without_gradient_resized_moves_the_offsets_after_it(monkeypatch):
+    # The frozen first parameter grows (as transformers' resize_token_embeddings does through
+    # .data): the flat offsets of the parameters after it, and so their draws, change.
+    def body(cached):
+        torch.manual_seed(0)
+        a, b = (torch.nn.Parameter(torch.randn(n).to(torch.bfloat16)) for n in (8, 64))
+        opt = srt.AdamW([a, b], lr=1e-2, seed=1)
+        for t in range(4):
+            if t == 2:
+                a.data = torch.randn(24).to(torch.bfloat16)
+            b.grad = torch.randn(64, generator=torch.Generator().manual_seed(t)).to(torch.bfloat16)
+            if not cached:
+                opt.__dict__.pop("_srk_plan", None)
+            opt.step()
+        return [b.detach().clone()] + [opt.state[b][k].clone() for k in ("exp_avg", "exp_avg_sq")]
+    assert _bits_of_runs(body, monkeypatch)[1] == 2
+
+
+def test_a_parameter_made_non_contiguous_in_place_falls_back(monkeypatch):
+    # .data = p.data.t() keeps the address, the shape (square) and the version: the full step
+    # stages the transposed parameter; updating its memory in gradient order would be wrong.
+    def body(cached):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(8, 8).to(torch.bfloat16))
+        opt = srt.AdamW([p], lr=1e-2, seed=1)
+        for t in range(4):
+            if t == 2:
+                p.data = p.data.t()
+            p.grad = torch.randn(8, 8, generator=torch.Generator().manual_seed(t)).to(torch.bfloat16)
+            if not cached:
+                opt.__dict__.pop("_srk_plan", None)
+            opt.step()
+        return [p.detach().contiguous()]
+    assert _bits_of_runs(body, monkeypatch)[1] >= 3  # step 2 in full; a staged step plans nothing
+
+
+def test_a_lazily_conjugated_complex_gradient_gets_the_full_steps_error():
+    p = torch.nn.Parameter(torch.randn(16, dtype=torch.complex64))
+    opt = srt.AdamW([p], lr=1e-2, seed=1)
+    for t in range(2):
+        p.grad = torch.randn(16, dtype=torch.complex64)
+        opt.step()
+    before = snapshot([p], opt)
+    p.grad = torch.randn(16, dtype=torch.complex64).conj()
+    with pytest.raises(RuntimeError, match="conj"):
+        opt.step()
+    assert_runs_equal(snapshot([p], opt), before)
+
+
+def test_a_moment_set_to_a_smaller_size_at_its_address_gets_the_full_steps_error():
+    ps, opt = make()
+    for t in range(2):
+        set_grads(ps, t)
+        opt.step()
+    m = opt.state[ps[1]]["exp_avg"]
+    with torch.no_grad():
+        m.set_(m.untyped_storage(), 0, (100,))  # the same address; the parameter has 130 elements
+    set_grads(ps, 2)
+    with pytest.raises(ValueError, match="exp_avgs"):
+        opt.step()
+
+
+def test_inference_tensors_step_without_a_plan():
+    # Inference tensors have no version counter for a plan to check: every step runs in full.
+    with torch.inference_mode():
+        p = torch.randn(8).to(torch.bfloat16)
+        p.grad = torch.randn(8).to(torch.bfloat16)
+        opt = srt.AdamW([p], lr=1e-2, seed=1)
+        for _ in range(3):
+            opt.step()
+        assert opt.__dict__.get("_srk_plan") is None
+        assert float(opt.state[p]["step"]) == 3.0
