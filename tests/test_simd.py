@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import srkern
 from srkern import _backend, _build, reference
 from srkern.testing import assert_same_bits
 
@@ -157,3 +158,28 @@ def test_bit_exact_suites_on_the_avx2_build():
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=TESTS.parent)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert " passed" in res.stdout and " failed" not in res.stdout, res.stdout[-2000:]
+
+
+@pytest.mark.parametrize("dtype,rounding,saturate", [("bfloat16", "stochastic", False), ("bfloat16", "nearest", True),
+                                                      ("float16", "stochastic", True), ("float8_e4m3fn", "stochastic", False)])
+def test_streaming_stores_of_large_casts_equal_pieces_below_the_threshold(dtype, rounding, saturate):
+    # Casts of 4M elements or more write whole aligned tiles with non-temporal stores
+    # (kernels/cpu/cast_tile.h); 1M pieces with their offsets stay below that threshold. Both
+    # must give the same bits, into an aligned and a misaligned out= (the old path), with
+    # NaN, infinities, near-overflow and subnormal values among the inputs.
+    import torch
+    n = (4 << 20) + 13
+    x = torch.randn(n, generator=torch.Generator().manual_seed(3)) * 3
+    x[::97], x[1::101], x[2::103] = float("nan"), float("inf"), -float("inf")
+    x[3::89], x[5::79], x[6::73] = 3.3e38, 65519.0, 1e-40
+    # offset 8: the first full Philox block starts at element 0, so the aligned output streams
+    kw = dict(rounding=rounding, saturate=saturate, seed=0x1234567, step=3, stream=2, offset=8)
+    whole = srkern.cast(x, dtype, **kw)
+    assert whole.data_ptr() % 64 == 0, "the aligned case needs torch's 64-byte aligned allocation"
+    shifted = torch.empty(n + 1, dtype=whole.dtype)
+    srkern.cast(x, dtype, **kw, out=shifted[1:])
+    c = 1 << 20
+    pieces = torch.cat([srkern.cast(x[a:a + c], dtype, **dict(kw, offset=8 + a)) for a in range(0, n, c)])
+    bits = (lambda t: t.view(torch.uint8) if t.element_size() == 1 else t.view(torch.int16))
+    assert_same_bits(bits(whole).numpy(), bits(pieces).numpy(), what=f"{dtype} {rounding} streamed")
+    assert_same_bits(bits(shifted[1:]).numpy(), bits(pieces).numpy(), what=f"{dtype} {rounding} misaligned out=")
