@@ -203,14 +203,19 @@ _unavailable: dict[str, str] = {}
 _deepspeed_simd: list[str] = []  # the SIMD define DeepSpeed compiled its op with (-D__AVX512__, ...)
 
 
-def torchao_step(sizes: list[int], device: str) -> Callable[[], None]:
-    """torchao's AdamW with ``bf16_stochastic_round=True`` on BF16 weights and BF16 gradients."""
+def _bf16_params(sizes: list[int], device: str) -> list[Any]:
+    """BF16 parameters of ``sizes`` with their BF16 gradients set (the BF16 peers' inputs)."""
     import torch
-    from torchao.optim import _AdamW
     params = [torch.nn.Parameter(w) for w in _weights(sizes, torch.bfloat16, device)]
     for p, g in zip(params, _grads(sizes, torch.bfloat16, device)):
         p.grad = g
-    opt = _AdamW(params, **HYPER, bf16_stochastic_round=True)
+    return params
+
+
+def torchao_step(sizes: list[int], device: str) -> Callable[[], None]:
+    """torchao's AdamW with ``bf16_stochastic_round=True`` on BF16 weights and BF16 gradients."""
+    from torchao.optim import _AdamW
+    opt = _AdamW(_bf16_params(sizes, device), **HYPER, bf16_stochastic_round=True)
     return opt.step
 
 
@@ -240,12 +245,8 @@ def deepspeed_step(sizes: list[int], device: str) -> Callable[[], None]:
 def optimi_step(sizes: list[int], device: str) -> Callable[[], Any]:
     """torch-optimi's ``AdamW(kahan_sum=True)`` on BF16 weights and gradients, its default
     implementation for the device (the per-tensor loop on CPU)."""
-    import torch
     from optimi import AdamW
-    params = [torch.nn.Parameter(w) for w in _weights(sizes, torch.bfloat16, device)]
-    for p, g in zip(params, _grads(sizes, torch.bfloat16, device)):
-        p.grad = g
-    opt = AdamW(params, **HYPER, kahan_sum=True)
+    opt = AdamW(_bf16_params(sizes, device), **HYPER, kahan_sum=True)
     return opt.step
 
 
