@@ -206,21 +206,17 @@ def launch(module: str, kernel: str, args: Sequence[tuple[str, Any]], *, device:
     16 arguments of an AdamW launch; ctypes' own conversion then changes no bit).
     """
     codes = "".join(c for c, _ in args)
-    if device == "cpu" and exact:
-        backend = cpu_backend()
-        if backend != "gpu-emu":
-            _cpu_function(module, kernel, codes, backend)(*[v for _, v in args])
-            return
-    values = convert_args(args)
     if device == "cpu":
         backend = cpu_backend()
         if backend == "gpu-emu":
-            slots = emu_slots(codes, values)
+            slots = emu_slots(codes, convert_args(args))
             _emu_function(module, kernel, codes, _build.emu_sanitized())(
                 grid_blocks(units, emu_sms()), GPU_BLOCK, slots.ctypes.data)
         else:
+            values = [v for _, v in args] if exact else convert_args(args)
             _cpu_function(module, kernel, codes, backend)(*values)
         return
+    values = convert_args(args)
     import cupy
     fn = _gpu_function(module, kernel, device_id)
     blocks = grid_blocks(units, _sm_count(device_id))

@@ -11,13 +11,16 @@ costs several times more per tensor):
 
 * the optimizer: the same ``param_groups`` (identity, length, ``params`` list, precision,
   state dtype, seed) and the same ``state`` dict;
-* each parameter: the same object, the same data pointer (``.data =``), its version counter
+* every parameter: the same object and dtype (the dtype picks the mode), and for those without
+  a gradient the same shape (every parameter's size sets the flat offsets, and so the draws,
+  of those after it);
+* each parameter stepped: contiguous, the same data pointer (``.data =``), its version counter
   as the plan's own launches left it (any other in-place write, ``resize_`` or ``set_`` bumps
-  it); the same state dict entries (identity) and moment, master or compensation buffers at
-  the same addresses;
+  it); the same state dict entries (identity); the step count, moment, master or compensation
+  buffers at the same addresses, and the buffers' version counters as the launches left them;
 * each gradient: present (and absent where it was absent), the same dtype, shape and device,
-  contiguous, no negative bit, aligned, and overlapping no buffer the step writes nor another
-  gradient (one ``searchsorted`` over the sorted written intervals);
+  contiguous, no negative or conjugate bit, aligned, and overlapping no buffer the step writes
+  nor another gradient (one ``searchsorted`` over the sorted written intervals);
 * the step counts: uniform within each launch and below 2**24.
 
 Anything else falls back to the full step, which raises the full step's errors or replaces the
@@ -39,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .adamw import Prepared, _scalars
+from .adamw import Prepared, _f32, _scalars
 from ._torch_ops import MODES, STEP_LIMIT, Bucket, group_hyper, skipped
 from .precisions import PRECISIONS
 
@@ -76,7 +79,7 @@ class StepPlan:
         self.state = opt.state
         self.all_params = _all_params(opt)  # (held: compared by identity, ~40 ns an entry)
         self.params = params
-        self.idle = [p for g in opt.param_groups for p in g["params"] if p.grad is None]
+        self.idle = [p for p in self.all_params if p.grad is None]
         # Every parameter's shape and dtype set the flat offsets (and so the draws) of those
         # after it, the idle ones' included; the dtype also picks each one's mode.
         self.idle_shape = list(map(_shape, self.idle))
@@ -189,7 +192,7 @@ class StepPlan:
                 sc = _scalars(step, lr, betas, eps, wd)
             except ValueError as e:
                 raise ValueError(f"param_groups[{b.group}]: {e}") from None
-            launches.append((b.prepared, step, sc, float(np.float32(-gs if maximize else gs))))
+            launches.append((b.prepared, step, sc, _f32(-gs if maximize else gs)))
         # Checked: from here on buffers are written.
         if grads != self.gptr:
             gptr = np.array(grads, dtype=np.uint64)

@@ -223,7 +223,7 @@ def _prepare_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequenc
     offs = flat_offsets([p.numel for p in pv], offsets)
     sc = _scalars(step, lr, (b1, b2), eps, weight_decay)
     prepared = Prepared.build(prec.kernel, pv, gv, mv, vv, wv, cv, offs, seed)
-    return prepared, step, sc, float(np.float32(grad_scale)), fi.ptr if fi else 0
+    return prepared, step, sc, _f32(grad_scale), fi.ptr if fi else 0
 
 
 class Prepared:

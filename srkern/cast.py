@@ -1,6 +1,7 @@
 """``srkern.cast``: FP32 to BF16 / FP16 / FP8 with stochastic or nearest rounding, and back."""
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any
 
@@ -112,7 +113,7 @@ def cast(x: Any, dtype: Any, *, rounding: str = "stochastic", seed: int | None =
     if target == "float32":
         _upcast(xv, outv, cs)
     else:
-        kernel = f"cast_f32_{FORMATS[target].short}_{'sr' if rounding == 'stochastic' else 'rn'}"
+        kernel = _cast_kernel(target, rounding)
         n = xv.numel
         _backend.launch("cast", kernel, [
             ("p", xv.ptr), ("p", outv.ptr), ("q", n), ("Q", offset), ("Q", seed), ("Q", step),
@@ -141,9 +142,12 @@ def _label_input(xv: View, x_fmt: str | None, x_dtype: Any) -> View:
 
 
 def _upcast(xv: View, outv: View, cs: int) -> None:
-    kernel = f"cast_{FORMATS[xv.dtype].short}_f32"
-    _backend.launch("cast", kernel, [("p", xv.ptr), ("p", outv.ptr), ("q", xv.numel)],
-                    device=xv.device, device_id=xv.device_id, units=xv.numel, stream=cs)
+    fmt = FORMATS[xv.dtype]
+    # One GPU thread widens 16 bytes of x (upcast_body, kernels/cast.cu): a grid of numel units
+    # would be 8-16 times the threads needed.
+    _backend.launch("cast", f"cast_{fmt.short}_f32", [("p", xv.ptr), ("p", outv.ptr), ("q", xv.numel)],
+                    device=xv.device, device_id=xv.device_id, units=-(-xv.numel // (16 // fmt.itemsize)),
+                    stream=cs)
 
 
 def _check_out(out: Any, xv: View, target: str) -> View:
@@ -168,6 +172,12 @@ def _check_out(out: Any, xv: View, target: str) -> View:
     return ov
 
 
+@functools.lru_cache(maxsize=None)
+def _cast_kernel(target: str, rounding: str) -> str:
+    """The kernel rounding FP32 to ``target`` (a 16/8-bit format) with ``rounding``."""
+    return f"cast_f32_{FORMATS[target].short}_{'sr' if rounding == 'stochastic' else 'rn'}"
+
+
 def _stream_ptr(cuda_stream: Any) -> int:
     """A stream given as a pointer or as an object with ``.ptr`` (CuPy) / ``.cuda_stream`` (torch)."""
     for attr in ("ptr", "cuda_stream"):
@@ -189,7 +199,6 @@ _CAST_CODES = "ppqQQQIi"
 _FAST_FW: dict[type, str] = {np.ndarray: "numpy"}
 _TARGETS: dict[Any, str | None] = {}   # dtype argument -> a 16/8-bit format name, or None
 _TORCH: list[Any] = []                 # [torch.float32, {format name: torch dtype}] once torch is seen
-_KERNELS: dict[tuple[str, str], str] = {}  # (format, rounding) -> kernel name
 _U32, _U64 = _contract.U32, _contract.U64
 
 
@@ -239,9 +248,7 @@ def _fast_cast(x: Any, dtype: Any, rounding: Any, seed: Any, offset: Any, step: 
     backend = _backend.cpu_backend()  # read at every launch, as _backend.launch does
     if backend == "gpu-emu":  # its grid runner: the general path
         return None
-    kernel = _KERNELS.get((target, rounding))
-    if kernel is None:
-        kernel = _KERNELS[target, rounding] = f"cast_f32_{FORMATS[target].short}_{'sr' if rounding == 'stochastic' else 'rn'}"
+    kernel = _cast_kernel(target, rounding)
     # _backend's own cache of loaded functions (not one here, which its cache_clear would miss)
     fn = _backend._cpu_function("cast", kernel, _CAST_CODES, backend)
     # Every check has passed: only now may a seed be drawn.
