@@ -247,6 +247,46 @@ def test_step_counts_edited_in_place_need_no_full_step(monkeypatch):
     assert_runs_equal(snapshot(ps, opt), run(4, False, _step_edited_in_place))
 
 
+def test_one_step_count_edited_in_place_is_followed(monkeypatch):
+    # One count moved alone: the counts' bytes no longer match what the plan wrote, so it reads
+    # them again; the launch holding that parameter now has two counts, so that step runs in full
+    # (the full step launches per count) and every bit is that of an optimizer without a plan.
+    def one(t, ps, opt):
+        if t == 2:
+            opt.state[ps[1]]["step"].fill_(7.0)
+    full = FullSteps(monkeypatch)
+    cached = run(5, True, one)
+    assert full.n >= 2
+    assert_runs_equal(cached, run(5, False, one))
+
+
+def test_a_tensor_lr_edited_in_place_is_read_every_step(monkeypatch):
+    # The plan keeps the step-independent kernel scalars (decay = 1 - lr * weight_decay among
+    # them) only while the hyper-parameters are the same floats; a tensor lr is read every step,
+    # so an in-place edit reaches decay as well as the step size.
+    def make_tensor_lr(precision="bf16-sr", seed=5):
+        ps, opt = make(precision, seed)
+        opt.param_groups[0]["lr"] = torch.tensor(1e-2)
+        return ps, opt
+
+    def lr(t, ps, opt):
+        opt.param_groups[0]["lr"].fill_(1e-2 * (t + 1))
+
+    def steps(cached):
+        ps, opt = make_tensor_lr()
+        for t in range(4):
+            lr(t, ps, opt)
+            set_grads(ps, t)
+            if not cached:
+                opt.__dict__.pop("_srk_plan", None)
+            opt.step()
+        return snapshot(ps, opt)
+    full = FullSteps(monkeypatch)
+    cached = steps(True)
+    assert full.n == 1
+    assert_runs_equal(cached, steps(False))
+
+
 def test_a_new_lr_needs_no_full_step(monkeypatch):
     def lr(t, ps, opt):
         opt.param_groups[0]["lr"] = 1e-2 / (t + 1)
