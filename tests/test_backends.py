@@ -49,6 +49,18 @@ def test_unknown_backend_is_a_clear_error(monkeypatch):
         srkern.cast(np.ones(4, np.float32), "bfloat16", seed=1)
 
 
+def test_the_backend_follows_every_change_of_the_environment(monkeypatch):
+    # cpu_backend reads os.environ's own dict (srkern/_backend.py, _env_reader): every setenv and
+    # delenv through os.environ is seen at the next launch, unset means the default.
+    for name in ("gpu-emu", "cpu-portable", "cpu"):
+        monkeypatch.setenv("SRKERN_BACKEND", name)
+        assert _backend.cpu_backend() == name
+    monkeypatch.delenv("SRKERN_BACKEND")
+    assert _backend.cpu_backend() == _backend.DEFAULT_BACKEND
+    monkeypatch.setenv("SRKERN_BACKEND", "")
+    assert _backend.cpu_backend() == _backend.DEFAULT_BACKEND
+
+
 def test_grid_stride_loops_run_past_their_first_iteration(monkeypatch):
     # With one emulated SM the grid is 32 blocks x 256 threads = 8192 threads, so casts, AdamW
     # and grad_norm over more units than that take the `i += gridDim.x * blockDim.x` step of
