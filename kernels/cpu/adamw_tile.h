@@ -59,11 +59,11 @@ SRK_HD void adamw_run64(const AdamwHyper& h, const SrkRow& row, u64 q0) {
     }
     if (M::MV_SR) srk_draw_tiles<8, 2>(h.seed, h.step, streams + 1, q0, wm);
   }
-  // The 16-bit draw of element 8 * q0 + k is halfword k of a tile (little-endian words); its
-  // 32-bit draw (X_DRAW32) is word k of wx.
-  const u16* rx = (const u16*)wx;
-  const u16* rm = (const u16*)wm;
-  const u16* rv = (const u16*)wv;
+  // The 16-bit draw of element 8 * q0 + k is halfword k of a tile (little-endian words; read as
+  // srk_draw16_t, which may alias them); its 32-bit draw (X_DRAW32) is word k of wx.
+  const srk_draw16_t* rx = (const srk_draw16_t*)wx;
+  const srk_draw16_t* rm = (const srk_draw16_t*)wm;
+  const srk_draw16_t* rv = (const srk_draw16_t*)wv;
   const i64 j0 = (i64)(q0 * 8 - row.off);
   alignas(32) float m[64], v[64];
   // Only the draws of listed streams are read (the conditions are compile-time constants).

@@ -224,6 +224,11 @@ inline void srk_draw_tiles(u64 seed, u64 step, const u32* streams, u64 q0, u32* 
 // builds, each into its own library.
 SRK_KERNEL const char* srk_simd_path() { return SRK_SIMD_PATH; }
 
+// The halves of a tile's words as an array: a u16 that may alias the u32 words (a plain u16
+// pointer into them breaks strict aliasing, and g++ may then move the portable tile's stores after
+// the reads; it did in cpu/adafactor_tile.h). Halfword j is the 16-bit draw of element 8 * q0 + j.
+typedef u16 __attribute__((may_alias)) srk_draw16_t;
+
 // 16-bit draw j of a tile written by srk_draw_tile (the little-endian halves of its words).
 inline u32 srk_tile_draw16(const u32* w, int j) {
   u16 r;
