@@ -15,7 +15,8 @@
 // The update uses the FP32 m and v; what is stored is their rounding (BF16 moments). The
 // step-dependent scalars are computed once on the host in float64 and rounded to FP32
 // (srkern/adamw.py, _scalars), so lr and step change every step without recompiling.
-// The modes differ only in what is stored and how it is rounded:
+// The modes differ only in what is stored and how it is rounded (srk_modes.h, where SGD and Lion
+// take the same weight side):
 //   bf16-sr       BF16 p; m, v BF16 (or FP32); every BF16 write stochastically rounded
 //   bf16-nearest  the same buffers, every BF16 write round-to-nearest-even (the baseline)
 //   bf16-kahan    BF16 p with a BF16 compensation c (lrwd = lr * weight_decay):
@@ -31,7 +32,7 @@
 //
 // NaN and subnormals (contract v1.1): every stored value that is NaN (weights, moments, master
 // weights, compensation; FP32, BF16 and FP16) is the canonical quiet NaN, FP32 0x7fc00000 / BF16
-// 0x7fc0 / FP16 0x7e00, whatever NaN the inputs held (adamw_bf16 / adamw_f32 / adamw_f16 below
+// 0x7fc0 / FP16 0x7e00, whatever NaN the inputs held (srk_store_bf16 / _f32 / _f16 of srk_modes.h
 // form every stored value, on every path). Subnormals are never flushed: host builds run under
 // SrkFpEnv (srk_platform.h) on the calling thread from kernel entry and on every OpenMP thread, whatever
 // FTZ/DAZ the caller set.
@@ -42,8 +43,9 @@
 // the contract's draw for an FP16 target, the very draw srkern.cast(..., offset=i,
 // stream=PARAM_FP16) would give index i. PARAM_FP16 is its own stream because 32-bit draws of
 // stream PARAM would be the words whose halves BF16 weights at indices 2i and 2i+1 draw (one
-// optimizer may hold both). Which streams a mode draws, and for which buffer, is AdamwMode below: the
-// one list every path draws by. The unit of work is 8 logical indices *of one tensor* (a
+// optimizer may hold both). Which streams a mode draws, and for which buffer, is AdamwMode below
+// (its weight side SrkWeights of srk_modes.h, shared with sgd.cu and lion.cu): the one list every
+// path draws by. The unit of work is 8 logical indices *of one tensor* (a
 // (tensor, block) pair, block q = i / 8): one Philox block per 16-bit stream, Philox blocks 2q
 // and 2q + 1 for the FP16 weight's stream. How tensors are grouped into launches, which thread
 // runs a block, CPU or GPU, never changes a bit.
@@ -64,18 +66,7 @@
 #include "srk_philox.h"
 #include "srk_round.h"
 #include "srk_table.h"
-
-// ---- FP16 elements ----------------------------------------------------------------------------
-
-// An FP16 value as its bit pattern, a type of its own so that overloads (srk_elem_f32,
-// adamw_round) tell it from a BF16 u16. Trivially copyable, 2 bytes: srk_table.h's 16-byte
-// accesses (SrkPacked) and lane accesses take it as they take u16; (SrkHalf)0 is +0.
-struct SrkHalf {
-  u16 bits;
-  SrkHalf() = default;
-  SRK_HD explicit SrkHalf(int zero) : bits((u16)zero) {}
-};
-SRK_HD float srk_elem_f32(SrkHalf x) { return SrkF16::decode(x.bits); }  // exact
+#include "srk_modes.h"
 
 // ---- hyper-parameters (FP32, from the host) ---------------------------------------------------
 
@@ -83,37 +74,6 @@ struct AdamwHyper {
   float b1, omb1, b2, omb2, step_size, inv_sqrt_bc2, eps, decay, lrwd, grad_scale;
   u64 seed, step;
 };
-
-// ---- the stored form of a result --------------------------------------------------------------
-
-// The stored form of an FP32 result x, for every buffer (contract v1.1: a NaN is stored as the
-// canonical FP32 0x7fc00000 or BF16 0x7fc0, whatever NaN x is): every store goes through these
-// two, so x86 (NaN payloads and signs kept) and GPUs (a NaN of their own) store the same bits.
-// BF16: SR with draw r, or to nearest when !sr. A rounding maps NaN to NaN and nothing else to
-// NaN, so testing the 16-bit result equals canonicalising x first, and it is cheaper on 16-bit
-// SIMD lanes (one thread of an AVX-512 Xeon, bf16-sr step: within the noise, 0-5%, of no test at
-// all, against about +15% for an FP32 test before each of the three roundings).
-SRK_HD u16 adamw_bf16(float x, u32 r, bool sr) {
-  u16 t = sr ? srk_bf16_sr(x, r, 0) : srk_bf16_rn(x, 0);
-  return (t & 0x7fffu) > 0x7f80u ? (u16)SRK_NAN_BF16 : t;
-}
-SRK_HD float adamw_f32(float x) { return srk_canon_f32(x); }
-// FP16: SrkF16::encode with a 32-bit draw r (SR; to nearest when !sr), no saturation: the bits
-// srkern.cast(x, "float16", rounding=...) gives x with that draw. encode's NaN is the sign plus
-// 0x7e00, and it makes nothing else NaN, so clearing the sign of a NaN result canonicalises.
-#define SRK_NAN_F16 0x7e00u
-SRK_HD SrkHalf adamw_f16(float x, u32 r, bool sr) {
-  u32 t = SrkF16::encode(x, r, sr, 0);
-  SrkHalf h;
-  h.bits = (u16)((t & 0x7fffu) > 0x7c00u ? SRK_NAN_F16 : t);
-  return h;
-}
-
-// The stored form in a buffer of the type *out points to (the draw is ignored for FP32; it is a
-// 16-bit draw for BF16, a 32-bit one for FP16).
-SRK_HD void adamw_round(float x, u32 r, bool sr, u16* out) { *out = adamw_bf16(x, r, sr); }
-SRK_HD void adamw_round(float x, u32, bool, float* out) { *out = adamw_f32(x); }
-SRK_HD void adamw_round(float x, u32 r, bool sr, SrkHalf* out) { *out = adamw_f16(x, r, sr); }
 
 // ---- the arithmetic: pure FP32 functions, the one place the update is written ----------------
 
@@ -130,106 +90,41 @@ SRK_HD float adamw_u_math(const AdamwHyper& h, float m, float sv) {
   return (h.step_size * m) / d;
 }
 
-// Plain weights: p' = p * decay - u.
-SRK_HD float adamw_p_math(const AdamwHyper& h, float p, float u) { return p * h.decay - u; }
+// ---- the modes: the weight side from srk_modes.h, the moments here -----------------------------
 
-// Kahan-summed BF16 weight: returns the new compensation (FP32), *pn the new BF16 weight (stored
-// form: a NaN weight is 0x7fc0, and then the compensation is NaN too).
-SRK_HD float adamw_kahan_math(const AdamwHyper& h, float p, float c, float u, u16* pn) {
-  float y = (-h.lrwd * p - u) + c;
-  *pn = adamw_bf16(p + y, 0u, false);
-  return y - (srk_bf16_to_f32(*pn) - p);  // exact difference of two nearby BF16 values
-}
-
-// ---- the modes: buffers, random streams and the per-lane logic, written once ------------------
-
-enum { MODE_SR = 0, MODE_NEAREST = 1, MODE_KAHAN = 2, MODE_MASTER = 3, MODE_FP32 = 4,
-       MODE_F16_SR = 5 };
-
-template <bool C, class A, class B> struct AdamwPick { typedef A T; };
-template <class A, class B> struct AdamwPick<false, A, B> { typedef B T; };
-
-// MODE: one of the above; P: stored weight type; S: moment type. Every path (the GPU's full and
-// partial blocks, the CPU's 64-element runs) reads these members and calls these two functions.
-// The update is split around the square root so that the CPU path can take it 8 lanes at a time
-// with an explicit vsqrtps (g++ will not vectorise sqrtf while it may set errno); both halves
-// and the square root are the same IEEE operations on either backend.
+// MODE: one of srk_modes.h's modes; P: stored weight type; S: moment type. Every path (the GPU's
+// full and partial blocks, the CPU's 64-element runs) reads these members and calls these two
+// functions. The weight side (X, Y, xbuf, ybuf, X_SR, X_DRAW32, X_STREAM, xdraws, xdraw and the
+// write itself) is SrkWeights, shared with sgd.cu and lion.cu. The update is split around the
+// square root so that the CPU path can take it 8 lanes at a time with an explicit vsqrtps (g++
+// will not vectorise sqrtf while it may set errno); both halves and the square root are the
+// same IEEE operations on either backend.
 template <int MODE, class P, class S>
-struct AdamwMode {
-  // The weight side: X is read and written (the weights; in fp32-master the FP32 master), Y is
-  // a second BF16 buffer (fp32-master: the model copy, written only; bf16-kahan: the
-  // compensation, read and written).
-  typedef typename AdamwPick<MODE == MODE_MASTER, float, P>::T X;
-  enum { Y_READ = MODE == MODE_KAHAN, Y_WRITE = MODE == MODE_KAHAN || MODE == MODE_MASTER };
-  SRK_HD static X* xbuf(const SrkRow& r) { return MODE == MODE_MASTER ? (X*)r.w : (X*)r.p; }
-  SRK_HD static u16* ybuf(const SrkRow& r) { return MODE == MODE_MASTER ? (u16*)r.p : r.c; }
-
-  // The random streams, one per buffer written with SR; a stream not listed is never drawn.
-  //   weight side: bf16-sr and fp16-sr the weight (PARAM), bf16-kahan the compensation
-  //                (COMPENSATION; its weight is written to nearest)
-  //   moments:     EXP_AVG and EXP_AVG_SQ, in bf16-sr, bf16-kahan and fp16-sr with BF16 moments
-  // X_DRAW32: X's draws are 32 bits wide (the FP16 weight of fp16-sr: element i draws word i % 4
-  // of Philox block i / 4, so the 8 lanes of block q take blocks 2q and 2q + 1); else 16 bits.
-  // (Enumerators, not static members: those would be emitted as device globals.)
-  enum { X_SR = MODE == MODE_SR || MODE == MODE_KAHAN || MODE == MODE_F16_SR,
-         MV_SR = X_SR && sizeof(S) == 2, X_DRAW32 = MODE == MODE_F16_SR };
-  enum : u32 { X_STREAM = MODE == MODE_KAHAN ? SRK_STREAM_COMPENSATION
-                         : MODE == MODE_F16_SR ? SRK_STREAM_PARAM_FP16 : SRK_STREAM_PARAM };
-
-  // The X_STREAM words of block q's 8 lanes (d[1] used only where X_DRAW32), and lane k's draw.
-  SRK_HD static void xdraws(const AdamwHyper& h, u64 q, srk_u32x4* d) {
-    if (X_DRAW32) {
-      d[0] = srk_draw_block(h.seed, h.step, X_STREAM, 2 * q);
-      d[1] = srk_draw_block(h.seed, h.step, X_STREAM, 2 * q + 1);
-    } else {
-      d[0] = srk_draw_block(h.seed, h.step, X_STREAM, q);
-    }
-  }
-  SRK_HD static u32 xdraw(const srk_u32x4* d, int k) {
-    return X_DRAW32 ? d[k >> 2].w[k & 3] : srk_draw16(d[0], k);
-  }
+struct AdamwMode : SrkWeights<MODE, P> {
+  typedef SrkWeights<MODE, P> W;
+  // The moments' streams: EXP_AVG and EXP_AVG_SQ, in bf16-sr, bf16-kahan and fp16-sr with BF16
+  // moments (wherever the weight side draws, for BF16 moments).
+  enum { MV_SR = W::X_SR && sizeof(S) == 2 };
 
   // New moments from the gradient g: *m, *v in FP32 for the update, *ms, *vs their stored
   // forms; rm, rv the lane's draws of EXP_AVG and EXP_AVG_SQ (ignored unless MV_SR).
   SRK_HD static void moments(const AdamwHyper& h, float g, float* m, float* v, S* ms, S* vs,
                              u32 rm, u32 rv) {
     adamw_moments_math(h, g, m, v);
-    adamw_round(*m, rm, MV_SR, ms);
-    adamw_round(*v, rv, MV_SR, vs);
+    srk_store(*m, rm, MV_SR, ms);
+    srk_store(*v, rv, MV_SR, vs);
   }
 
   // The weight side from the FP32 moment m and sv = sqrtf(v): x is X's value, y Y's (read only
   // in bf16-kahan), r the lane's draw of X_STREAM (ignored unless X_SR); *xs, *ys the stored
   // forms (*ys set only where Y_WRITE).
   SRK_HD static void weights(const AdamwHyper& h, float m, float sv, float x, float y, u32 r,
-                             X* xs, u16* ys) {
-    float u = adamw_u_math(h, m, sv);
-    if constexpr (MODE == MODE_MASTER) {
-      float w = adamw_p_math(h, x, u);
-      *xs = adamw_f32(w);
-      *ys = adamw_bf16(w, 0u, false);
-    } else if constexpr (MODE == MODE_KAHAN) {
-      float c = adamw_kahan_math(h, x, y, u, xs);
-      *ys = adamw_bf16(c, r, true);
-    } else {
-      adamw_round(adamw_p_math(h, x, u), r, X_SR, xs);
-    }
+                             typename W::X* xs, u16* ys) {
+    W::store(h, adamw_u_math(h, m, sv), x, y, r, xs, ys);
   }
 };
 
 // ---- the shared body: one (tensor, block) pair ------------------------------------------------
-
-// The 8 lanes of block q (elements j .. j + 7 of the tensor, j = q * 8 - off): all of them when
-// FULL (16-byte accesses where aligned), else only those inside the tensor (the head and tail
-// blocks of a tensor; the other lanes compute on zeros and are not stored).
-template <bool FULL, class T>
-SRK_HD void adamw_get(const T* a, i64 j, i64 n, T* x) {
-  if constexpr (FULL) srk_get8(a + j, x); else srk_get_lanes(a, j, n, x);
-}
-template <bool FULL, class T>
-SRK_HD void adamw_put(T* a, i64 j, i64 n, const T* x) {
-  if constexpr (FULL) srk_put8(a + j, x); else srk_put_lanes(a, j, n, x);
-}
 
 template <int MODE, class P, class G, class S, bool FULL>
 SRK_HD void adamw_block(const AdamwHyper& h, const SrkRow& row, u64 q) {
@@ -243,11 +138,11 @@ SRK_HD void adamw_block(const AdamwHyper& h, const SrkRow& row, u64 q) {
   S m[8], v[8];
   X x[8];
   u16 y[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  adamw_get<FULL>((const G*)row.g, j, n, g);
-  adamw_get<FULL>((const S*)row.m, j, n, m);
-  adamw_get<FULL>((const S*)row.v, j, n, v);
-  adamw_get<FULL>((const X*)xb, j, n, x);
-  if (M::Y_READ) adamw_get<FULL>((const u16*)M::ybuf(row), j, n, y);
+  srk_get_block<FULL>((const G*)row.g, j, n, g);
+  srk_get_block<FULL>((const S*)row.m, j, n, m);
+  srk_get_block<FULL>((const S*)row.v, j, n, v);
+  srk_get_block<FULL>((const X*)xb, j, n, x);
+  if (M::Y_READ) srk_get_block<FULL>((const u16*)M::ybuf(row), j, n, y);
   const srk_u32x4 none = {{0u, 0u, 0u, 0u}};
   srk_u32x4 dx[2] = {none, none};
   if (M::X_SR) M::xdraws(h, q, dx);
@@ -260,10 +155,10 @@ SRK_HD void adamw_block(const AdamwHyper& h, const SrkRow& row, u64 q) {
     M::weights(h, mk, sqrtf(vk), srk_elem_f32(x[k]), srk_bf16_to_f32(y[k]), M::xdraw(dx, k), &x[k],
                &y[k]);
   }
-  adamw_put<FULL>((S*)row.m, j, n, m);
-  adamw_put<FULL>((S*)row.v, j, n, v);
-  adamw_put<FULL>(xb, j, n, x);
-  if (M::Y_WRITE) adamw_put<FULL>(M::ybuf(row), j, n, y);
+  srk_put_block<FULL>((S*)row.m, j, n, m);
+  srk_put_block<FULL>((S*)row.v, j, n, v);
+  srk_put_block<FULL>(xb, j, n, x);
+  if (M::Y_WRITE) srk_put_block<FULL>(M::ybuf(row), j, n, y);
 }
 
 #ifdef SRK_GPU

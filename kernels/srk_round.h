@@ -23,6 +23,10 @@
 #define SRK_STREAM_WIRE 6u  // FP32 gradients SR-rounded to BF16 before they travel (reduce-scatter)
 #define SRK_STREAM_PARAM_FP16 7u  // fp16-sr's FP16 weights (32-bit draws: a stream of their own, so
                                   // that no BF16 weight at index 2i or 2i+1 shares their words)
+#define SRK_STREAM_ACCUM 8u  // srkern.add_: acc += alpha * x written back with SR (kernels/accum.cu;
+                             // BF16 acc 16-bit draws, FP16 acc 32-bit draws of this one stream)
+#define SRK_STREAM_ROW_VAR 9u   // Adafactor's BF16 row statistics (kernels/adafactor.cu)
+#define SRK_STREAM_COL_VAR 10u  // Adafactor's BF16 column statistics
 
 // ---- BF16: the hot path, written directly on the bit pattern --------------------------------
 

@@ -44,14 +44,19 @@ def _scalars(step: int, lr: float, betas: tuple[float, float], eps: float,
     sc = {"b1": f(b1), "omb1": f(1.0 - b1), "b2": f(b2), "omb2": f(1.0 - b2),
           "step_size": f(lr / bc1), "inv_sqrt_bc2": f(1.0 / math.sqrt(bc2)), "eps": f(eps),
           "decay": f(1.0 - lr * weight_decay), "lrwd": f(lr * weight_decay)}
+    return _checked_scalars(sc, f"lr={lr!r}, weight_decay={weight_decay!r} at step {step}")
+
+
+def _checked_scalars(sc: dict[str, float], context: str) -> dict[str, float]:
+    """``sc`` (kernel scalars already rounded to FP32), or a ``ValueError`` saying which of them
+    ``context`` (the hyper-parameters that formed them) makes overflow FP32 or fall below its
+    smallest normal number. Every optimizer's host scalars go through it."""
     bad = [k for k, v in sc.items() if not math.isfinite(v)]
     if bad:
-        raise ValueError(f"lr={lr!r}, weight_decay={weight_decay!r} at step {step} give kernel scalars "
-                         f"{bad} that overflow FP32")
+        raise ValueError(f"{context} give kernel scalars {bad} that overflow FP32")
     tiny = [k for k, v in sc.items() if v != 0.0 and abs(v) < _contract.FP32_MIN_NORMAL]
     if tiny:
-        raise ValueError(f"lr={lr!r}, weight_decay={weight_decay!r} at step {step} give kernel scalars "
-                         f"{tiny} below FP32's smallest normal number (2**-126)")
+        raise ValueError(f"{context} give kernel scalars {tiny} below FP32's smallest normal number (2**-126)")
     return sc
 
 
@@ -195,11 +200,35 @@ def _prepare_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequenc
         raise ValueError("step must be >= 1 (the first AdamW step is step 1)")
     lr, (b1, b2), eps, weight_decay, grad_scale = check_hyperparameters(lr, betas, eps, weight_decay, grad_scale)
 
+    pv, gv, (mv, vv), wv, cv, fi = checked_buffers(
+        prec, params, grads, (("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)), master_params,
+        compensation, found_inf, "adamw_step", "an AdamW step")
+    if not pv:
+        return None, step, {}, 0.0, 0
+    offs = flat_offsets([p.numel for p in pv], offsets)
+    sc = _scalars(step, lr, (b1, b2), eps, weight_decay)
+    prepared = Prepared.build(prec.kernel, pv, gv, mv, vv, wv, cv, offs, seed)
+    return prepared, step, sc, _f32(grad_scale), fi.ptr if fi else 0
+
+
+def checked_buffers(prec: Any, params: Sequence[Any], grads: Sequence[Any],
+                    states: Sequence[tuple[str, Any]], master_params: Sequence[Any] | None,
+                    compensation: Sequence[Any] | None, found_inf: Any, fname: str,
+                    what: str) -> tuple[list[View], list[View], list[list[View]], list[View], list[View], View | None]:
+    """The buffer checks every fused optimizer makes (``adamw_step``, ``sgd_step``,
+    ``lion_step``), in this order, before anything is written: each list is a list of tensors
+    of ``params``' length (``states``: (name, list) pairs, the optimizer's state buffers, all of
+    one dtype the precision ``prec`` allows); master weights and compensation present exactly
+    where the mode has them; dtypes, shapes, one device, contiguity, writability; ``found_inf``
+    a 1-element FP32 tensor on that device; no two buffers overlapping. ``fname`` names the
+    function in errors, ``what`` the step ("an AdamW step"). Returns the views (params, grads,
+    one list per state, master weights, compensation, found_inf or None); empty lists and None
+    when there are no tensors (nothing else is checked then)."""
+    precision = prec.name
     pv = _table.views("params", params, None)
     n = len(pv)
     gv = _table.views("grads", grads, n)
-    mv = _table.views("exp_avgs", exp_avgs, n)
-    vv = _table.views("exp_avg_sqs", exp_avg_sqs, n)
+    svs = [_table.views(name, xs, n) for name, xs in states]
     if prec.master and master_params is None:
         raise ValueError("precision 'fp32-master' needs master_params (FP32 copies of params)")
     if not prec.master and master_params is not None:
@@ -211,16 +240,17 @@ def _prepare_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequenc
     wv = _table.views("master_params", master_params, n) if prec.master else []
     cv = _table.views("compensation", compensation, n) if prec.compensation else []
     if n == 0:
-        return None, step, {}, 0.0, 0
+        return [], [], [[] for _ in states], [], [], None
 
     if any(p.framework == "jax" for p in pv):
-        raise TypeError("params: JAX arrays are immutable; adamw_step works in place")
+        raise TypeError(f"params: JAX arrays are immutable; {fname} works in place")
     _table.check_list("params", pv, pv, (prec.param_dtype,), True)
     _table.check_list("grads", gv, pv, prec.grad_dtypes, False)
-    _table.check_list("exp_avgs", mv, pv, prec.state_dtypes, True)
-    _table.check_list("exp_avg_sqs", vv, pv, prec.state_dtypes, True)
-    if mv[0].dtype != vv[0].dtype:
-        raise TypeError(f"exp_avgs are {mv[0].dtype} but exp_avg_sqs are {vv[0].dtype}: use one dtype")
+    for (name, _), sv in zip(states, svs):
+        _table.check_list(name, sv, pv, prec.state_dtypes, True)
+    for (name, _), sv in zip(states[1:], svs[1:]):
+        if sv[0].dtype != svs[0][0].dtype:
+            raise TypeError(f"{states[0][0]} are {svs[0][0].dtype} but {name} are {sv[0].dtype}: use one dtype")
     if wv:
         _table.check_list("master_params", wv, pv, ("float32",), True)
     if cv:
@@ -235,16 +265,22 @@ def _prepare_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequenc
         if (fi.device, fi.device_id) != (pv[0].device, pv[0].device_id):
             raise ValueError(f"found_inf is on {fi.device}:{fi.device_id}, params on "
                              f"{pv[0].device}:{pv[0].device_id}")
-    named = [(f"{name}[{i}]", v) for name, vs in (("params", pv), ("grads", gv), ("exp_avgs", mv),
-                                                   ("exp_avg_sqs", vv), ("master_params", wv),
-                                                   ("compensation", cv)) for i, v in enumerate(vs)]
+    lists = [("params", pv), ("grads", gv)] + [(name, sv) for (name, _), sv in zip(states, svs)] + \
+            [("master_params", wv), ("compensation", cv)]
+    named = [(f"{name}[{i}]", v) for name, vs in lists for i, v in enumerate(vs)]
     if fi is not None:
         named.append(("found_inf", fi))
-    check_disjoint(named, "every buffer of an AdamW step must be distinct")
-    offs = flat_offsets([p.numel for p in pv], offsets)
-    sc = _scalars(step, lr, (b1, b2), eps, weight_decay)
-    prepared = Prepared.build(prec.kernel, pv, gv, mv, vv, wv, cv, offs, seed)
-    return prepared, step, sc, _f32(grad_scale), fi.ptr if fi else 0
+    check_disjoint(named, f"every buffer of {what} must be distinct")
+    return pv, gv, svs, wv, cv, fi
+
+
+def pair_table(pv: list[View], cols: list[list[int]], offs: list[int]) -> tuple[np.ndarray, int]:
+    """The tensor table of a fused optimizer step over checked views ``pv`` (``cols``: the six
+    pointer columns of kernels/srk_table.h, 0 where unused) and its number of work units:
+    (tensor, Philox block) pairs; a tensor at offset o with n elements covers blocks
+    o // 8 .. (o + n - 1) // 8."""
+    blocks = [0 if p.numel == 0 else (o + p.numel - 1) // 8 - o // 8 + 1 for p, o in zip(pv, offs, strict=True)]
+    return _table.table(pv, cols, offs, blocks)
 
 
 class Prepared:
@@ -255,8 +291,9 @@ class Prepared:
     GRAD_COL = 1  # the table column of the gradient pointers (kernels/srk_table.h)
 
     def __init__(self, kernel: str, table: np.ndarray, npairs: int, seed: int, device: View,
-                 written: list[View]) -> None:
+                 written: list[View], family: str = "adamw") -> None:
         self.kernel, self.table, self.npairs, self.seed, self.device = kernel, table, npairs, seed, device
+        self.family = family  # the kernel file: kernels/<family>.cu (sgd.py and lion.py reuse this class)
         self.n = len(table)
         self.written = written
         # The torch tensors to bump after each launch, gathered once (a list of 3,000 views
@@ -273,10 +310,7 @@ class Prepared:
         zero = [0] * n
         cols = [[p.ptr for p in pv], [g.ptr for g in gv], [m.ptr for m in mv], [v.ptr for v in vv],
                 [w.ptr for w in wv] if wv else zero, [c.ptr for c in cv] if cv else zero]
-        # Units of the update: (tensor, Philox block) pairs; a tensor covers blocks
-        # offset // 8 .. (offset + n - 1) // 8.
-        blocks = [0 if p.numel == 0 else (o + p.numel - 1) // 8 - o // 8 + 1 for p, o in zip(pv, offs, strict=True)]
-        table, npairs = _table.table(pv, cols, offs, blocks)
+        table, npairs = pair_table(pv, cols, offs)
         if npairs == 0:
             return None
         name = f"adamw_{kernel}_g{KERNEL_SUFFIX[gv[0].dtype]}_s{KERNEL_SUFFIX[mv[0].dtype]}"
@@ -301,7 +335,9 @@ class Prepared:
         return self._dev[1], self._dev[2]
 
     def launch(self, step: int, sc: dict[str, float], grad_scale: float, found_inf_ptr: int) -> None:
-        """Run the update (checked: from here on buffers are written); ``grad_scale`` is FP32."""
+        """Run the AdamW update (checked: from here on buffers are written); ``grad_scale`` is FP32.
+        Written out rather than through :meth:`run`: the step plan calls it every step, and the
+        one list built here is all it costs."""
         stream = stream_of(self.device)
         _, tptr = self._device_table(stream)
         _backend.launch("adamw", self.kernel, [
@@ -311,5 +347,18 @@ class Prepared:
             ("f", sc["lrwd"]), ("f", grad_scale), ("p", found_inf_ptr)],
             device=self.device.device, device_id=self.device.device_id, units=self.npairs, stream=stream,
             exact=True)  # sc and grad_scale are FP32 values; the integers were checked at build
+        # autograd's version counters (even if found_inf skipped the write)
+        bump_versions(self.bump)
+
+    def run(self, step: int, args: list[tuple[str, Any]]) -> None:
+        """Launch ``self.kernel`` with (table, ntensors, npairs, seed, step) and then ``args``, the
+        family's own arguments (``_backend.launch``'s codes): every ``f`` value already FP32, every
+        integer checked. Then bump the written torch tensors' versions."""
+        stream = stream_of(self.device)
+        _, tptr = self._device_table(stream)
+        _backend.launch(self.family, self.kernel, [
+            ("p", tptr), ("q", self.n), ("q", self.npairs), ("Q", self.seed), ("Q", step), *args],
+            device=self.device.device, device_id=self.device.device_id, units=self.npairs, stream=stream,
+            exact=True)  # the f values are FP32 values; the integers were checked at build
         # autograd's version counters (even if found_inf skipped the write)
         bump_versions(self.bump)

@@ -316,3 +316,137 @@ def grad_norm(grads, grad_scale: float = 1.0) -> tuple[float, bool]:
     if math.isnan(total):
         return math.nan, False
     return math.sqrt(total), math.isfinite(total)
+
+
+# ---- SR accumulation (srkern.add_) ------------------------------------------------------------------
+# acc + alpha * x in float32 (two IEEE operations, no fused multiply-add), then the cast oracle's
+# rounding into acc's format at logical indices offset + C-order position, stream "accum"; a NaN
+# sum is the canonical NaN of acc's format (v1.1: arithmetic, not a cast).
+
+def add_(acc, x, *, alpha: float = 1.0, rounding: str = "stochastic", seed: int = 0, offset: int = 0,
+         step: int = 0) -> np.ndarray:
+    """What srkern.add_(acc, x, ...) leaves in ``acc`` (BF16 / FP16), as a new array; inputs unchanged."""
+    a = np.asarray(acc)
+    fmt = dtype_name(a.dtype)
+    with np.errstate(all="ignore"):
+        s = (a.astype(np.float32).reshape(-1)
+             + np.float32(alpha) * np.asarray(x).astype(np.float32).reshape(-1))
+    out = round_float32(s, fmt, rounding, seed=seed, offset=offset, step=step, stream=STREAMS["accum"])
+    return canonical_nan(out).reshape(a.shape)
+
+
+# ---- SGD and Lion (srkern.sgd_step, srkern.lion_step) ---------------------------------------------
+# kernels/sgd.cu and kernels/lion.cu written out with NumPy float32 operations in their documented
+# order. The weight side of every mode (kernels/srk_modes.h) written out once more, on its own:
+# p' = p * decay - u; fp32-master on the FP32 master, the BF16 copy to nearest; bf16-kahan
+# y = (-lrwd * p - u) + c, p' = rn(p + y), c' = SR(y - (p' - p)); BF16 states SR-rounded from
+# stream exp_avg in bf16-sr / bf16-kahan. Each returns the new buffers (inputs not modified).
+
+
+def _elementwise_step(lane, params, grads, states, *, precision, decay, lrwd, master_params,
+                      compensation, seed, step, offsets):
+    """The shared driver: ``lane(g32, x32, s32) -> (u, s32')`` per tensor (``s32`` None
+    without state); returns params, states, master_params, compensation lists."""
+    f32 = np.float32
+    if offsets is None:
+        offsets = flat_offsets([np.asarray(p).size for p in params])
+    sr = precision in ("bf16-sr", "bf16-kahan")
+    out = {"params": [], "states": [] if states is not None else None,
+           "master_params": [] if precision == "fp32-master" else None,
+           "compensation": [] if precision == "bf16-kahan" else None}
+
+    def bf16(x, off, stream, stochastic):
+        return canonical_nan(round_float32(x, "bfloat16", "stochastic" if stochastic else "nearest",
+                                           seed=seed, offset=off, step=step, stream=stream))
+
+    with np.errstate(all="ignore"):
+        for t, (p, g) in enumerate(zip(params, grads, strict=True)):
+            shape, off = np.shape(p), int(offsets[t])
+            x = np.asarray(master_params[t] if precision == "fp32-master" else p).astype(f32).reshape(-1)
+            s = None if states is None else np.asarray(states[t]).astype(f32).reshape(-1)
+            u, s_new = lane(np.asarray(g).astype(f32).reshape(-1), x, s)
+            if states is not None:
+                st_bf16 = dtype_name(np.asarray(states[t]).dtype) == "bfloat16"
+                kept = bf16(s_new, off, STREAMS["exp_avg"], sr) if st_bf16 else canonical_nan(s_new.astype(f32))
+                out["states"].append(kept.reshape(shape))
+            if precision == "bf16-kahan":
+                c = np.asarray(compensation[t]).astype(f32).reshape(-1)
+                y = ((-f32(lrwd)) * x - u) + c
+                pn = bf16(x + y, off, STREAMS["param"], False)
+                out["params"].append(pn.reshape(shape))
+                out["compensation"].append(bf16(y - (pn.astype(f32) - x), off, STREAMS["compensation"], True).reshape(shape))
+                continue
+            w = (x * f32(decay) - u).astype(f32)
+            if precision == "fp32-master":
+                out["master_params"].append(canonical_nan(w).reshape(shape))
+                out["params"].append(bf16(w, off, STREAMS["param"], False).reshape(shape))
+            elif precision == "fp32":
+                out["params"].append(canonical_nan(w).reshape(shape))
+            else:
+                out["params"].append(bf16(w, off, STREAMS["param"], precision == "bf16-sr").reshape(shape))
+    return out
+
+
+def sgd_step(params, grads, momentum_buffers=None, *, lr: float, momentum: float = 0.0,
+             dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
+             maximize: bool = False, precision: str = "bf16-sr", master_params=None,
+             compensation=None, grad_scale: float = 1.0, seed: int = 0, step: int = 1,
+             first_step=None, offsets=None) -> dict[str, list]:
+    """One SGD step (torch.optim.SGD's order, in FP32). Keys: ``params``, ``momentum_buffers``
+    (None without momentum), ``master_params``, ``compensation``. Scalars: lr, momentum,
+    1 - dampening and weight_decay each rounded to FP32 from float64."""
+    f32 = np.float32
+    first = (step == 1) if first_step is None else bool(first_step)
+    lr32, mom32, omd32, wd32, gs32 = (f32(v) for v in (lr, momentum, 1.0 - float(dampening), weight_decay, grad_scale))
+
+    def lane(g, x, b):
+        g = g * gs32
+        if maximize:
+            g = -g
+        if weight_decay != 0:
+            g = g + wd32 * x
+        if b is not None:
+            b = g.copy() if first else mom32 * b + omd32 * g
+            g = g + mom32 * b if nesterov else b
+        return lr32 * g, b
+
+    out = _elementwise_step(lane, params, grads, momentum_buffers if momentum != 0 else None,
+                            precision=precision, decay=1.0, lrwd=0.0, master_params=master_params,
+                            compensation=compensation, seed=seed, step=step, offsets=offsets)
+    out["momentum_buffers"] = out.pop("states")
+    return out
+
+
+def lion_step(params, grads, exp_avgs, *, lr: float, betas=(0.9, 0.99), weight_decay: float = 0.0,
+              maximize: bool = False, precision: str = "bf16-sr", master_params=None,
+              compensation=None, grad_scale: float = 1.0, seed: int = 0, step: int = 1,
+              offsets=None) -> dict[str, list]:
+    """One Lion step (Chen et al. 2023) in FP32: c = b1*m + (1-b1)*g, p = p*(1 - lr*wd) -
+    lr*sign(c), m = b2*m + (1-b2)*g, sign(+-0) = 0 and sign(NaN) = NaN. Keys: ``params``,
+    ``exp_avgs``, ``master_params``, ``compensation``."""
+    f32 = np.float32
+    b1, b2 = float(betas[0]), float(betas[1])
+    b1_32, omb1, b2_32, omb2, lr32, gs32 = (f32(v) for v in (b1, 1.0 - b1, b2, 1.0 - b2, lr, grad_scale))
+
+    def lane(g, x, m):
+        g = g * gs32
+        if maximize:
+            g = -g
+        c = b1_32 * m + omb1 * g
+        sign = np.where(c > 0, f32(1), np.where(c < 0, f32(-1), np.where(np.isnan(c), c, f32(0))))
+        return lr32 * sign.astype(f32), b2_32 * m + omb2 * g
+
+    out = _elementwise_step(lane, params, grads, exp_avgs, precision=precision,
+                            decay=1.0 - float(lr) * float(weight_decay), lrwd=float(lr) * float(weight_decay),
+                            master_params=master_params, compensation=compensation, seed=seed,
+                            step=step, offsets=offsets)
+    out["exp_avgs"] = out.pop("states")
+    return out
+
+
+def lion_float64(p, g, m, *, lr: float, betas=(0.9, 0.99), weight_decay: float = 0.0):
+    """The published Lion update in float64 (the target of the fp32 mode): (p', m')."""
+    b1, b2 = betas
+    p, g, m = (np.asarray(a, dtype=np.float64) for a in (p, g, m))
+    c = b1 * m + (1 - b1) * g
+    return p * (1 - lr * weight_decay) - lr * np.sign(c), b2 * m + (1 - b2) * g

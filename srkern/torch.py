@@ -22,13 +22,14 @@ from . import _contract
 from ._plan import make_plan
 from ._torch_ops import MODE_INDEX, flat_size, param_precision, run_step, seed_arg, state_dtype_for, TORCH_DTYPES
 from ._torch_sharded import ShardedAdamW  # re-exported: srkern.torch.ShardedAdamW
+from ._torch_accum import SRGradAccumulation, sr_grad_accumulation  # re-exported: SR gradient accumulation
 from ._torch_state import checked
 from .checkpoint import (TORCH_FORMAT, TORCH_VERSION, CheckpointCorrupt, CheckpointError, check_hyper,
                          state_sections)
 from .layout import flat_offsets
 from .precisions import PRECISIONS, bytes_per_param, default_state_dtype, mode
 
-__all__ = ["AdamW", "ShardedAdamW"]
+__all__ = ["AdamW", "ShardedAdamW", "sr_grad_accumulation", "SRGradAccumulation"]
 
 
 class AdamW(torch.optim.Optimizer):

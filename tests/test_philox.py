@@ -97,7 +97,7 @@ def test_streams_are_distinct_and_name_every_purpose():
     # duplicated or missing id shows): one per purpose, all different, each a 32-bit counter word.
     from srkern import STREAMS
     assert set(STREAMS) == {"cast", "param", "exp_avg", "exp_avg_sq", "compensation", "collective", "wire",
-                            "param_fp16"}
+                            "param_fp16", "accum", "row_var", "col_var"}
     assert len(set(STREAMS.values())) == len(STREAMS), STREAMS
     assert all(0 <= v < 2 ** 32 for v in STREAMS.values()), STREAMS
 
@@ -107,4 +107,4 @@ def test_stream_ids_are_the_contract_values():
     # every random bit drawn for that purpose, so the values are pinned here, not read.
     from srkern import STREAMS
     assert STREAMS == {"cast": 0, "param": 1, "exp_avg": 2, "exp_avg_sq": 3, "compensation": 4,
-                       "collective": 5, "wire": 6, "param_fp16": 7}
+                       "collective": 5, "wire": 6, "param_fp16": 7, "accum": 8, "row_var": 9, "col_var": 10}

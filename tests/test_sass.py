@@ -29,7 +29,7 @@ import pytest
 from srkern import _nvrtc
 
 ARCH = "sm_90"  # H200 (and H100)
-FILES = ("cast", "dist", "adamw")
+FILES = ("cast", "dist", "adamw", "accum", "sgd", "lion")
 
 
 def _tool(name: str) -> str | None:
@@ -128,7 +128,7 @@ def disassemble(cubin: bytes, tmp: Path) -> dict[str, Function]:
 
 @pytest.fixture(scope="module")
 def sass(tmp_path_factory) -> dict[str, Function]:
-    """Every function of cast.cu, dist.cu and adamw.cu as srkern loads them for sm_90."""
+    """Every function of cast.cu, dist.cu, adamw.cu, accum.cu, sgd.cu and lion.cu as srkern loads them for sm_90."""
     tmp = tmp_path_factory.mktemp("sass")
     funcs: dict[str, Function] = {}
     for name in FILES:
@@ -196,6 +196,63 @@ REG_LIMITS = {
     "adamw_fp16_sr_gf16_sbf16": 88,        # 86
     "adamw_fp16_sr_gbf16_sbf16": 88,       # 86
     "adamw_fp16_sr_gf32_sbf16": 88,        # 84
+    # kernels/accum.cu (unbounded; one unit of 8 elements per thread, 16-byte accesses).
+    "accum_bf16_bf16_rn": 48,  # 47
+    "accum_bf16_bf16_sr": 64,  # 62
+    "accum_bf16_f16_rn": 40,   # 39
+    "accum_bf16_f16_sr": 64,   # 64
+    "accum_bf16_f32_rn": 40,   # 40
+    "accum_bf16_f32_sr": 64,   # 62
+    "accum_f16_bf16_rn": 40,   # 38
+    "accum_f16_bf16_sr": 80,   # 77
+    "accum_f16_f16_rn": 40,    # 38
+    "accum_f16_f16_sr": 80,    # 77
+    "accum_f16_f32_rn": 40,    # 36
+    "accum_f16_f32_sr": 80,    # 78
+    # kernels/sgd.cu and kernels/lion.cu (unbounded; one (tensor, block) pair of 8 lanes per thread,
+    # srk_opt1.h). kernels/adafactor.cu is not listed: its row and column sums are scalar loops.
+    "sgd_bf16_kahan_gbf16_sbf16": 64,     # 63
+    "sgd_bf16_kahan_gbf16_sf32": 56,      # 56
+    "sgd_bf16_kahan_gbf16_snone": 48,     # 48
+    "sgd_bf16_kahan_gf32_sbf16": 64,      # 63
+    "sgd_bf16_kahan_gf32_sf32": 56,       # 56
+    "sgd_bf16_kahan_gf32_snone": 48,      # 45
+    "sgd_bf16_nearest_gbf16_sbf16": 48,   # 46
+    "sgd_bf16_nearest_gbf16_sf32": 48,    # 44
+    "sgd_bf16_nearest_gbf16_snone": 32,   # 32
+    "sgd_bf16_nearest_gf32_sbf16": 48,    # 44
+    "sgd_bf16_nearest_gf32_sf32": 48,     # 42
+    "sgd_bf16_nearest_gf32_snone": 32,    # 32
+    "sgd_bf16_sr_gbf16_sbf16": 56,        # 51
+    "sgd_bf16_sr_gbf16_sf32": 48,         # 47
+    "sgd_bf16_sr_gbf16_snone": 32,        # 32
+    "sgd_bf16_sr_gf32_sbf16": 56,         # 51
+    "sgd_bf16_sr_gf32_sf32": 48,          # 46
+    "sgd_bf16_sr_gf32_snone": 32,         # 32
+    "sgd_fp32_gbf16_sf32": 40,            # 40
+    "sgd_fp32_gbf16_snone": 32,           # 32
+    "sgd_fp32_gf32_sf32": 48,             # 42
+    "sgd_fp32_gf32_snone": 32,            # 32
+    "sgd_fp32_master_gbf16_sf32": 48,     # 48
+    "sgd_fp32_master_gbf16_snone": 40,    # 40
+    "sgd_fp32_master_gf32_sf32": 48,      # 48
+    "sgd_fp32_master_gf32_snone": 40,     # 40
+    "lion_bf16_kahan_gbf16_sbf16": 48,    # 48
+    "lion_bf16_kahan_gbf16_sf32": 64,     # 61
+    "lion_bf16_kahan_gf32_sbf16": 56,     # 54
+    "lion_bf16_kahan_gf32_sf32": 64,      # 60
+    "lion_bf16_nearest_gbf16_sbf16": 56,  # 53
+    "lion_bf16_nearest_gbf16_sf32": 56,   # 53
+    "lion_bf16_nearest_gf32_sbf16": 56,   # 56
+    "lion_bf16_nearest_gf32_sf32": 56,    # 53
+    "lion_bf16_sr_gbf16_sbf16": 40,       # 38
+    "lion_bf16_sr_gbf16_sf32": 48,        # 44
+    "lion_bf16_sr_gf32_sbf16": 48,        # 45
+    "lion_bf16_sr_gf32_sf32": 48,         # 44
+    "lion_fp32_gbf16_sf32": 48,           # 48
+    "lion_fp32_gf32_sf32": 48,            # 46
+    "lion_fp32_master_gbf16_sf32": 64,    # 58
+    "lion_fp32_master_gf32_sf32": 64,     # 57
 }
 KERNELS = sorted(REG_LIMITS)
 

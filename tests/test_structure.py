@@ -24,9 +24,10 @@ LAYERS = {
     "facts": ("_files", "_cache", "formats", "precisions", "testing"),
     "build": ("_build", "_nvrtc", "_contract", "layout", "_tensor"),
     "launch": ("_backend", "_table"),
-    "families": ("cast", "adamw", "norm", "reference", "comm", "_collective"),
+    "families": ("cast", "accum", "adamw", "sgd", "lion", "adafactor", "norm", "reference", "reference_adafactor",
+                 "comm", "_collective"),
     "composites": ("checkpoint", "sharded", "dist"),
-    "frameworks": ("_torch_ops", "_plan", "_torch_state", "_torch_comm", "_torch_sharded", "torch"),
+    "frameworks": ("_torch_ops", "_plan", "_torch_state", "_torch_comm", "_torch_sharded", "_torch_accum", "torch"),
     "entry": ("__init__", "__main__"),
 }
 LAYER_OF = {m: i for i, mods in enumerate(LAYERS.values()) for m in mods}

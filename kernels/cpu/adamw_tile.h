@@ -36,6 +36,7 @@
 #include "srk_platform.h"
 #include "srk_launch.h"
 #include "cpu/philox_tile.h"
+#include "cpu/pair_chunks.h"
 
 // 64 elements = 8 full blocks starting at block q0, element j0 = q0 * 8 - off of the tensor.
 template <int MODE, class P, class G, class S>
@@ -119,24 +120,10 @@ static void adamw_cpu_range(const AdamwHyper& h, const SrkRow& row, i64 lb0, i64
   }
 }
 
-// Pairs are handed out in chunks of ADAMW_CPU_CHUNK (srk_launch.h); which thread takes a chunk
-// never changes a bit.
+// Pairs in chunks (cpu/pair_chunks.h): which thread takes a chunk never changes a bit.
 template <int MODE, class P, class G, class S>
 static void adamw_body(const u64* table, i64 ntensors, i64 npairs, const AdamwHyper& h) {
-  if (npairs <= 0) return;
-  const i64 nchunks = (npairs + ADAMW_CPU_CHUNK - 1) / ADAMW_CPU_CHUNK;
-  // One chunk (under 16K elements) runs on the calling thread: no fork, no wake-up of workers.
-  // SRK_PARALLEL: every thread of the team runs its chunks in the default FP environment.
-  SRK_PARALLEL(nchunks > 1) SRK_PRAGMA(omp for schedule(dynamic, 1) nowait)
-  for (i64 chunk = 0; chunk < nchunks; ++chunk) {
-    i64 b = chunk * ADAMW_CPU_CHUNK, b_end = srk_min64(npairs, b + ADAMW_CPU_CHUNK);
-    i64 t = srk_row_find(table, ntensors, b);
-    while (b < b_end) {
-      SrkRow row = srk_row(table, t);
-      i64 stop = srk_min64(b_end, row.b0 + srk_row_units(table, ntensors, npairs, t));
-      if (stop > b) adamw_cpu_range<MODE, P, G, S>(h, row, b - row.b0, stop - row.b0);
-      b = srk_max64(b, stop);
-      ++t;
-    }
-  }
+  srk_cpu_pair_chunks(table, ntensors, npairs, [&](const SrkRow& row, i64, i64 lb0, i64 lb1) {
+    adamw_cpu_range<MODE, P, G, S>(h, row, lb0, lb1);
+  });
 }
