@@ -22,10 +22,9 @@ from typing import Any, Callable
 import pytest
 
 import srkern
-from bench_sgd import MODES, PRECISIONS, bench, copy_fn, grad_dtype, label, split, srkern_buffers, step_bytes, tensors
+from bench_sgd import MODES, PRECISIONS, bench, copy_fn, grad_dtype, label, split, srkern_step, step_bytes, tensors
 
 HYPER = dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.1)
-SEED = 0x5EED
 COPY = "torch copy_ (roofline)"
 FOREACH = "torch foreach Lion (torch ops) fp32-master + bf16 copy"
 PURE_BF16 = "torch foreach Lion (torch ops) bf16 (round-to-nearest)"
@@ -63,17 +62,6 @@ def torch_step(name: str, sizes: list[int], device: str) -> Callable[[], None]:
     return run
 
 
-def srkern_step(sizes: list[int], precision: str, state_dtype: str, device: str) -> Callable[[], None]:
-    b = srkern_buffers(sizes, precision, state_dtype, device)
-    counter = [0]
-
-    def run() -> None:
-        counter[0] += 1
-        srkern.lion_step(b["params"], b["grads"], b["states"], step=counter[0], precision=precision,
-                         seed=SEED, **HYPER, **b["extra"])
-    return run
-
-
 @pytest.mark.parametrize("name", [COPY, FOREACH, PURE_BF16], ids=["copy", "torch-foreach", "torch-bf16"])
 def test_lion_baseline(benchmark, baselines, device, adamw_size, name):
     benchmark.group = f"lion {device} n={adamw_size}"
@@ -89,6 +77,6 @@ def test_lion_srkern(benchmark, baselines, device, adamw_size, precision, state_
     sizes = split(adamw_size)
     nbytes = step_bytes(precision, state_dtype) * adamw_size
     bench(benchmark, baselines, label("lion", precision, state_dtype),
-          lambda: srkern_step(sizes, precision, state_dtype, device), adamw_size, nbytes, device,
+          lambda: srkern_step(sizes, precision, state_dtype, device, srkern.lion_step, HYPER), adamw_size, nbytes, device,
           f"{PRECISIONS[precision].param_dtype} weights, {state_dtype} exp_avg, {grad_dtype(precision)} grad",
           CITED, lambda c: torch_step(c, sizes, device), precision=precision, state_dtype=state_dtype)

@@ -96,14 +96,17 @@ def srkern_buffers(sizes: list[int], precision: str, state_dtype: str, device: s
     return out
 
 
-def srkern_step(sizes: list[int], precision: str, state_dtype: str, device: str) -> Callable[[], None]:
+def srkern_step(sizes: list[int], precision: str, state_dtype: str, device: str,
+                step_fn: Callable[..., None] = srkern.sgd_step, hyper: dict[str, Any] = HYPER) -> Callable[[], None]:
+    """One step of a single-state optimizer (``step_fn``: sgd_step, or lion_step from
+    benchmarks/bench_lion.py) on fresh buffers, the step count advancing every call."""
     b = srkern_buffers(sizes, precision, state_dtype, device)
     counter = [0]
 
     def run() -> None:
         counter[0] += 1
-        srkern.sgd_step(b["params"], b["grads"], b["states"], step=counter[0], precision=precision,
-                        seed=SEED, **HYPER, **b["extra"])
+        step_fn(b["params"], b["grads"], b["states"], step=counter[0], precision=precision,
+                seed=SEED, **hyper, **b["extra"])
     return run
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import _backend, _build, _contract, _table
 from ._tensor import View, check_disjoint, host_bytes, mark_written, stream_of, unwritable
-from .adamw import _f32
+from .adamw import _f32, checked_buffers
 from .formats import KERNEL_SUFFIX, NP_DTYPES
 from .layout import flat_offsets
 from .sgd import check_precision, check_seed_step
@@ -117,30 +117,14 @@ def adafactor_step(params: Sequence[Any], grads: Sequence[Any], row_vars: Sequen
         raise TypeError(f"maximize must be a bool, got {maximize!r}")
     grad_scale = _contract.check_f32("grad_scale", grad_scale, -math.inf)  # finite in FP32
 
-    pv = _table.views("params", params, None)
-    n = len(pv)
-    gv = _table.views("grads", grads, n)
+    pv, gv, _, wv, kv, _ = checked_buffers(prec, params, grads, (), master_params, compensation, None,
+                                           "adafactor_step", "an Adafactor step")
+    n = len(pv)  # (checked_buffers returns no views only for no tensors)
     rv = _table.views("row_vars", row_vars, n, allow_none=True)
     cv = _table.views("col_vars", col_vars, n, allow_none=True)
     vv = _table.views("variances", variances, n, allow_none=True)
-    if prec.master != (master_params is not None):
-        raise ValueError(f"master_params {'is required' if prec.master else 'is only used'} with "
-                         f"'fp32-master' (precision={precision!r})")
-    if prec.compensation != (compensation is not None):
-        raise ValueError(f"compensation {'is required' if prec.compensation else 'is only used'} with "
-                         f"'bf16-kahan' (precision={precision!r})")
-    wv = _table.views("master_params", master_params, n) if prec.master else []
-    kv = _table.views("compensation", compensation, n) if prec.compensation else []
     if n == 0:
         return
-    if any(p.framework == "jax" for p in pv):
-        raise TypeError("params: JAX arrays are immutable; adafactor_step works in place")
-    _table.check_list("params", pv, pv, (prec.param_dtype,), True)
-    _table.check_list("grads", gv, pv, prec.grad_dtypes, False)
-    if wv:
-        _table.check_list("master_params", wv, pv, ("float32",), True)
-    if kv:
-        _table.check_list("compensation", kv, pv, ("bfloat16",), True)
     stats: list[tuple[str, View]] = []
     for i, p in enumerate(pv):
         factored = len(p.shape) >= 2
@@ -174,6 +158,7 @@ def adafactor_step(params: Sequence[Any], grads: Sequence[Any], row_vars: Sequen
             raise ValueError(f"{name} {why}")
     if len({x.dtype for _, x in stats}) > 1:
         raise TypeError(f"the statistics mix dtypes {sorted({x.dtype for _, x in stats})}: one dtype per call")
+    # (checked_buffers has checked the others among themselves: each statistic against all of them)
     named = [(f"{name}[{i}]", v) for name, vs in (("params", pv), ("grads", gv), ("master_params", wv),
                                                    ("compensation", kv)) for i, v in enumerate(vs)]
     check_disjoint(named + stats, "every buffer of an Adafactor step must be distinct")
