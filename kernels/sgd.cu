@@ -61,8 +61,12 @@ struct SgdOpt {
     float g = graw * h.grad_scale;
     if (h.wd != 0.0f) g = g + h.wd * x;
     if (MOM) {
-      *b = h.first ? g : h.momentum * *b + h.omd * g;
-      g = h.nesterov ? g + h.momentum * *b : *b;
+      // Both sides formed, then one picked: a select, which the CPU's 64-element loops vectorise
+      // (a conditional read of *b did not); the same value either way.
+      const float later = h.momentum * *b + h.omd * g;
+      *b = h.first ? g : later;
+      const float nest = g + h.momentum * *b;
+      g = h.nesterov ? nest : *b;
     }
     return h.lr * g;
   }

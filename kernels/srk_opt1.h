@@ -76,29 +76,45 @@ SRK_HD void srk_opt1_body(const u64* table, i64 ntensors, i64 npairs, const type
 #include "cpu/philox_tile.h"
 #include "cpu/pair_chunks.h"
 
-// CPU: 8 full blocks q0 .. q0 + 7 with their Philox words drawn at once by srk_draw_tiles
-// (cpu/philox_tile.h: bit for bit srk_draw_block's words, one SIMD lane per block), then each
-// block through the same lanes as srk_opt1_pair. Modes that draw nothing (bf16-nearest,
-// fp32-master, fp32: S_SR implies X_SR) or draw 32 bits for the weight (fp16-sr, not offered by
-// sgd.cu / lion.cu) take srk_opt1_pair per block: only words a tile wrote are ever read.
+// CPU: runs of 8 full blocks (64 elements) from block q0. Their Philox words are drawn at once by
+// srk_draw_tile(s) (cpu/philox_tile.h: bit for bit srk_draw_block's words, one SIMD lane per
+// block), and the 64 elements go through the same per-element functions as srk_opt1_lanes
+// (OPT::lane, srk_store, W::store: the same FP32 operations in the same order, the same stored
+// forms) in one `omp simd` loop, as cpu/adamw_tile.h runs AdamW; element k of the run draws
+// halfword k of a stream's tile, which is srk_draw16 of its block's words for lane k % 8. Modes
+// that draw nothing (bf16-nearest, fp32-master, fp32) take the same loop with no tile; 32-bit
+// weight draws (fp16-sr, not offered by sgd.cu / lion.cu) take srk_opt1_pair per block.
 template <class OPT>
 static void srk_opt1_run8(const typename OPT::H& h, const SrkRow& row, u64 q0) {
   typedef typename OPT::W W;
-  if constexpr (W::X_DRAW32 || !W::X_SR) {
+  typedef typename W::X X;
+  typedef typename OPT::G G;
+  typedef typename OPT::S S;
+  if constexpr (W::X_DRAW32) {
     for (int b = 0; b < 8; ++b) srk_opt1_pair<OPT>(h, row, q0 + (u64)b);
   } else {
-    // w: X_STREAM's 8 blocks, then (where S_SR) EXP_AVG's, 32 words each.
+    // w: X_STREAM's 8 blocks, then (where S_SR) EXP_AVG's, 32 words each; only words a tile
+    // wrote are read (the conditions are compile-time constants).
     alignas(64) u32 w[64];
     const u32 streams[2] = {(u32)W::X_STREAM, SRK_STREAM_EXP_AVG};
     if constexpr (OPT::S_SR) srk_draw_tiles<8, 2>(h.seed, h.step, streams, q0, w);
-    else srk_draw_tile<8>(h.seed, h.step, streams[0], q0, w);
-    const u32* wm = OPT::S_SR ? w + 32 : w;  // (read only where S_SR)
-    for (int b = 0; b < 8; ++b) {
-      srk_u32x4 dx[2], dm;
-      memcpy(&dx[0], w + 4 * b, 16);
-      dx[1] = dx[0];  // unused: 16-bit draws
-      memcpy(&dm, wm + 4 * b, 16);
-      srk_opt1_lanes<OPT, true>(h, row, q0 + (u64)b, dx, dm);
+    else if constexpr (W::X_SR) srk_draw_tile<8>(h.seed, h.step, streams[0], q0, w);
+    const srk_draw16_t* rx = (const srk_draw16_t*)w;
+    const srk_draw16_t* rm = (const srk_draw16_t*)(w + 32);
+    const i64 j0 = (i64)(q0 * 8 - row.off);
+    const G* gs = (const G*)row.g + j0;
+    X* xs = W::xbuf(row) + j0;
+    #pragma omp simd
+    for (int k = 0; k < 64; ++k) {
+      const float x = srk_elem_f32(xs[k]);
+      float m = 0.0f;
+      if constexpr (OPT::HAS_STATE) m = srk_elem_f32(((S*)row.m)[j0 + k]);
+      const float u = OPT::lane(h, srk_elem_f32(gs[k]), x, &m);
+      if constexpr (OPT::HAS_STATE) srk_store(m, OPT::S_SR ? (u32)rm[k] : 0u, OPT::S_SR, (S*)row.m + j0 + k);
+      u16 y = 0;
+      W::store(h, u, x, W::Y_READ ? srk_bf16_to_f32(W::ybuf(row)[j0 + k]) : 0.0f, W::X_SR ? (u32)rx[k] : 0u,
+               xs + k, &y);
+      if (W::Y_WRITE) W::ybuf(row)[j0 + k] = y;
     }
   }
 }
