@@ -16,8 +16,10 @@ OUT_DIR/stages.json (status, seconds and budget of every stage) is rewritten aft
 The parent imports neither torch nor CuPy; only the report runs in it.
 
   env                  device (name, SMs, memory), versions, whether g++ works, srkern's backend
-                       information; compiles every kernel file for the device (NVRTC cubins, or the
-                       gpu-emu build) so that compile errors show here          -> env.json
+                       information; compiles every kernel file (cast, adamw, norm, dist, accum, sgd,
+                       lion, adafactor; with --stages naming parity families only, just theirs) for
+                       the device (NVRTC cubins, or the gpu-emu build) so that compile errors show
+                       here                                                     -> env.json
   parity_cast          device vs expected, bit for bit: every format x SR/RN x saturate, sizes 0,
                        1, 7, 8, 9, 1023, 4099, 2**20+3, offsets 0, odd, near 2**32/2**34/2**35,
                        2**64-n-5 and 2**64-n (ends in the last Philox block), input and output
@@ -34,6 +36,14 @@ The parent imports neither torch nor CuPy; only the report runs in it.
                        starts near 2**32, 2**35 and 2**64, subnormals, NaN payloads, misaligned
                        (every case is one line of parity.jsonl as soon as it finishes; an
                        exception is a failed case with its message, never a crashed stage)
+  parity_optim         the kernels beyond AdamW: add_ (BF16/FP16 acc x FP32/BF16 x x SR/RN, two
+                       calls on 6 tensors of 1..65537 elements at offsets near 2**32, 2**35 and
+                       ending at 2**64, NaN payloads and Inf, acc and x misaligned); sgd_step
+                       (momentum 0.9 with Nesterov, then dampening and maximize; and momentum 0),
+                       lion_step and adafactor_step (a factored 2-D tensor and two 1-D ones in one
+                       call): every precision mode x BF16/FP32 grads, 3 steps, the state dtypes
+                       and the variants (plain; high offsets with misaligned buffers; NaN/Inf,
+                       not for Adafactor) rotating over the cases; every buffer compared
   tests                the backend-parametrized pytest suite on the device only:
                        SRKERN_TEST_BACKENDS=cuda (dry run: gpu-emu) python -m pytest -m
                        "(backend or cuda) and not slow and not mpi": the backend tests and the
@@ -69,9 +79,9 @@ only exercise the code), the sanitizer stage runs the payload on gpu-emu built w
 AddressSanitizer and UBSan (LD_PRELOAD=libasan). About 2.5 minutes on two cores.
 
 Time. Budgets in seconds (``--budget STAGE=SECONDS`` changes one): env 25 (a cold cache compiles
-every kernel file here, g++ and NVRTC side by side), parity 80 (cast 28, upcast 8, adamw 25,
-grad_norm 7, dist_reduce 12; soft: a family stops starting cases when its budget is spent and the
-cases not reached count as failures) plus 10 for the parity child's start, tests 60, bench 25
+every kernel file here, g++ and NVRTC side by side), parity 82 (cast 22, upcast 8, adamw 25,
+grad_norm 7, dist_reduce 12, optim 8; soft: a family stops starting cases when its budget is spent
+and the cases not reached count as failures) plus 10 for the parity child's start, tests 60, bench 23
 (soft: entries not reached are listed, not failures), sanitizer 30, report 5; and
 ``--total-budget`` (235 s) over all of them: a stage gets at most what is left, and one that
 cannot start any more is reported as not run. A child past its budget is stopped (pytest with
@@ -115,15 +125,18 @@ from _common import _cpu_model  # noqa: E402  (benchmarks/_common.py: the machin
 from srkern.formats import FORMATS, FORMATS_BY_SHORT, NP_DTYPES  # noqa: E402  (imports neither torch nor CuPy)
 from srkern.testing import all_patterns, bits_of, first_difference, format_grid  # noqa: E402
 
-FAMILIES = ("cast", "upcast", "adamw", "grad_norm", "dist_reduce")
+FAMILIES = ("cast", "upcast", "adamw", "grad_norm", "dist_reduce", "optim")
 PARITY_STAGES = tuple(f"parity_{f}" for f in FAMILIES)
 STAGES = ("env", *PARITY_STAGES, "tests", "bench", "sanitizer", "report")
 
-BUDGETS = {"env": 25, "parity_cast": 28, "parity_upcast": 8, "parity_adamw": 25, "parity_grad_norm": 7,
-           "parity_dist_reduce": 12, "tests": 60, "bench": 25, "sanitizer": 30, "report": 5}
+# 235 s in all with PARITY_STARTUP. parity_optim's 8 s came from parity_cast (28 -> 22) and bench
+# (25 -> 23; soft): no budget has been measured on a GPU yet. The family's 48 cases take ~9 s in a
+# dry run on two cores (gpu-emu emulates every thread); on a GPU the CPU side dominates.
+BUDGETS = {"env": 25, "parity_cast": 22, "parity_upcast": 8, "parity_adamw": 25, "parity_grad_norm": 7,
+           "parity_dist_reduce": 12, "parity_optim": 8, "tests": 60, "bench": 23, "sanitizer": 30, "report": 5}
 # Dry run on a 2-core CI machine (gpu-emu is the device, everything runs on two cores).
 DRY_BUDGETS = {"env": 240, "parity_cast": 200, "parity_upcast": 60, "parity_adamw": 120,
-               "parity_grad_norm": 60, "parity_dist_reduce": 60, "tests": 400, "bench": 120,
+               "parity_grad_norm": 60, "parity_dist_reduce": 60, "parity_optim": 60, "tests": 400, "bench": 120,
                "sanitizer": 300, "report": 60}
 TOTAL_BUDGET = 235
 DRY_TOTAL_BUDGET = 1800
@@ -741,8 +754,207 @@ def dist_cases(ctx: Ctx) -> list[tuple[str, Callable[[], dict]]]:
     return cases
 
 
+# ---- parity: add_ (kernels/accum.cu), sgd_step, lion_step, adafactor_step -----------------------------
+
+# Tensor sizes of the SGD / Lion cases (partial Philox blocks at both ends of most) and, for the
+# "high-offsets-misaligned" variant, their logical offsets: across index 2**32, across block
+# 2**32 (index 2**35), across 2**63, and a last tensor that ends at 2**64, in the last Philox block.
+OPT1_SIZES = (1, 9, 1023, 4099, 65537)
+OPT1_HIGH_OFFSETS = (3, (1 << 32) - 5, (1 << 35) - 4, (1 << 63) - 500, U64 - 65537)
+OPT1_LEADS = (1, 2, 3, 1, 2)
+# Three steps: SGD with momentum takes the first-step rule, Nesterov, then dampening and maximize.
+SGD_STEPS = (dict(lr=3e-2, momentum=0.9, nesterov=True, weight_decay=1e-2),
+             dict(lr=1e-2, momentum=0.9, nesterov=True, grad_scale=0.5),
+             dict(lr=5e-3, momentum=0.5, dampening=0.25, maximize=True, weight_decay=0.1, grad_scale=1.7))
+LION_STEPS = (dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1),
+              dict(lr=3e-3, betas=(0.95, 0.98), grad_scale=0.5, maximize=True),
+              dict(lr=1e-4, betas=(0.0, 1.0), weight_decay=1.0, grad_scale=3.0))
+# Adafactor: a factored 2-D tensor (row and column statistics; rows of 70 leave the CPU's 64-element
+# runs partial), a 1-D one longer than a row unit (AF_CHUNK = 2048) and a short 1-D one.
+AF_SHAPES = ((33, 70), (4099,), (7,))
+AF_OFFSETS = (5, (1 << 35) - 100, U64 - 7)
+# add_: (n, offset) of the separate tensors of one case; acc and x leads cycle through 0..3.
+ADD_LAYOUTS = ((1, 0), (7, 3), (9, (1 << 32) - 5), (1023, 8 * (1 << 32) - 5), (4099, 11), (65537, U64 - 65537))
+
+
+def _opt1_host(ctx: Ctx, precision: str, sdt: str | None, specials: str) -> dict:
+    """Buffers of a single-state optimizer (SGD: ``sdt`` None without momentum; Lion)."""
+    import srkern
+    mode, rng = srkern.PRECISIONS[precision], ctx.rng
+    host = {"params": [values(rng, s, mode.param_dtype, 1.0, "p", specials) for s in OPT1_SIZES]}
+    if sdt is not None:
+        host["states"] = [values(rng, s, sdt, 1e-2, "m", specials) for s in OPT1_SIZES]
+    if mode.master:
+        host["master_params"] = [values(rng, s, "float32", 1.0, "p", specials) for s in OPT1_SIZES]
+    if mode.compensation:
+        host["compensation"] = [values(rng, s, "bfloat16", 1e-4, "c", specials) for s in OPT1_SIZES]
+    return host
+
+
+def opt1_one(ctx: Ctx, opt: str, precision: str, gdt: str, sdt: str | None, variant: str) -> dict:
+    """Three steps of sgd_step (``opt="sgd"``; ``sdt`` None: momentum 0, no buffers) or
+    lion_step on 5 tensors of odd sizes, the device against the expected side, every buffer."""
+    import srkern
+    from srkern import reference
+    high = variant == "high-offsets-misaligned"
+    offsets = list(OPT1_HIGH_OFFSETS) if high else None
+    leads = OPT1_LEADS if high else (0,) * len(OPT1_SIZES)
+    specials = "nan" if variant == "nan-inf" else "sub"
+    host = _opt1_host(ctx, precision, sdt, specials)
+    exp = {k: [a.copy() for a in v] for k, v in host.items()}
+    with ctx.timing("device"):
+        dev = {k: [ctx.dev.put(a, lead) for a, lead in zip(v, leads, strict=True)] for k, v in host.items()}
+    fn = srkern.sgd_step if opt == "sgd" else srkern.lion_step
+    ref_fn, state_key = (reference.sgd_step, "momentum_buffers") if opt == "sgd" else (reference.lion_step, "exp_avgs")
+    for step, hyper in enumerate(SGD_STEPS if opt == "sgd" else LION_STEPS, start=1):
+        hyper = dict(hyper)
+        if opt == "sgd" and sdt is None:
+            hyper.update(momentum=0.0, nesterov=False, dampening=0.0)
+        # |lr * g| mostly above half a BF16 ulp of the weights (round-to-nearest writes a change)
+        grads = [values(ctx.rng, s, gdt, 1.0, "g", specials) for s in OPT1_SIZES]
+        kw = dict(hyper, step=step, precision=precision, seed=SEED, offsets=offsets)
+
+        def call(f, b, g):
+            f(b["params"], g, b.get("states"), master_params=b.get("master_params"),
+              compensation=b.get("compensation"), **kw)
+        with ctx.timing("expected"):
+            if ctx.ref:
+                r = ref_fn(exp["params"], grads, exp.get("states"), master_params=exp.get("master_params"),
+                           compensation=exp.get("compensation"), **kw)
+                r["states"] = r[state_key]
+                exp = {k: [np.asarray(a) for a in r[k]] for k in exp}
+            else:
+                with backend_env("cpu"):
+                    call(fn, exp, grads)
+        with ctx.timing("device"):
+            gd = [ctx.dev.put(g, lead) for g, lead in zip(grads, leads, strict=True)]
+            with ctx.dev.run():
+                call(fn, dev, gd)
+    with ctx.timing("device"):
+        pairs = [(f"{k}[{i}]", e, ctx.dev.get(d)) for k in host for i, (e, d) in enumerate(zip(exp[k], dev[k], strict=True))]
+    return compare_buffers("", pairs, nan="exact")
+
+
+def adafactor_one(ctx: Ctx, precision: str, gdt: str, sdt: str, variant: str) -> dict:
+    """Three steps of adafactor_step on AF_SHAPES (factored 2-D and unfactored 1-D tensors in one
+    call): weights, row / column statistics, variances, masters and compensation, bit for bit."""
+    import srkern
+    from srkern import reference_adafactor
+    mode, rng = srkern.PRECISIONS[precision], ctx.rng
+    high = variant == "high-offsets-misaligned"
+    offsets = list(AF_OFFSETS) if high else None
+    lead_of = (lambda i: (1, 3, 2)[i]) if high else (lambda i: 0)
+    host: dict[str, list] = {"params": [], "row_vars": [], "col_vars": [], "variances": []}
+    if mode.master:
+        host["master_params"] = []
+    if mode.compensation:
+        host["compensation"] = []
+    for shape in AF_SHAPES:
+        n = math.prod(shape)
+        host["params"].append(values(rng, n, mode.param_dtype, 1.0, "p").reshape(shape))
+        fact = len(shape) >= 2
+        stats = ((*shape[:-1], 1), (*shape[:-2], 1, shape[-1]), None) if fact else (None, None, shape)
+        for key, s in zip(("row_vars", "col_vars", "variances"), stats):
+            host[key].append(None if s is None else values(rng, math.prod(s), sdt, 1e-3, "v").reshape(s))
+        if mode.master:
+            host["master_params"].append(values(rng, n, "float32", 1.0, "p").reshape(shape))
+        if mode.compensation:
+            host["compensation"].append(values(rng, n, "bfloat16", 1e-4, "c").reshape(shape))
+    exp = {k: [None if a is None else a.copy() for a in v] for k, v in host.items()}
+    with ctx.timing("device"):
+        dev = {k: [None if a is None else ctx.dev.put(a, lead_of(i)) for i, a in enumerate(v)] for k, v in host.items()}
+    extra = [k for k in ("master_params", "compensation") if k in host]
+    for step in (1, 2, 3):  # the lerp weight step**-0.8: 1, 0.57, 0.42
+        grads = [values(rng, math.prod(s), gdt, 1e-2 * (1 + step), "g").reshape(s) for s in AF_SHAPES]
+        kw = dict(step=step, lr=1e-2 * step, weight_decay=0.1, maximize=step == 2, grad_scale=0.5 if step == 3 else 1.0,
+                  precision=precision, seed=SEED, offsets=offsets)
+        with ctx.timing("expected"):
+            if ctx.ref:
+                r = reference_adafactor.adafactor_step(exp["params"], grads, exp["row_vars"], exp["col_vars"],
+                                                       exp["variances"], **kw, **{k: exp[k] for k in extra})
+                exp = {k: [None if a is None else np.asarray(a) for a in r[k]] for k in exp}
+            else:
+                with backend_env("cpu"):
+                    srkern.adafactor_step(exp["params"], grads, exp["row_vars"], exp["col_vars"], exp["variances"],
+                                          **kw, **{k: exp[k] for k in extra})
+        with ctx.timing("device"):
+            gd = [ctx.dev.put(g, lead_of(i)) for i, g in enumerate(grads)]
+            with ctx.dev.run():
+                srkern.adafactor_step(dev["params"], gd, dev["row_vars"], dev["col_vars"], dev["variances"],
+                                      **kw, **{k: dev[k] for k in extra})
+    with ctx.timing("device"):
+        pairs = [(f"{k}[{i}]", e, ctx.dev.get(d)) for k in host for i, (e, d) in enumerate(zip(exp[k], dev[k], strict=True))
+                 if e is not None]
+    return compare_buffers("", pairs, nan="exact")
+
+
+def add_one(ctx: Ctx, acc_dt: str, x_dt: str, rounding: str) -> dict:
+    """srkern.add_ twice (steps 0 and 1, two alphas) on each tensor of ADD_LAYOUTS, NaN payloads,
+    infinities and subnormals mixed into acc and x, acc and x misaligned by different leads."""
+    import srkern
+    from srkern import reference
+    pairs = []
+    for i, (n, offset) in enumerate(ADD_LAYOUTS):
+        acc = values(ctx.rng, n, acc_dt, 1.0, "g", "nan")
+        lead, xlead = i % 4, (3 * i + 1) % 4
+        exp = acc.copy()
+        with ctx.timing("device"):
+            ad = ctx.dev.put(acc, lead)
+        for step, alpha in ((0, 1.0), (1, -0.3)):
+            # addends of acc's size and below its ulp (where SR and RN differ)
+            x = values(ctx.rng, n, x_dt, 1.0 if step == 0 else 1e-3, "g", "nan")
+            kw = dict(alpha=alpha, rounding=rounding, seed=SEED, offset=offset, step=step)
+            with ctx.timing("expected"):
+                if ctx.ref:
+                    exp = reference.add_(exp, x, **kw)
+                else:
+                    with backend_env("cpu"):
+                        srkern.add_(exp, x, **kw)
+            with ctx.timing("device"):
+                xd = ctx.dev.put(x, xlead)
+                with ctx.dev.run():
+                    srkern.add_(ad, xd, **kw)
+        with ctx.timing("device"):
+            pairs.append((f"acc n={n} offset={offset}", exp, ctx.dev.get(ad)))
+    return compare_buffers("", pairs, nan="exact")
+
+
+def optim_cases(ctx: Ctx) -> list[tuple[str, Callable[[], dict]]]:
+    """Every precision mode x BF16 / FP32 gradients for SGD (with and without momentum), Lion and
+    Adafactor; the state dtypes and variants (plain; high offsets with misaligned buffers; NaN
+    payloads and infinities) rotate over the cases, so each mode meets each of them once or more."""
+    import srkern
+    from srkern.sgd import ELEMENTWISE_PRECISIONS
+    cases, k = [], 0
+    for acc_dt in ("bfloat16", "float16"):
+        for x_dt in ("float32", "bfloat16"):
+            for rounding in ("stochastic", "nearest"):
+                cases.append((f"optim add_ acc={acc_dt} x={x_dt} rounding={rounding} tensors={len(ADD_LAYOUTS)} steps=2",
+                              functools.partial(add_one, ctx, acc_dt, x_dt, rounding)))
+    for opt in ("sgd", "lion", "adafactor"):
+        for precision in ELEMENTWISE_PRECISIONS:
+            mode = srkern.PRECISIONS[precision]
+            for j, gdt in enumerate(mode.grad_dtypes):
+                sdt = mode.state_dtypes[j % len(mode.state_dtypes)]
+                moms = (("momentum=0.9 nesterov", sdt), ("momentum=0", None)) if opt == "sgd" else (("", sdt),)
+                for tag, state in moms:
+                    if opt == "adafactor":  # no NaN variant: one NaN poisons a whole row's statistics
+                        variant = ADAMW_VARIANTS[k % 2]
+                        fn = functools.partial(adafactor_one, ctx, precision, gdt, sdt, variant)
+                        what = f"shapes={len(AF_SHAPES)}"
+                    else:
+                        variant = ADAMW_VARIANTS[k % 3]
+                        fn = functools.partial(opt1_one, ctx, opt, precision, gdt, state, variant)
+                        what = f"tensors={len(OPT1_SIZES)}"
+                    k += 1
+                    name = (f"optim {opt} prec={precision} grad={gdt} state={state or 'none'}{' ' + tag if tag else ''} "
+                            f"{variant} {what} steps=3")
+                    cases.append((name, fn))
+    return cases
+
+
 BUILDERS = {"cast": cast_cases, "upcast": upcast_cases, "adamw": adamw_cases, "grad_norm": grad_norm_cases,
-            "dist_reduce": dist_cases}
+            "dist_reduce": dist_cases, "optim": optim_cases}
 
 
 # ---- children: each stage's work, in its own process ---------------------------------------------
@@ -857,8 +1069,34 @@ def find_sanitizer() -> str | None:
     return None
 
 
+# The kernel files of each parity family; env compiles those of the stages that run (all of them
+# unless --stages names parity families only: a break test then builds only what it checks).
+KERNEL_FILES = ("cast", "adamw", "norm", "dist", "accum", "sgd", "lion", "adafactor")
+FAMILY_KERNELS = {"cast": ("cast",), "upcast": ("cast",), "adamw": ("adamw",), "grad_norm": ("norm",),
+                  "dist_reduce": ("dist",), "optim": ("accum", "sgd", "lion", "adafactor")}
+
+
+def env_kernels(stages: str | None) -> list[str]:
+    """The kernel files the env stage compiles for ``--stages`` (None: every stage)."""
+    if not stages:
+        return list(KERNEL_FILES)
+    want: set[str] = set()
+    for s in (s.strip() for s in stages.split(",")):
+        if s == "parity":
+            fams: tuple[str, ...] = FAMILIES
+        elif s.startswith("parity_") and s[len("parity_"):] in FAMILY_KERNELS:
+            fams = (s[len("parity_"):],)
+        elif s in ("", "env", "report"):
+            fams = ()
+        else:  # tests, bench, sanitizer: every file
+            return list(KERNEL_FILES)
+        for f in fams:
+            want.update(FAMILY_KERNELS[f])
+    return [k for k in KERNEL_FILES if k in want]
+
+
 def child_env(args: argparse.Namespace) -> int:
-    """The environment record (env.json); compiles every kernel file for the device."""
+    """The environment record (env.json); compiles the kernel files of the stages that run."""
     info: dict[str, Any] = {"dry_run": args.dry_run, "python": sys.version.split()[0],
                             "executable": sys.executable, "platform": platform.platform(),
                             "cpu": _cpu_model(), "cores": os.cpu_count(),
@@ -931,7 +1169,7 @@ def child_env(args: argparse.Namespace) -> int:
         except Exception as e:  # noqa: BLE001
             dev["error"] = f"compute capability: {e}"
             ok = False
-    for name in ("cast", "adamw", "norm", "dist"):
+    for name in env_kernels(args.stages):
         if args.dry_run:
             jobs[f"{name} gpu-emu"] = functools.partial(_build.cpu_library_path, name, "gpu-emu")
         elif arch:
@@ -1230,6 +1468,8 @@ class Runner:
             cmd += ["--kernel-dir", str(self.args.kernel_dir)]
         if self.args.torch_tensors:
             cmd.append("--torch-tensors")
+        if self.args.stages:  # (env compiles only the kernel files of these)
+            cmd += ["--stages", self.args.stages]
         return cmd + list(extra)
 
     def run_child(self, cmd: list[str], timeout: float, log: Path, env: dict | None = None,

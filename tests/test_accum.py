@@ -58,20 +58,31 @@ def _case(acc_name, x_dtype, rounding, n, offset, alpha):
     return acc, x, want
 
 
+# The 2**20 + 3 cases (full units over many CPU tiles and threads, the counter's high word crossed
+# inside the tensor): every acc, x dtype, rounding and offset once, not their product (their oracle
+# dominates this file's time). The first two are test_grid_stride_loop_runs_past_its_first_iteration's.
+BIG_CASES = (("bfloat16", "float32", "stochastic", "0", 1.0), ("float16", "float32", "stochastic", "0", 1.0),
+             ("bfloat16", "bfloat16", "nearest", "8*2**32-5", -0.3), ("float16", "float16", "nearest", "8*2**32-5", 3.0))
+
+
 def _cases() -> list:
+    # Per acc format and rounding (what splits the tensor into units and draws) every small size
+    # with every offset; the x dtype (how x is loaded) rotates over them, so each kernel
+    # (acc x x x rounding) runs 8 of the 24 and every x dtype meets every size.
     out, k = [], 0
+
+    def param(acc, xd, rnd, n, off, alpha):
+        nid = "2**20+3" if n == BIG else n
+        rid = "sr" if rnd == "stochastic" else "rn"
+        return pytest.param(acc, xd, rnd, n, off, alpha, id=(
+            f"acc={FORMATS[acc].short}-x={xd}-rounding={rid}-n={nid}-offset={off}-alpha={alpha}"))
+    xds = ("float32", "bfloat16", "float16")
     for acc in ("bfloat16", "float16"):
-        for xd in ("float32", "bfloat16", "float16"):
-            for rnd in ("stochastic", "nearest"):
-                sizes = [(n, off) for n in (0, 1, 7, 8, 9, 1023) for off in OFFSETS]
-                sizes += [(BIG, "0"), (BIG, "8*2**32-5")]
-                for n, off in sizes:
-                    alpha = ALPHAS[k % len(ALPHAS)]
-                    k += 1
-                    nid = "2**20+3" if n == BIG else n
-                    rid = "sr" if rnd == "stochastic" else "rn"
-                    out.append(pytest.param(acc, xd, rnd, n, off, alpha, id=(
-                        f"acc={FORMATS[acc].short}-x={xd}-rounding={rid}-n={nid}-offset={off}-alpha={alpha}")))
+        for rnd in ("stochastic", "nearest"):
+            for p, (n, off) in enumerate((n, off) for n in (0, 1, 7, 8, 9, 1023) for off in OFFSETS):
+                out.append(param(acc, xds[p % 3], rnd, n, off, ALPHAS[k % len(ALPHAS)]))
+                k += 1
+    out += [param(acc, xd, rnd, BIG, off, alpha) for acc, xd, rnd, off, alpha in BIG_CASES]
     return out
 
 
@@ -94,9 +105,15 @@ def test_bit_exact(backend, acc_name, x_dtype, rounding, n, off, alpha):
     assert_same_bits(got, want, what=f"add_ acc={acc_name} x={x_dtype} offset={offset} alpha={alpha}")
 
 
-@pytest.mark.parametrize("acc_fmt", ACC)
-@pytest.mark.parametrize("x_dtype", XDT)
-@pytest.mark.parametrize("alpha", [0.0, -0.0, 1.0, -1.0, 0.1, -7.25, 2.0 ** -126, -1e30, 3e38, 5], ids=lambda a: f"alpha={a}")
+ALPHA_VALUES = [0.0, -0.0, 1.0, -1.0, 0.1, -7.25, 2.0 ** -126, -1e30, 3e38, 5]
+
+
+# Every alpha with both acc formats; the x dtype (converted to FP32 before alpha multiplies it)
+# rotates, so each x dtype meets 6 or 7 of the 20.
+@pytest.mark.parametrize("acc_fmt,x_dtype,alpha", [
+    pytest.param(FORMATS[acc], xd, alpha, id=f"acc={FORMATS[acc].short}-x={xd}-alpha={alpha}")
+    for i, (acc, alpha) in enumerate((acc, a) for acc in ("bfloat16", "float16") for a in ALPHA_VALUES)
+    for xd in [("float32", "bfloat16", "float16")[i % 3]]])
 def test_alpha_values(backend, acc_fmt, x_dtype, alpha):
     # alpha is rounded to FP32 on the host (0.1 is not an FP32 value); +0 and -0 (-0 + -0 * x
     # keeps -0, -0 + 0 * x does not), the smallest normal FP32, overflow to Inf (alpha * x
@@ -166,16 +183,24 @@ def _seam_sizes() -> list[tuple[int, int]]:
     return [(n, off) for n in sizes for off in (0, 1, 7, 8 * 2 ** 32 - 17)]
 
 
+@functools.lru_cache(maxsize=None)
+def _seam_cases(acc_name: str, x_dtype: str) -> list:
+    """(n, offset, lead, acc, x, oracle's result) per seam, computed once for every backend."""
+    out = []
+    for k, (n, off) in enumerate(_seam_sizes()):
+        acc, x = inputs(n, FORMATS[acc_name], x_dtype, seed=k)
+        lead = [(0, 0), (1, 0), (0, 3), (5, 1)][k % 4]
+        out.append((n, off, lead, acc, x, reference.add_(acc, x, alpha=-0.5, seed=SEED, offset=off, step=1)))
+    return out
+
+
 @pytest.mark.parametrize("acc_fmt", ACC)
 @pytest.mark.parametrize("x_dtype", XDT)
 def test_seams_and_misaligned_views(backend, acc_fmt, x_dtype):
     # Tile and thread-count seams, and acc / x one element off 16-byte alignment (the GPU's
     # element-wise fallback of its wide accesses); acc starts as the complement of the expected
     # bits' inputs, so a lane no path writes cannot pass.
-    for k, (n, off) in enumerate(_seam_sizes()):
-        acc, x = inputs(n, acc_fmt, x_dtype, seed=k)
-        lead = [(0, 0), (1, 0), (0, 3), (5, 1)][k % 4]
-        want = reference.add_(acc, x, alpha=-0.5, seed=SEED, offset=off, step=1)
+    for n, off, lead, acc, x, want in _seam_cases(acc_fmt.name, x_dtype):
         got = _run(backend, acc, x, lead=lead, alpha=-0.5, seed=SEED, offset=off, step=1)
         assert_same_bits(got, want, what=f"n={n} offset={off} lead={lead}")
 

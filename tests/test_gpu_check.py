@@ -93,6 +93,21 @@ def test_dry_run_parity_covers_every_family_fully(dry_run):
     assert any("start=18446744073709486079" in n for n in names)  # a shard ending at 2**64
     # the grad-norm cases that would show a flush to zero or a lost Inf/NaN
     assert {n.split()[-1] for n in names if n.startswith("grad_norm")} >= {"subnormal-only", "with-inf", "with-nan"}
+    # the kernels beyond AdamW: add_ in every acc x x x rounding; SGD (with momentum and Nesterov,
+    # and without), Lion and Adafactor in every elementwise mode with BF16 and FP32 gradients
+    for acc in ("bfloat16", "float16"):
+        for x in ("float32", "bfloat16"):
+            for rounding in ("stochastic", "nearest"):
+                assert f"optim add_ acc={acc} x={x} rounding={rounding} tensors=6 steps=2" in names
+    from srkern.sgd import ELEMENTWISE_PRECISIONS
+    for opt in ("sgd", "lion", "adafactor"):
+        for prec in ELEMENTWISE_PRECISIONS:
+            for gdt in ("bfloat16", "float32"):
+                got = [n for n in names if n.startswith(f"optim {opt} prec={prec} grad={gdt} ")]
+                assert len(got) == (2 if opt == "sgd" else 1), (opt, prec, gdt, got)
+        variants = {v for v in gpu_check.ADAMW_VARIANTS if any(n.startswith(f"optim {opt} ") and v in n for n in names)}
+        assert variants == set(gpu_check.ADAMW_VARIANTS[:2 if opt == "adafactor" else 3]), (opt, variants)
+    assert sum("momentum=0.9 nesterov" in n for n in names) == sum("state=none momentum=0 " in n for n in names) == 10
 
 
 def test_dry_run_writes_env_bench_sanitizer_and_report(dry_run):
@@ -129,6 +144,9 @@ BREAKS = {
     "cast-store-8-bytes": ("srk_vec.h", "SRK_HD void srk_store(", "*(SrkPacked<T, N>*)p = x;",
                            "SrkPacked<T, N> b = x; if (sizeof(b) == 8) *(unsigned char*)&b ^= 1; *(SrkPacked<T, N>*)p = b;",
                            "cast"),
+    # srk_opt1.h, the GPU's dispatch of SGD and Lion: skip each tensor's first (tensor, block) pair.
+    "opt1-first-pair": ("srk_opt1.h", "#ifdef SRK_GPU", "srk_opt1_pair<OPT>(h, row, row.off / 8 + (u64)(b - row.b0));",
+                        "if (b > row.b0) srk_opt1_pair<OPT>(h, row, row.off / 8 + (u64)(b - row.b0));", "optim"),
 }
 
 
@@ -158,7 +176,10 @@ def test_a_broken_gpu_only_line_is_caught(tmp_path, which):
     assert {c["family"] for c in cases} == {family}
     bad = [c for c in cases if not c["ok"]]
     assert bad and all("error" not in c and c["mismatches"] > 0 for c in bad), bad[:3]
-    if which == "adamw-partial-blocks":
+    if which == "opt1-first-pair":
+        # every SGD and Lion case (each has tensors), no add_ or Adafactor case
+        assert {c["case"] for c in bad} == {c["case"] for c in cases if c["case"].split()[1] in ("sgd", "lion")}
+    elif which == "adamw-partial-blocks":
         # every case has tensors whose sizes or offsets leave partial blocks, except the one
         # whose found_inf flag makes the launch write nothing
         assert {c["case"] for c in cases if c["ok"]} == {c["case"] for c in cases if "found_inf=1.0" in c["case"]}

@@ -5,6 +5,7 @@ round-to-nearest at a learning rate below half a BF16 ulp that SR does not show,
 The buffer helpers are tests/test_sgd.py's (the other single-state optimizer)."""
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
@@ -16,7 +17,7 @@ from srkern.formats import KERNEL_SUFFIX
 from srkern.sgd import ELEMENTWISE_PRECISIONS
 from srkern.testing import assert_same_bits
 from test_sgd import (BF16, LAYOUTS, NP, assert_stalls_and_tracks, assert_state_equal, assert_unchanged, get_state, make_state,
-                      mixed_sizes, put_state, snapshot)
+                      mixed_sizes, put_state, reference_steps, snapshot)
 
 
 def run_kernel(st: dict, **kw) -> None:
@@ -38,23 +39,41 @@ STEPS = [dict(step=1, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1),
          dict(step=3, lr=1e-4, betas=(0.0, 1.0), weight_decay=1.0, grad_scale=3.0)]
 
 
+# The inputs and the oracle's results of a case, computed once for every backend (never written).
+@functools.lru_cache(maxsize=None)
+def _bit_exact_case(precision, grad_dtype, state_dtype):
+    st = make_state(precision, grad_dtype, state_dtype, mixed_sizes(1))
+    kws = [dict(kw, precision=precision, seed=0x1234_5678_9ABC) for kw in STEPS]
+    return st, kws, reference_steps(st, kws, run_reference)
+
+
 @pytest.mark.parametrize("precision,grad_dtype,state_dtype", CASES, ids=IDS)
 def test_bit_exact_against_reference(backend, precision, grad_dtype, state_dtype):
     # Three steps on 42 tensors of mixed, odd sizes, every buffer equal to the oracle's bits.
-    st = make_state(precision, grad_dtype, state_dtype, mixed_sizes(1))
+    st, kws, wants = _bit_exact_case(precision, grad_dtype, state_dtype)
     dev = put_state(backend, st)
-    for kw in STEPS:
-        kw = dict(kw, precision=precision, seed=0x1234_5678_9ABC)
-        want = run_reference(st, **kw)
+    for kw, want in zip(kws, wants, strict=True):
         run_kernel(dev, **kw)
-        st = dict(get_state(backend, dev), grads=st["grads"])
-        assert_state_equal(st, want, f"{precision} step {kw['step']}")
+        assert_state_equal(get_state(backend, dev), want, f"{precision} step {kw['step']}")
+
+
+@functools.lru_cache(maxsize=None)
+def _large_case():
+    st = make_state("bf16-sr", "float32", "bfloat16", [2 ** 20 + 3, 1], seed=2)
+    kw = dict(STEPS[0], precision="bf16-sr", seed=5, offsets=[5, 2 ** 21])
+    return st, kw, run_reference(st, **kw)
+
+
+@functools.lru_cache(maxsize=None)
+def _offsets_case(precision, layout):
+    sizes, offsets = LAYOUTS[layout]
+    st = make_state(precision, "bfloat16", srkern.PRECISIONS[precision].state_dtypes[0], sizes, seed=3)
+    kw = dict(STEPS[1], precision=precision, seed=0xC0FFEE, offsets=offsets)
+    return st, kw, run_reference(st, **kw)
 
 
 def test_large_tensor_at_odd_offset(backend):
-    st = make_state("bf16-sr", "float32", "bfloat16", [2 ** 20 + 3, 1], seed=2)
-    kw = dict(STEPS[0], precision="bf16-sr", seed=5, offsets=[5, 2 ** 21])
-    want = run_reference(st, **kw)
+    st, kw, want = _large_case()
     dev = put_state(backend, st)
     run_kernel(dev, **kw)
     assert_state_equal(get_state(backend, dev), want, "2**20+3")
@@ -63,10 +82,7 @@ def test_large_tensor_at_odd_offset(backend):
 @pytest.mark.parametrize("layout", list(LAYOUTS), ids=[f"layout={k}" for k in LAYOUTS])
 @pytest.mark.parametrize("precision", ELEMENTWISE_PRECISIONS)
 def test_offsets_match_reference(backend, precision, layout):
-    sizes, offsets = LAYOUTS[layout]
-    st = make_state(precision, "bfloat16", srkern.PRECISIONS[precision].state_dtypes[0], sizes, seed=3)
-    kw = dict(STEPS[1], precision=precision, seed=0xC0FFEE, offsets=offsets)
-    want = run_reference(st, **kw)
+    st, kw, want = _offsets_case(precision, layout)
     dev = put_state(backend, st)
     run_kernel(dev, **kw)
     assert_state_equal(get_state(backend, dev), want, layout)

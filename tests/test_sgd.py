@@ -8,6 +8,7 @@ BF16 ulp that SR does not show, and bad input. Tests taking ``backend`` run once
 The helpers at the top are shared with tests/test_lion.py (the other single-state optimizer)."""
 from __future__ import annotations
 
+import functools
 import re
 
 import ml_dtypes
@@ -130,26 +131,52 @@ def hyper(kw: dict, with_state: bool) -> dict:
     return kw
 
 
+def reference_steps(st: dict, steps: list[dict], run_ref=None) -> list[dict]:
+    """The oracle's state after each step of ``steps``, each step taking the last one's results
+    (what a backend that passed the earlier steps holds): computed once per case, shared by the
+    backends through the lru_caches below (the inputs and results are never written)."""
+    run_ref = run_ref or run_reference
+    wants, cur = [], st
+    for kw in steps:
+        want = run_ref(cur, **kw)
+        wants.append(want)
+        cur = dict({k: want[k] for k in KEYS}, grads=st["grads"])
+    return wants
+
+
+def bit_exact_kw(precision: str, state_dtype: str | None) -> list[dict]:
+    return [dict(hyper(kw, state_dtype is not None), precision=precision, seed=0x1234_5678_9ABC) for kw in STEPS]
+
+
+@functools.lru_cache(maxsize=None)
+def _bit_exact_case(precision, grad_dtype, state_dtype):
+    st = make_state(precision, grad_dtype, state_dtype, mixed_sizes(1))
+    return st, reference_steps(st, bit_exact_kw(precision, state_dtype))
+
+
 @pytest.mark.parametrize("precision,grad_dtype,state_dtype", CASES, ids=IDS)
 def test_bit_exact_against_reference(backend, precision, grad_dtype, state_dtype):
     # Three steps on 42 tensors of mixed, odd sizes: every buffer equals the NumPy oracle bit for
     # bit (rounding, draws, order of operations, the first-step rule, every flag).
-    st = make_state(precision, grad_dtype, state_dtype, mixed_sizes(1))
+    st, wants = _bit_exact_case(precision, grad_dtype, state_dtype)
     dev = put_state(backend, st)
-    for kw in STEPS:
-        kw = dict(hyper(kw, state_dtype is not None), precision=precision, seed=0x1234_5678_9ABC)
-        want = run_reference(st, **kw)
+    for kw, want in zip(bit_exact_kw(precision, state_dtype), wants, strict=True):
         run_kernel(dev, **kw)
-        st = dict(get_state(backend, dev), grads=st["grads"])
-        assert_state_equal(st, want, f"{precision} step {kw['step']}")
+        assert_state_equal(get_state(backend, dev), want, f"{precision} step {kw['step']}")
+
+
+@functools.lru_cache(maxsize=None)
+def _large_case(precision):
+    st = make_state(precision, "bfloat16", "bfloat16", [7, 2 ** 20 + 3], seed=2)
+    kw = dict(STEPS[0], precision=precision, seed=5, offsets=[2 ** 33 + 1, 13])
+    return st, kw, run_reference(st, **kw)
 
 
 @pytest.mark.parametrize("precision", ["bf16-sr", "bf16-kahan"])
 def test_large_tensor_at_odd_offset(backend, precision):
-    # 2**20 + 3 elements starting inside a Philox block, with a 7-element tensor before it.
-    st = make_state(precision, "bfloat16", "bfloat16", [7, 2 ** 20 + 3], seed=2)
-    kw = dict(STEPS[0], precision=precision, seed=5, offsets=[2 ** 33 + 1, 13])
-    want = run_reference(st, **kw)
+    # 2**20 + 3 elements starting inside a Philox block, with a 7-element tensor before it (the
+    # oracle's result computed once, for every backend).
+    st, kw, want = _large_case(precision)
     dev = put_state(backend, st)
     run_kernel(dev, **kw)
     assert_state_equal(get_state(backend, dev), want, "2**20+3")
@@ -172,13 +199,18 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS), ids=[f"layout={k}" for k in LAYOUTS])
-@pytest.mark.parametrize("precision", ELEMENTWISE_PRECISIONS)
-def test_offsets_match_reference(backend, precision, layout):
+@functools.lru_cache(maxsize=None)
+def _offsets_case(precision, layout):
     sizes, offsets = LAYOUTS[layout]
     st = make_state(precision, "float32", srkern.PRECISIONS[precision].state_dtypes[0], sizes, seed=3)
     kw = dict(STEPS[2], precision=precision, seed=0xC0FFEE, offsets=offsets, first_step=False)
-    want = run_reference(st, **kw)
+    return st, kw, run_reference(st, **kw)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS), ids=[f"layout={k}" for k in LAYOUTS])
+@pytest.mark.parametrize("precision", ELEMENTWISE_PRECISIONS)
+def test_offsets_match_reference(backend, precision, layout):
+    st, kw, want = _offsets_case(precision, layout)
     dev = put_state(backend, st)
     run_kernel(dev, **kw)
     assert_state_equal(get_state(backend, dev), want, layout)
