@@ -12,7 +12,7 @@ for their mean). Speed on a GPU is not measured yet.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -110,6 +110,23 @@ def adafactor_step(params: Sequence[Any], grads: Sequence[Any], row_vars: Sequen
     statistic stream ``exp_avg_sq`` at offset + j. Every argument is checked before anything is
     written.
     """
+    launch = prepare_adafactor(params, grads, row_vars, col_vars, variances, step=step, lr=lr,
+                               beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay,
+                               maximize=maximize, precision=precision, master_params=master_params,
+                               compensation=compensation, grad_scale=grad_scale, seed=seed, offsets=offsets)
+    if launch is not None:
+        launch()
+
+
+def prepare_adafactor(params: Sequence[Any], grads: Sequence[Any], row_vars: Sequence[Any | None],
+                      col_vars: Sequence[Any | None], variances: Sequence[Any | None], *, step: int,
+                      lr: float = 1e-2, beta2_decay: float = -0.8, eps: tuple[float | None, float] = (None, 1e-3),
+                      d: float = 1.0, weight_decay: float = 0.0, maximize: bool = False,
+                      precision: str = "bf16-sr", master_params: Sequence[Any] | None = None,
+                      compensation: Sequence[Any] | None = None, grad_scale: float = 1.0, seed: int,
+                      offsets: Sequence[int] | None = None) -> Callable[[], None] | None:
+    """:func:`adafactor_step`'s checks and scratch buffers: the step that writes, ready to call
+    (None when there are no tensors), so that ``srkern.torch.Adafactor`` checks every bucket first."""
     prec = check_precision(precision, "adafactor_step")
     seed, step = check_seed_step(seed, step)
     lr, beta2_decay, eps1, eps2, d, weight_decay = check_hyperparameters(lr, beta2_decay, eps, d, weight_decay)
@@ -124,7 +141,7 @@ def adafactor_step(params: Sequence[Any], grads: Sequence[Any], row_vars: Sequen
     cv = _table.views("col_vars", col_vars, n, allow_none=True)
     vv = _table.views("variances", variances, n, allow_none=True)
     if n == 0:
-        return
+        return None
     stats: list[tuple[str, View]] = []
     for i, p in enumerate(pv):
         factored = len(p.shape) >= 2
@@ -167,10 +184,14 @@ def adafactor_step(params: Sequence[Any], grads: Sequence[Any], row_vars: Sequen
     xdtype = "float32" if prec.master else prec.param_dtype
     e1 = _EPS1[xdtype] if eps1 is None else eps1
 
-    _Launch(prec, pv, gv, rv, cv, vv, wv, kv, offs, sdtype, seed).run(
-        step=step, lr=lr, beta2_decay=beta2_decay, eps1=e1, eps2=eps2, d=d, weight_decay=weight_decay,
-        grad_scale=_f32(-grad_scale if maximize else grad_scale))
-    mark_written(pv + wv + kv + [x for _, x in stats])
+    launch = _Launch(prec, pv, gv, rv, cv, vv, wv, kv, offs, sdtype, seed).alloc()
+    written = pv + wv + kv + [x for _, x in stats]
+
+    def run() -> None:
+        launch.run(step=step, lr=lr, beta2_decay=beta2_decay, eps1=e1, eps2=eps2, d=d, weight_decay=weight_decay,
+                   grad_scale=_f32(-grad_scale if maximize else grad_scale))
+        mark_written(written)
+    return run
 
 
 class _Launch:
@@ -250,19 +271,25 @@ class _Launch:
 
     # ---- the step --------------------------------------------------------------------------------
 
-    def run(self, *, step: int, lr: float, beta2_decay: float, eps1: float, eps2: float, d: float,
-            weight_decay: float, grad_scale: float) -> None:
+    def alloc(self) -> "_Launch":
+        """Every scratch buffer, made before the first launch (of any bucket: ``srkern.torch.Adafactor``
+        prepares all its steps first), so that a failed allocation writes nothing."""
         n = len(self.pv)
-        factored = [bool(R) and p.numel > 0 for p, (B, R, C) in zip(self.pv, self.brc)]
-        ntarget = sum(B * (R + C) for f, (B, R, C) in zip(factored, self.brc) if f)
-        nmean = sum(B for f, (B, R, C) in zip(factored, self.brc) if f)
+        self.factored = [bool(R) and p.numel > 0 for p, (B, R, C) in zip(self.pv, self.brc)]
+        ntarget = sum(B * (R + C) for f, (B, R, C) in zip(self.factored, self.brc) if f)
+        nmean = sum(B for f, (B, R, C) in zip(self.factored, self.brc) if f)
         nrow = sum(self.rows)
-        # Every scratch buffer before the first launch: a failed allocation writes nothing.
         self.aux = np.zeros((n, AF_AUX_COLS), dtype=np.uint64)
         self.daux = self._array(self.aux.size, np.uint64)
-        xsq, gsq, usq = (self._array(nrow, np.float64) for _ in range(3))
-        csq = self._array(sum(self.ncols), np.float64)
-        target, mean = self._array(ntarget, np.float32), self._array(nmean, np.float32)
+        self.scratch = [self._array(nrow, np.float64) for _ in range(3)] + [
+            self._array(sum(self.ncols), np.float64), self._array(ntarget, np.float32), self._array(nmean, np.float32)]
+        return self
+
+    def run(self, *, step: int, lr: float, beta2_decay: float, eps1: float, eps2: float, d: float,
+            weight_decay: float, grad_scale: float) -> None:
+        """The step (after :meth:`alloc`); from here on buffers are written."""
+        factored = self.factored
+        xsq, gsq, usq, csq, target, mean = self.scratch
         tptr, mptr = self._ptr(target), self._ptr(mean)
         for t, (B, R, C) in enumerate(self.brc):
             self.aux[t, 0], self.aux[t, 1] = (R, C) if factored[t] else (0, 0)
@@ -314,3 +341,4 @@ class _Launch:
         # launch 4: the weights
         self._launch("apply", self.pairs, h)
         del target, mean, xsq, gsq, csq, usq
+        self.scratch = []

@@ -7,6 +7,7 @@
   sections of its shard back to back (``param``, then :func:`state_sections` of the mode,
   little-endian) and ``manifest.json`` (format, version, contract, world size, step, seed,
   precision, sections, groups, layout, ``extra``, per shard its range, file, size and SHA-256,
+  ``optimizer`` for SGD and Lion (absent: AdamW, as in every folder before them),
   and ``manifest_sha256`` over the canonical JSON of all that). Each save is a new generation
   (a random token in its file names, so it never replaces the files of the checkpoint there);
   the folder switches in one rename of the manifest once every rank's shard is written and
@@ -26,11 +27,14 @@ import contextlib
 import hashlib
 import json
 import math
+import numbers
 import os
 import re
 import secrets
 from pathlib import Path
 from typing import Any, Sequence
+
+import numpy as np
 
 from . import _contract
 from ._files import atomic_write, open_regular, read_regular, replace_file, sync_folder
@@ -38,11 +42,17 @@ from ._tensor import as_view, host_bytes, write_host_bytes
 from .adamw import check_hyperparameters
 from .formats import NP_DTYPES
 from .layout import shard_range
+from .lion import lion_step
 from .precisions import PRECISIONS, mode
+from .sgd import sgd_step
 
 SHARDED_FORMAT, SHARDED_VERSION = "srkern.ShardedAdamW", 2
 TORCH_FORMAT, TORCH_VERSION = "srkern.torch.AdamW", 2  # 2: torch's layout (per-parameter steps)
-HYPER_KEYS = ("lr", "betas", "eps", "weight_decay")
+HYPER_KEYS = ("lr", "betas", "eps", "weight_decay")  # AdamW's
+# Each sharded optimizer's hyper-parameters (the manifest's "optimizer"; absent: "adamw").
+OPTIMIZER_HYPER_KEYS = {"adamw": HYPER_KEYS,
+                        "sgd": ("lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize"),
+                        "lion": ("lr", "betas", "weight_decay", "maximize")}
 
 
 class CheckpointError(RuntimeError):
@@ -60,10 +70,12 @@ class CheckpointMismatch(CheckpointError, ValueError):
 
 # ---- what a mode stores ------------------------------------------------------------------------
 
-def state_sections(precision: str, state_dtype: str) -> list[tuple[str, str]]:
-    """(name, dtype) of the optimizer state a mode keeps per parameter, in checkpoint order."""
+def state_sections(precision: str, state_dtype: str,
+                   states: Sequence[str] = ("exp_avg", "exp_avg_sq")) -> list[tuple[str, str]]:
+    """(name, dtype) of the optimizer state a mode keeps per parameter, in checkpoint order: the
+    optimizer's ``states`` (AdamW's moments by default) in ``state_dtype``, then the mode's own."""
     p = mode(precision)
-    out = [("exp_avg", state_dtype), ("exp_avg_sq", state_dtype)]
+    out = [(name, state_dtype) for name in states]
     if p.master:
         out.append(("master", "float32"))
     if p.compensation:
@@ -71,13 +83,27 @@ def state_sections(precision: str, state_dtype: str) -> list[tuple[str, str]]:
     return out
 
 
-def check_hyper(h: dict, grad_scale: Any = 1.0) -> None:
-    """One parameter group's hyper-parameters (and ``grad_scale``): every key of ``HYPER_KEYS``
-    present and valid for ``srkern.adamw.check_hyperparameters``; ``ValueError`` otherwise."""
-    missing = [k for k in HYPER_KEYS if k not in h]
+def check_hyper(h: dict, grad_scale: Any = 1.0, optimizer: str = "adamw") -> None:
+    """One parameter group's hyper-parameters (and ``grad_scale``) for ``optimizer``: every key of
+    ``OPTIMIZER_HYPER_KEYS[optimizer]`` present and valid; ``ValueError`` (``TypeError``) otherwise.
+
+    AdamW: ``srkern.adamw.check_hyperparameters``. SGD and Lion: their functional step's own checks
+    (so exactly what the step accepts passes), run on zero-element FP32 buffers: nothing is
+    written or launched."""
+    missing = [k for k in OPTIMIZER_HYPER_KEYS[optimizer] if k not in h]
     if missing:
         raise ValueError(f"hyper-parameters {missing} missing")
-    check_hyperparameters(h["lr"], h["betas"], h["eps"], h["weight_decay"], grad_scale)
+    if optimizer == "adamw":
+        check_hyperparameters(h["lr"], h["betas"], h["eps"], h["weight_decay"], grad_scale)
+        return
+    z = [[np.zeros(0, np.float32)] for _ in range(3)]
+    kw = dict({k: h[k] for k in OPTIMIZER_HYPER_KEYS[optimizer]}, grad_scale=grad_scale, precision="fp32",
+              seed=0, step=1)
+    if optimizer == "sgd":  # buffers only with momentum > 0, as the step wants them
+        moving = isinstance(h["momentum"], numbers.Real) and h["momentum"] > 0
+        sgd_step(z[0], z[1], z[2] if moving else None, **kw)
+    else:
+        lion_step(z[0], z[1], z[2], **kw)
 
 
 # ---- the checks both formats make ---------------------------------------------------------------
@@ -135,6 +161,7 @@ def check_hypers(saved: Any, n_groups: int) -> list[dict]:
 CHECKSUM_FIELD = "manifest_sha256"
 MANIFEST_FIELDS = ("format", "format_version", "contract_version", "world_size", "step", "seed", "precision",
                    "n", "groups", "sections", "layout", "extra", "shards", CHECKSUM_FIELD)
+OPTIONAL_FIELDS = ("optimizer",)  # absent: "adamw" (what every folder before SGD and Lion holds)
 SHARD_FIELDS = ["bytes", "file", "rank", "sha256", "start", "stop"]  # sorted: compared with sorted(entry)
 MANIFEST_LIMIT = 256 << 20  # bytes; a real manifest holds about 50 bytes per parameter tensor
 _TOKEN = ".srkern-save-"  # rank 0's token file, read back by every rank before a save writes anything
@@ -209,7 +236,8 @@ def _check_fields(man: Any) -> None:
     if man.get(CHECKSUM_FIELD) != manifest_digest({k: v for k, v in man.items() if k != CHECKSUM_FIELD}):
         raise CheckpointCorrupt(f"the manifest does not match its checksum {CHECKSUM_FIELD} "
                                 f"({'missing' if CHECKSUM_FIELD not in man else 'edited or damaged'})")
-    missing, unknown = [k for k in MANIFEST_FIELDS if k not in man], sorted(set(man) - set(MANIFEST_FIELDS))
+    missing = [k for k in MANIFEST_FIELDS if k not in man]
+    unknown = sorted(set(man) - set(MANIFEST_FIELDS) - set(OPTIONAL_FIELDS))
     if missing or unknown:
         raise CheckpointCorrupt(f"manifest fields {missing} missing" if missing else f"unknown manifest fields {unknown}")
     if not _contract.contract_compatible(man["contract_version"]):  # any 1.x loads under 1.1
@@ -233,6 +261,9 @@ def _check_fields(man: Any) -> None:
         raise CheckpointCorrupt(f"manifest fields n = {man['n']} and world_size = {man['world_size']} must be "
                                 ">= 0 and >= 1")
     check_counters(man)
+    opt = man.get("optimizer", "adamw")
+    if not isinstance(opt, str) or opt not in OPTIMIZER_HYPER_KEYS:  # before extra.hyper: it says whose keys
+        raise CheckpointMismatch(f"optimizer {_short(man['optimizer'])} is not one of {list(OPTIMIZER_HYPER_KEYS)}")
     if not isinstance(man["precision"], str) or man["precision"] not in PRECISIONS:
         raise CheckpointMismatch(f"precision {_short(man['precision'])} is not one of {list(PRECISIONS)}")
     if not isinstance(man["groups"], list) or not all(
@@ -247,7 +278,7 @@ def _check_fields(man: Any) -> None:
     if not isinstance(man["extra"], dict):
         raise CheckpointCorrupt(f"manifest field extra must be an object, got {type(man['extra']).__name__}")
     if "hyper" in man["extra"]:
-        _check_saved_hyper(man["extra"]["hyper"])
+        _check_saved_hyper(man["extra"]["hyper"], man.get("optimizer", "adamw"))
     for k, sh in enumerate(shards):
         f, sha = sh["file"], sh["sha256"]
         if not (isinstance(f, str) and re.fullmatch(r"[\w.-]+", f, re.ASCII) and f not in (".", "..")):
@@ -256,17 +287,18 @@ def _check_fields(man: Any) -> None:
             raise CheckpointCorrupt(f"bad shard entry shards[{k}]: sha256 {_short(sha)} is not a SHA-256")
 
 
-def _check_saved_hyper(saved: Any) -> None:
-    """``extra.hyper``: one object per group with exactly ``HYPER_KEYS``, each valid. Nothing else
-    is taken from it: a checkpoint sets hyper-parameters, never a group's parameters."""
+def _check_saved_hyper(saved: Any, optimizer: str) -> None:
+    """``extra.hyper``: one object per group with exactly the optimizer's hyper-parameter keys, each
+    valid. Nothing else is taken from it: a checkpoint sets hyper-parameters, never a group's parameters."""
+    keys = OPTIMIZER_HYPER_KEYS[optimizer]
     if not isinstance(saved, list):
         raise CheckpointCorrupt(f"extra.hyper must be a list (one entry per parameter group), got {type(saved).__name__}")
     for i, h in enumerate(saved):
         try:
-            if not isinstance(h, dict) or set(h) - set(HYPER_KEYS):
-                raise ValueError(f"extra.hyper[{i}] must hold only the hyper-parameters {list(HYPER_KEYS)}, "
+            if not isinstance(h, dict) or set(h) - set(keys):
+                raise ValueError(f"extra.hyper[{i}] must hold only the hyper-parameters {list(keys)}, "
                                  f"got {_short(h)}")
-            check_hyper(h)
+            check_hyper(h, optimizer=optimizer)
         except (TypeError, ValueError, OverflowError) as e:  # float(10**400) overflows
             raise CheckpointCorrupt(f"parameter group {i}: {e}") from None
 
@@ -281,6 +313,7 @@ def check_manifest(man: dict, core: Any, layout: Any, where: str = "manifest.jso
 
 
 def _check_against(man: dict, core: Any, layout: Any) -> None:
+    expect_equal("optimizer", man.get("optimizer", "adamw"), core.optimizer)
     expect_equal("number of parameters", man["n"], core.n)
     expect_equal("precision", man["precision"], core.precision)
     expect_equal("state sections", man["sections"], _sections_of(core))
@@ -323,7 +356,7 @@ def _remove(paths: Any) -> None:  # best effort: what is left is removed by the 
 
 
 def save_sharded(core: Any, path: str | os.PathLike, layout: Any = None, extra: dict | None = None) -> None:
-    """Write ``core``'s (a ``ShardedAdamWCore``) sharded state to folder ``path``; collective.
+    """Write ``core``'s (a core of ``srkern.sharded``) sharded state to folder ``path``; collective.
 
     Rank 0's token file, read back by every rank, proves one shared folder before anything is
     written; then a new generation, the manifest's rename, the cleanup (see the module). Any failure
@@ -372,7 +405,9 @@ def save_sharded(core: Any, path: str | os.PathLike, layout: Any = None, extra: 
                     "contract_version": _contract.CONTRACT_VERSION, "world_size": w, "step": core.step_count,
                     "seed": core.seed, "precision": core.precision, "n": core.n,
                     "groups": [[g.start, g.stop] for g in core.groups], "sections": _sections_of(core),
-                    "layout": layout, "extra": extra or {}, "shards": [i for i, _ in infos]})
+                    "layout": layout, "extra": extra or {}, "shards": [i for i, _ in infos],
+                    # AdamW's folders stay as they were (no field: "adamw"); the others name theirs
+                    **({} if core.optimizer == "adamw" else {"optimizer": core.optimizer})})
                 replace_file(folder / "manifest.json", blob)  # the switch: one rename
                 switched = True
                 sync_folder(folder)  # the rename (and the shards' names) survive a crash

@@ -26,8 +26,9 @@ Both collectives check their arguments on every rank before any exchange; a bad 
 one rank, or arguments that differ between ranks, raise on every rank (``srkern.comm``).
 
 Also here, from their own modules: :class:`Communicator` and :func:`abort_on_error`
-(``srkern.comm``), :class:`ShardedAdamWCore` (``srkern.sharded``) and :class:`CheckpointError`
-(``srkern.checkpoint``). The PyTorch optimizer is ``srkern.torch.ShardedAdamW``.
+(``srkern.comm``), :class:`ShardedAdamWCore`, :class:`ShardedSGDCore`, :class:`ShardedLionCore`
+(``srkern.sharded``) and :class:`CheckpointError` (``srkern.checkpoint``). The PyTorch optimizers are
+``srkern.torch.ShardedAdamW``, ``ShardedSGD`` and ``ShardedLion``.
 """
 from __future__ import annotations
 
@@ -41,10 +42,10 @@ from ._tensor import View, as_view, contiguous, empty_like, finish, mark_written
 from .checkpoint import CheckpointCorrupt, CheckpointError, CheckpointMismatch
 from .comm import Communicator, abort_on_error, as_communicator
 from .layout import SHARD_ALIGN, shard_range
-from .sharded import ShardedAdamWCore
+from .sharded import ShardedAdamWCore, ShardedLionCore, ShardedSGDCore
 
 __all__ = ["Communicator", "abort_on_error", "reduce_scatter", "all_gather", "shard_range",
-           "SHARD_ALIGN", "ShardedAdamWCore", "CheckpointError", "CheckpointCorrupt",
+           "SHARD_ALIGN", "ShardedAdamWCore", "ShardedSGDCore", "ShardedLionCore", "CheckpointError", "CheckpointCorrupt",
            "CheckpointMismatch", "OPS", "ROUNDINGS", "WIRE_STREAM", "COLLECTIVE_STREAM"]
 
 

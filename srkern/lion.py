@@ -7,8 +7,9 @@ arithmetic, its order, sign(0) and NaN handling). Checks, table and launch are A
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import _contract
 from .adamw import _checked_scalars, _f32, checked_buffers
@@ -54,6 +55,22 @@ def lion_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[An
     Every argument is checked before anything is written: a bad call raises ``ValueError`` or
     ``TypeError`` naming the argument and changes no buffer.
     """
+    launch = prepare_lion(params, grads, exp_avgs, lr=lr, betas=betas, weight_decay=weight_decay,
+                          maximize=maximize, precision=precision, master_params=master_params,
+                          compensation=compensation, grad_scale=grad_scale, found_inf=found_inf, seed=seed,
+                          step=step, offsets=offsets)
+    if launch is not None:
+        launch()
+
+
+def prepare_lion(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[Any], *, lr: float,
+                 betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
+                 maximize: bool = False, precision: str = "bf16-sr",
+                 master_params: Sequence[Any] | None = None, compensation: Sequence[Any] | None = None,
+                 grad_scale: float = 1.0, found_inf: Any = None, seed: int, step: int,
+                 offsets: Sequence[int] | None = None) -> Callable[[], None] | None:
+    """:func:`lion_step`'s checks and tensor table: the launch that writes, ready to call (None
+    when there is nothing to update), so that ``srkern.torch.Lion`` checks every bucket first."""
     prec = check_precision(precision, "lion_step")
     seed, step = check_seed_step(seed, step)
     lr = _contract.check_f32("lr", lr, 0.0)
@@ -72,13 +89,13 @@ def lion_step(params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[An
                                                 master_params, compensation, found_inf, "lion_step",
                                                 "a Lion step")
     if not pv:
-        return
+        return None
     offs = flat_offsets([p.numel for p in pv], offsets)
     sc = lion_scalars(lr, (b1, b2), weight_decay)
     prepared = launch_table("lion", prec, pv, gv, mv, wv, cv, offs, seed)
     if prepared is None:
-        return
+        return None
     gs = _f32(-grad_scale if maximize else grad_scale)
-    prepared.run(step, [("f", sc["b1"]), ("f", sc["omb1"]), ("f", sc["b2"]), ("f", sc["omb2"]),
-                        ("f", sc["lr"]), ("f", sc["decay"]), ("f", sc["lrwd"]), ("f", gs),
-                        ("p", fi.ptr if fi else 0)])
+    return functools.partial(prepared.run, step, [
+        ("f", sc["b1"]), ("f", sc["omb1"]), ("f", sc["b2"]), ("f", sc["omb2"]), ("f", sc["lr"]),
+        ("f", sc["decay"]), ("f", sc["lrwd"]), ("f", gs), ("p", fi.ptr if fi else 0)])

@@ -9,8 +9,9 @@ in ``adamw_step``.
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import _contract
 from .adamw import Prepared, _checked_scalars, _f32, checked_buffers, pair_table
@@ -98,6 +99,25 @@ def sgd_step(params: Sequence[Any], grads: Sequence[Any], momentum_buffers: Sequ
     Every argument is checked before anything is written: a bad call raises ``ValueError`` or
     ``TypeError`` naming the argument and changes no buffer.
     """
+    launch = prepare_sgd(params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
+                         nesterov=nesterov, weight_decay=weight_decay, maximize=maximize, precision=precision,
+                         master_params=master_params, compensation=compensation, grad_scale=grad_scale,
+                         found_inf=found_inf, seed=seed, step=step, first_step=first_step, offsets=offsets)
+    if launch is not None:
+        launch()
+
+
+def prepare_sgd(params: Sequence[Any], grads: Sequence[Any], momentum_buffers: Sequence[Any] | None, *,
+                lr: float, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
+                weight_decay: float = 0.0, maximize: bool = False, precision: str = "bf16-sr",
+                master_params: Sequence[Any] | None = None, compensation: Sequence[Any] | None = None,
+                grad_scale: float = 1.0, found_inf: Any = None, seed: int, step: int,
+                first_step: bool | None = None, offsets: Sequence[int] | None = None
+                ) -> Callable[[], None] | None:
+    """:func:`sgd_step`'s checks and tensor table: the launch that writes, ready to call (None
+    when there is nothing to update), so that a caller with several lists (``srkern.torch.SGD``'s
+    buckets) checks all of them before it writes any.
+    """
     prec = check_precision(precision, "sgd_step")
     seed, step = check_seed_step(seed, step)
     lr = _contract.check_f32("lr", lr, 0.0)
@@ -122,7 +142,7 @@ def sgd_step(params: Sequence[Any], grads: Sequence[Any], momentum_buffers: Sequ
     pv, gv, svs, wv, cv, fi = checked_buffers(prec, params, grads, states, master_params, compensation,
                                               found_inf, "sgd_step", "an SGD step")
     if not pv:
-        return
+        return None
     offs = flat_offsets([p.numel for p in pv], offsets)
     f = _f32
     sc = _checked_scalars({"lr": f(lr), "momentum": f(momentum), "omd": f(1.0 - dampening),
@@ -131,7 +151,7 @@ def sgd_step(params: Sequence[Any], grads: Sequence[Any], momentum_buffers: Sequ
                           f"weight_decay={weight_decay!r}, grad_scale={grad_scale!r}")
     prepared = launch_table("sgd", prec, pv, gv, svs[0] if svs else [], wv, cv, offs, seed)
     if prepared is None:
-        return
-    prepared.run(step, [("f", sc["lr"]), ("f", sc["momentum"]), ("f", sc["omd"]), ("f", sc["wd"]),
-                        ("f", sc["grad_scale"]), ("i", int(nesterov)), ("i", int(first_step)),
-                        ("p", fi.ptr if fi else 0)])
+        return None
+    return functools.partial(prepared.run, step, [
+        ("f", sc["lr"]), ("f", sc["momentum"]), ("f", sc["omd"]), ("f", sc["wd"]), ("f", sc["grad_scale"]),
+        ("i", int(nesterov)), ("i", int(first_step)), ("p", fi.ptr if fi else 0)])

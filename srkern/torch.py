@@ -21,15 +21,17 @@ import torch
 from . import _contract
 from ._plan import make_plan
 from ._torch_ops import MODE_INDEX, flat_size, param_precision, run_step, seed_arg, state_dtype_for, TORCH_DTYPES
-from ._torch_sharded import ShardedAdamW  # re-exported: srkern.torch.ShardedAdamW
+from ._torch_sharded import ShardedAdamW, ShardedLion, ShardedSGD  # re-exported: srkern.torch.Sharded*
 from ._torch_accum import SRGradAccumulation, sr_grad_accumulation  # re-exported: SR gradient accumulation
+from ._torch_fused import add_group, amp_args
+from ._torch_optim import SGD, Adafactor, Lion  # re-exported: the single-launch optimizers beyond AdamW
 from ._torch_state import checked
 from .checkpoint import (TORCH_FORMAT, TORCH_VERSION, CheckpointCorrupt, CheckpointError, check_hyper,
                          state_sections)
 from .layout import flat_offsets
 from .precisions import PRECISIONS, bytes_per_param, default_state_dtype, mode
 
-__all__ = ["AdamW", "ShardedAdamW", "sr_grad_accumulation", "SRGradAccumulation"]
+__all__ = ["AdamW", "ShardedAdamW", "ShardedSGD", "ShardedLion", "SGD", "Lion", "Adafactor", "sr_grad_accumulation", "SRGradAccumulation"]
 
 
 class AdamW(torch.optim.Optimizer):
@@ -132,22 +134,14 @@ class AdamW(torch.optim.Optimizer):
         """torch's ``add_param_group``, all or nothing: a group refused by torch's checks or by
         srkern's (hyper-parameters, settings, parameter dtypes) leaves ``param_groups`` as it was.
         A group that names its ``precision`` but no ``state_dtype`` takes that mode's default."""
-        if isinstance(param_group, dict) and "precision" in param_group and "state_dtype" not in param_group \
-                and param_group["precision"] in PRECISIONS:
-            param_group = {**param_group, "state_dtype": default_state_dtype(param_group["precision"])}
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        gi = len(self.param_groups) - 1
-        try:
+        def check(group: dict[str, Any], gi: int) -> None:
             _check_group(group)
             for i, p in enumerate(group["params"]):
                 try:
                     param_precision(group["precision"], p.dtype)
                 except TypeError as e:
                     raise TypeError(f"parameter {i} of group {gi}: {e}") from None
-        except BaseException:
-            self.param_groups.pop()
-            raise
+        add_group(self, param_group, check)
 
     # ---- layout and state -------------------------------------------------------------------
 
@@ -197,20 +191,10 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if torch.is_tensor(grad_scale) and grad_scale.numel() == 1 and not grad_scale.is_complex():
-            grad_scale = grad_scale.item()
-        if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)):
-            raise TypeError(f"grad_scale must be a float, got {type(grad_scale).__name__}")
-        if found_inf is not None and not isinstance(found_inf, torch.Tensor):
-            raise TypeError(f"found_inf must be a 1-element torch.float32 tensor, got {type(found_inf).__name__}")
-        amp_scale, amp_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        if amp_scale is not None:  # GradScaler's scale S: the gradients are S times the true ones
-            grad_scale = grad_scale / float(amp_scale)
-        if amp_inf is not None:
-            found_inf = amp_inf if found_inf is None else found_inf + amp_inf.to(found_inf.device)
+        grad_scale, found_inf = amp_args(self, grad_scale, found_inf)
         hyper, lr_tensors, seeds = self._group_args()
         plan = None if torch.compiler.is_compiling() else self.__dict__.get("_srk_plan")
-        if plan is not None and plan.run(self, hyper, lr_tensors, float(grad_scale), found_inf):
+        if plan is not None and plan.run(self, hyper, lr_tensors, grad_scale, found_inf):
             return loss
         lists: tuple[list, ...] = ([], [], [], [], [], [], [], [], [])  # p g m v extra step mode group offset
         new_states: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
@@ -241,7 +225,7 @@ class AdamW(torch.optim.Optimizer):
                 lists[6].append(MODE_INDEX[prec])
                 lists[7].append(gi)
                 lists[8].append(off)
-        buckets = run_step(*lists, hyper, lr_tensors, seeds, float(grad_scale), found_inf)
+        buckets = run_step(*lists, hyper, lr_tensors, seeds, grad_scale, found_inf)
         # Checked and launched: new parameters keep the state the step wrote.
         self.state.update(new_states)
         if not torch.compiler.is_compiling():  # the next eager steps re-run this one's launches

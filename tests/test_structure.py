@@ -27,7 +27,7 @@ LAYERS = {
     "families": ("cast", "accum", "adamw", "sgd", "lion", "adafactor", "norm", "reference", "reference_adafactor",
                  "comm", "_collective"),
     "composites": ("checkpoint", "sharded", "dist"),
-    "frameworks": ("_torch_ops", "_plan", "_torch_state", "_torch_comm", "_torch_sharded", "_torch_accum", "torch"),
+    "frameworks": ("_torch_ops", "_plan", "_torch_state", "_torch_comm", "_torch_sharded", "_torch_accum", "_torch_fused", "_torch_optim", "torch"),
     "entry": ("__init__", "__main__"),
 }
 LAYER_OF = {m: i for i, mods in enumerate(LAYERS.values()) for m in mods}
