@@ -81,6 +81,26 @@ def add_group(opt: torch.optim.Optimizer, param_group: dict[str, Any],
         raise
 
 
+def load_checked(opt: torch.optim.Optimizer, state_dict: Any,
+                 checked: Callable[[Any], tuple[list[dict[str, Any]], dict[int, dict[str, Any]]]]) -> None:
+    """``load_state_dict`` for srkern's optimizers: torch's pre-hooks (one may replace the dict),
+    then ``checked(state_dict)`` (the groups and the per-parameter states by position in group
+    order, every value checked and converted: it raises before anything is written), then the
+    state installed, the optimizer-wide seed taken from the first group (groups added later take
+    it), and torch's post-hooks."""
+    for hook in opt._optimizer_load_state_dict_pre_hooks.values():
+        out = hook(opt, state_dict)
+        state_dict = state_dict if out is None else out
+    groups, states = checked(state_dict)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state = defaultdict(dict, {params[k]: st for k, st in states.items()})
+    opt.__setstate__({"state": state, "param_groups": groups})
+    if groups:
+        opt.defaults["seed"] = groups[0]["seed"]
+    for hook in opt._optimizer_load_state_dict_post_hooks.values():
+        hook(opt)
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     """The shared body of srkern's single-launch torch optimizers (see the module docstring).
 
@@ -330,17 +350,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         Entries a mode needs and the dict lacks (a master copy, a compensation buffer, a step
         count) are made at the next step, as for a new parameter. torch's load pre- and
         post-hooks run as in ``torch.optim.Optimizer``."""
-        for hook in self._optimizer_load_state_dict_pre_hooks.values():
-            out = hook(self, state_dict)
-            state_dict = state_dict if out is None else out
-        groups, states = self._checked_load(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        state = defaultdict(dict, {params[k]: st for k, st in states.items()})
-        self.__setstate__({"state": state, "param_groups": groups})
-        if groups:  # groups added later take the loaded seed
-            self.defaults["seed"] = groups[0]["seed"]
-        for hook in self._optimizer_load_state_dict_post_hooks.values():
-            hook(self)
+        load_checked(self, state_dict, self._checked_load)
 
     def _checked_load(self, sd: Any) -> tuple[list[dict[str, Any]], dict[int, dict[str, Any]]]:
         """The groups and the per-parameter states (by position in group order) that ``sd``

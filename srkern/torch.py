@@ -13,7 +13,6 @@ Import it explicitly (``import srkern.torch``); ``import srkern`` does not impor
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any, Callable, Iterable
 
 import torch
@@ -23,7 +22,7 @@ from ._plan import make_plan
 from ._torch_ops import MODE_INDEX, flat_size, param_precision, run_step, seed_arg, state_dtype_for, TORCH_DTYPES
 from ._torch_sharded import ShardedAdamW, ShardedLion, ShardedSGD  # re-exported: srkern.torch.Sharded*
 from ._torch_accum import SRGradAccumulation, sr_grad_accumulation  # re-exported: SR gradient accumulation
-from ._torch_fused import add_group, amp_args
+from ._torch_fused import add_group, amp_args, load_checked
 from ._torch_optim import SGD, Adafactor, Lion  # re-exported: the single-launch optimizers beyond AdamW
 from ._torch_state import checked
 from .checkpoint import (TORCH_FORMAT, TORCH_VERSION, CheckpointCorrupt, CheckpointError, check_hyper,
@@ -270,23 +269,14 @@ class AdamW(torch.optim.Optimizer):
         ``ValueError``) names the cause, and nothing is loaded. The parameters stay this
         optimizer's: each group's saved ``params`` must be the positions :meth:`state_dict`
         writes. torch's load pre- and post-hooks run as in ``torch.optim.Optimizer``."""
-        for hook in self._optimizer_load_state_dict_pre_hooks.values():
-            out = hook(self, state_dict)
-            state_dict = state_dict if out is None else out
-        try:
-            groups, states = checked(self, state_dict)
-        except CheckpointError:
-            raise
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
-            raise CheckpointCorrupt(f"malformed {TORCH_FORMAT} state dict: {type(e).__name__}: {e}") from None
-        # Everything is checked: from here on state is written.
-        params = self._params()
-        state = defaultdict(dict, {params[i]: st for i, st in states.items()})
-        self.__setstate__({"state": state, "param_groups": groups})
-        if groups:  # groups added later take the loaded seed
-            self.defaults["seed"] = groups[0]["seed"]
-        for hook in self._optimizer_load_state_dict_post_hooks.values():
-            hook(self)
+        def check(sd: Any) -> tuple[list[dict], dict[int, dict[str, torch.Tensor]]]:
+            try:
+                return checked(self, sd)
+            except CheckpointError:
+                raise
+            except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+                raise CheckpointCorrupt(f"malformed {TORCH_FORMAT} state dict: {type(e).__name__}: {e}") from None
+        load_checked(self, state_dict, check)
 
 
 # torch.optim.AdamW's flags and their defaults, for groups saved before a flag existed.
