@@ -6,12 +6,18 @@ weights and moments with stochastic rounding, no FP32 master copy: Ozkara, Yu an
 2025) and ``bf16-kahan``; then one table of final loss / perplexity, memory per parameter and
 speed, a plot of validation loss against step, and a JSON of every number. A sixth strategy,
 ``fp16-sr`` (an FP16 model, FP16 weights written with SR, FP32 moments), runs when named in
-``--strategies`` (not by default: see ``DEFAULT_STRATEGIES``).
+``--strategies`` (not by default: see ``DEFAULT_STRATEGIES``; AdamW only).
+
+The optimizer is srkern's AdamW by default; ``--optimizer sgd|lion|adafactor`` trains with
+``srkern.torch.SGD`` (momentum 0.9, Nesterov), ``Lion`` or ``Adafactor`` instead, each at its own
+default learning rate and weight decay (``OPTIMIZER_DEFAULTS``, from a short sweep) and writing
+into ``runs/pretrain/<optimizer>/`` so the runs do not overwrite AdamW's.
 
 Run:  python python/pretrain.py
           (default: 119k parameters, 500 steps x 5 strategies; 2.6 min wall on 2 shared
           AMD EPYC cores at load average 4, one torch thread; writes runs/pretrain/)
       python python/pretrain.py --lr 1e-2 --strategies fp32-master,bf16-sr
+      python python/pretrain.py --optimizer lion --seed 1   (writes runs/pretrain/lion/)
       python python/pretrain.py --strategies fp32,fp32-master,bf16-nearest,bf16-sr,bf16-kahan,fp16-sr
       python python/pretrain.py --device cuda --steps 3000 --n-layer 6 --n-embd 384
       mpirun -n 2 python python/pretrain.py --sharded   (srkern.torch.ShardedAdamW over 2 ranks)
@@ -67,6 +73,38 @@ EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "i
                            "__pycache__"})
 VAL_EVERY_NTH_FILE = 10  # files 0, 10, 20, ... of the sorted list form the validation split
 
+OPTIMIZERS = ("adamw", "sgd", "lion", "adafactor")
+# Per-optimizer defaults of --lr and --weight-decay (and --betas for the two that have betas).
+# Each new lr is the best of a sweep on fp32-master at the default scale (500 steps, seed 1234,
+# the same warmup and cosine schedule, one torch thread; final validation loss in nats/byte;
+# 2-core Intel Xeon, Dec 2026). AdamW keeps the demo's original lr 3e-3 (not re-swept).
+#   sgd (momentum 0.9, Nesterov, no weight decay):
+#       lr 0.03: 2.5006  0.05: 2.6292  0.1: 2.3895  0.3: 2.9406  1: nan  3: nan
+#   lion (betas 0.9 0.99, weight decay 3e-4 / lr):
+#       lr 1e-4: 3.4721  3e-4: 2.7091  1e-3: 2.5979  3e-3: 3.1917
+#   adafactor (torch's beta2_decay -0.8, eps2 1e-3, d 1; eps1 2**-23; weight decay 3e-4 / lr):
+#       lr 3e-3: 3.0298  1e-2: 2.4386  3e-2: 2.2902  0.1: 2.1708  0.3: 2.2275
+#   (Adafactor's step is lr, capped at 1/sqrt(step), times the parameter's RMS: its lr is not
+#   comparable to the others'.)
+# Weight decay (matrices only, see param_groups): AdamW's 0.1 at lr 3e-3 shrinks a matrix by
+# 3e-4 per peak step; Lion and Adafactor decay decoupled as ``p *= 1 - lr * weight_decay`` too,
+# so theirs is 3e-4 / lr, the same shrink per peak step. SGD's weight decay is coupled L2 (added
+# to the gradient, then scaled by lr and the momentum): 0.
+# Adafactor's eps1 (the floor on its second-moment estimate is eps1**2), the same in every
+# strategy. torch's default (None) is the machine epsilon of the weights: 2**-7 for BF16 weights,
+# 2**-23 for FP32 weights and for fp32-master's FP32 master copy (srkern.adafactor_step). At
+# that default every BF16 strategy ended near 2.45 against fp32-master's 2.17 (seed 1234),
+# bf16-nearest, bf16-sr and bf16-kahan within 0.003 of each other: a floor of 2**-14 on the
+# second moment damps most updates, a change of hyper-parameter rather than of rounding. 2**-23
+# everywhere keeps fp32 and fp32-master as they were (to the bit) and compares only the rounding.
+ADAFACTOR_EPS1 = 2.0 ** -23
+OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "adamw": dict(lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95)),
+    "sgd": dict(lr=0.1, weight_decay=0.0),
+    "lion": dict(lr=1e-3, weight_decay=0.3, betas=(0.9, 0.99)),
+    "adafactor": dict(lr=1e-1, weight_decay=0.003),
+}
+
 
 # ----------------------------------------------------------------------------------- config
 
@@ -82,6 +120,9 @@ class Config:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+    optimizer: str = "adamw"
+    momentum: float = 0.9  # SGD only
+    nesterov: bool = True  # SGD only
     batch_size: int = 16
     block_size: int = 64
     n_layer: int = 2
@@ -113,16 +154,27 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         epilog="Writes table.md, results.json and val_loss.png into --out.",
         formatter_class=_HelpFormatter)
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps per strategy")
-    p.add_argument("--lr", type=float, default=d.lr,
-                   help="peak learning rate (linear warmup, cosine decay to min-lr-frac)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
+                   help="srkern.torch.AdamW, SGD (Nesterov momentum), Lion or Adafactor")
+    lrs = ", ".join(f"{k} {v['lr']:g}" for k, v in OPTIMIZER_DEFAULTS.items())
+    wds = ", ".join(f"{k} {v['weight_decay']:g}" for k, v in OPTIMIZER_DEFAULTS.items())
+    p.add_argument("--lr", type=float, default=argparse.SUPPRESS,
+                   help=f"peak learning rate (linear warmup, cosine decay to min-lr-frac); "
+                        f"default per optimizer: {lrs}")
     p.add_argument("--warmup", type=int, default=d.warmup, help="warmup steps")
     p.add_argument("--min-lr-frac", type=float, default=d.min_lr_frac,
                    help="final learning rate as a fraction of --lr")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                   help="decoupled weight decay of the matrices (not LayerNorm / embeddings)")
-    p.add_argument("--betas", type=float, nargs=2, default=(d.beta1, d.beta2),
-                   help="AdamW beta1 beta2")
-    p.add_argument("--eps", type=float, default=d.eps, help="AdamW epsilon")
+    p.add_argument("--weight-decay", type=float, default=argparse.SUPPRESS,
+                   help="weight decay of the matrices (not LayerNorm / embeddings): decoupled, "
+                        f"but coupled L2 for SGD; default per optimizer: {wds}")
+    p.add_argument("--betas", type=float, nargs=2, default=argparse.SUPPRESS,
+                   help="AdamW or Lion beta1 beta2; default adamw 0.9 0.95, lion 0.9 0.99")
+    p.add_argument("--eps", type=float, default=argparse.SUPPRESS,
+                   help=f"AdamW epsilon (default {d.eps:g})")
+    p.add_argument("--momentum", type=float, default=argparse.SUPPRESS,
+                   help=f"SGD momentum (default {d.momentum:g})")
+    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                   help="SGD Nesterov momentum (default on)")
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="sequences per step (summed over ranks with --sharded)")
     p.add_argument("--block-size", type=int, default=d.block_size, help="context length (bytes)")
@@ -140,12 +192,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--device", choices=("cpu", "cuda"), default=d.device)
     p.add_argument("--strategies", default=",".join(d.strategies),
                    help=f"comma list out of {','.join(STRATEGIES)}")
-    p.add_argument("--out", default=d.out, help="output folder")
+    p.add_argument("--out", default=argparse.SUPPRESS,
+                   help=f"output folder (default {d.out} for adamw, {d.out}/<optimizer> otherwise)")
     p.add_argument("--threads", type=int, default=d.threads,
                    help="torch CPU threads per process (0: torch's default)")
     p.add_argument("--sharded", action="store_true",
                    help="use srkern.torch.ShardedAdamW across MPI ranks (launch with mpirun)")
     a = p.parse_args(argv)
+    for name in ("lr", "weight_decay", "betas", "eps", "momentum", "nesterov", "out"):
+        setattr(a, name, getattr(a, name, None))  # None: not given (per-optimizer default)
     strategies = tuple(s.strip() for s in a.strategies.split(",") if s.strip())
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad or not strategies:
@@ -156,14 +211,34 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
                  "eval_every", "eval_batches", "max_bytes"):
         if getattr(a, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
-    if a.lr < 0:
+    opt, od = a.optimizer, OPTIMIZER_DEFAULTS[a.optimizer]
+    # Options another optimizer has no use for are refused rather than silently ignored.
+    for flag, value, users in (("--betas", a.betas, ("adamw", "lion")),
+                               ("--eps", a.eps, ("adamw",)), ("--momentum", a.momentum, ("sgd",)),
+                               ("--nesterov", a.nesterov, ("sgd",))):
+        if value is not None and opt not in users:
+            p.error(f"{flag} applies to --optimizer {' or '.join(users)}, not {opt}")
+    if opt != "adamw" and "fp16-sr" in strategies:
+        p.error(f"--strategies fp16-sr needs --optimizer adamw: srkern.torch.{_CLASS[opt]} has no "
+                "fp16-sr mode (its modes: fp32, fp32-master, bf16-nearest, bf16-sr, bf16-kahan)")
+    if a.sharded and opt != "adamw":
+        p.error(f"--sharded needs --optimizer adamw (srkern.torch.ShardedAdamW); there is no "
+                f"sharded {_CLASS[opt]} here, got --optimizer {opt}")
+    lr = od["lr"] if a.lr is None else a.lr
+    if lr < 0:
         p.error("--lr must be >= 0")
-    return Config(steps=a.steps, lr=a.lr, warmup=a.warmup, min_lr_frac=a.min_lr_frac,
-                  weight_decay=a.weight_decay, beta1=a.betas[0], beta2=a.betas[1], eps=a.eps,
+    betas = a.betas if a.betas is not None else od.get("betas", (d.beta1, d.beta2))
+    return Config(steps=a.steps, lr=lr, warmup=a.warmup, min_lr_frac=a.min_lr_frac,
+                  weight_decay=od["weight_decay"] if a.weight_decay is None else a.weight_decay,
+                  beta1=betas[0], beta2=betas[1], eps=d.eps if a.eps is None else a.eps,
+                  optimizer=opt, momentum=d.momentum if a.momentum is None else a.momentum,
+                  nesterov=d.nesterov if a.nesterov is None else a.nesterov,
                   batch_size=a.batch_size, block_size=a.block_size, n_layer=a.n_layer,
                   n_head=a.n_head, n_embd=a.n_embd, eval_every=a.eval_every,
                   eval_batches=a.eval_batches, max_bytes=a.max_bytes, seed=a.seed,
-                  device=a.device, strategies=strategies, out=a.out, sharded=a.sharded,
+                  device=a.device, strategies=strategies, sharded=a.sharded,
+                  out=a.out if a.out is not None else (d.out if opt == "adamw"
+                                                        else f"{d.out}/{opt}"),
                   threads=a.threads)
 
 
@@ -358,9 +433,20 @@ def lr_at(step: int, cfg: Config) -> float:
 # --------------------------------------------------------------------------------- training
 
 
+_CLASS = {"adamw": "AdamW", "sgd": "SGD", "lion": "Lion", "adafactor": "Adafactor"}
+
+
 def make_optimizer(model: nn.Module, strategy: str, cfg: Config, comm: Any = None):
-    """srkern's AdamW (or ShardedAdamW with ``comm``) in the strategy's precision mode."""
+    """srkern's ``cfg.optimizer`` (AdamW, SGD, Lion or Adafactor; ShardedAdamW with ``comm``) in
+    the strategy's precision mode."""
     groups = param_groups(model, cfg.weight_decay)
+    common = dict(lr=cfg.lr, precision=strategy, seed=cfg.seed)
+    if cfg.optimizer == "sgd":
+        return srtorch.SGD(groups, momentum=cfg.momentum, nesterov=cfg.nesterov, **common)
+    if cfg.optimizer == "lion":
+        return srtorch.Lion(groups, betas=(cfg.beta1, cfg.beta2), **common)
+    if cfg.optimizer == "adafactor":  # torch.optim.Adafactor's defaults but eps1
+        return srtorch.Adafactor(groups, eps=(ADAFACTOR_EPS1, 1e-3), **common)
     kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, precision=strategy,
               seed=cfg.seed)
     if comm is None:
@@ -372,10 +458,11 @@ def make_optimizer(model: nn.Module, strategy: str, cfg: Config, comm: Any = Non
 def optimizer_bytes_per_param(opt: Any, weight_bytes: int) -> float:
     """Bytes of optimizer state (moments, FP32 master, compensation) per parameter on this rank.
 
-    ``srkern.torch.AdamW.bytes_per_param()`` counts the weights too; ``ShardedAdamW``'s counts
-    only this rank's optimizer state (plus its reduced-gradient shard), per model parameter.
+    ``bytes_per_param()`` of ``srkern.torch.AdamW`` (SGD, Lion, Adafactor) counts the weights
+    too; ``ShardedAdamW``'s counts only this rank's optimizer state (plus its reduced-gradient
+    shard), per model parameter.
     """
-    if isinstance(opt, srtorch.AdamW):
+    if isinstance(opt, (srtorch.AdamW, srtorch.SGD, srtorch.Lion, srtorch.Adafactor)):
         return float(opt.bytes_per_param() - weight_bytes)
     return float(opt.bytes_per_param())
 
@@ -450,6 +537,17 @@ def train_one(strategy: str, init: dict[str, torch.Tensor], data: Batches, cfg: 
 # ---------------------------------------------------------------------------------- reports
 
 
+def describe_optimizer(cfg: Config) -> str:
+    """The optimizer and its hyper-parameters, as one line (the table's caption)."""
+    name = ("ShardedAdamW" if cfg.sharded else _CLASS[cfg.optimizer])
+    extra = {"adamw": f", betas ({cfg.beta1:g}, {cfg.beta2:g}), eps {cfg.eps:g}",
+             "sgd": f", momentum {cfg.momentum:g}{', Nesterov' if cfg.nesterov else ''}",
+             "lion": f", betas ({cfg.beta1:g}, {cfg.beta2:g})",
+             "adafactor": ""}[cfg.optimizer]
+    return (f"srkern.torch.{name}, peak lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}{extra}, "
+            f"{cfg.warmup} warmup steps, cosine to {cfg.min_lr_frac:g} x lr")
+
+
 def format_table(results: list[dict[str, Any]], world: int = 1) -> str:
     """One Markdown table of the final numbers of every strategy.
 
@@ -496,7 +594,8 @@ def plot(results: list[dict[str, Any]], cfg: Config, path: Path) -> None:
         a.grid(alpha=0.3)
         a.legend()
     fig.suptitle(f"byte-level GPT {cfg.n_layer}L x {cfg.n_embd}, ctx {cfg.block_size}, "
-                 f"batch {cfg.batch_size}, lr {cfg.lr:g}, {cfg.steps} steps, seed {cfg.seed}, "
+                 f"batch {cfg.batch_size}, {_CLASS[cfg.optimizer]} lr {cfg.lr:g}, "
+                 f"{cfg.steps} steps, seed {cfg.seed}, "
                  f"{cfg.device}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -556,10 +655,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(table)
     print(f"\n{results[0]['params']:,} parameters, {world} rank(s), wall time {wall:.1f} s; "
           f"outputs in {out}/")
+    print(f"optimizer: {describe_optimizer(cfg)}")
     report = {"config": dataclasses.asdict(cfg), "corpus": corpus.info,
               "machine": machine_info(cfg.device), "world_size": world, "wall_time_s": wall,
               "results": results}
-    (out / "table.md").write_text(table + "\n")
+    (out / "table.md").write_text(f"{table}\n\noptimizer: {describe_optimizer(cfg)}\n")
     (out / "results.json").write_text(json.dumps(report, indent=1))
     plot(results, cfg, out / "val_loss.png")
     return report

@@ -158,3 +158,95 @@ def test_sharded_two_ranks_matches_one_process(tmp_path: Path) -> None:
         gap = abs(r1["val_loss"] - r2["val_loss"])
         assert gap < tol, (r1["strategy"], r1["val_loss"], r2["val_loss"])
         assert r2["optimizer_bytes_per_param"] < r1["optimizer_bytes_per_param"], r2["strategy"]
+
+
+# ------------------------------------------------------------------ --optimizer (issue 14)
+
+def test_adamw_default_unchanged_and_per_optimizer_defaults() -> None:
+    # `python python/pretrain.py` (and `make demo`) must stay the run it was: AdamW at lr 3e-3,
+    # weight decay 0.1, betas (0.9, 0.95), writing runs/pretrain/. Every other optimizer takes its
+    # own swept defaults and writes into a folder of its own.
+    assert pretrain.parse_args([]) == pretrain.Config()
+    assert pretrain.parse_args(["--optimizer", "adamw"]) == pretrain.Config()
+    c = pretrain.Config()
+    assert (c.optimizer, c.lr, c.weight_decay, c.beta1, c.beta2, c.out) == (
+        "adamw", 3e-3, 0.1, 0.9, 0.95, "runs/pretrain")
+    for name, d in pretrain.OPTIMIZER_DEFAULTS.items():
+        cfg = pretrain.parse_args(["--optimizer", name])
+        assert (cfg.optimizer, cfg.lr, cfg.weight_decay) == (name, d["lr"], d["weight_decay"])
+        assert cfg.out == ("runs/pretrain" if name == "adamw" else f"runs/pretrain/{name}")
+    lion = pretrain.parse_args(["--optimizer", "lion"])
+    assert (lion.beta1, lion.beta2) == (0.9, 0.99)
+    sgd = pretrain.parse_args(["--optimizer", "sgd", "--lr", "0.5", "--no-nesterov", "--out", "x"])
+    assert (sgd.lr, sgd.nesterov, sgd.momentum, sgd.out) == (0.5, False, 0.9, "x")
+
+
+@pytest.mark.parametrize("name,cls", [("sgd", "SGD"), ("lion", "Lion"), ("adafactor", "Adafactor")])
+def test_make_optimizer_builds_the_named_class(name: str, cls: str) -> None:
+    cfg = pretrain.parse_args(TINY + ["--optimizer", name])
+    model = pretrain.GPT(cfg).to(torch.bfloat16)
+    opt = pretrain.make_optimizer(model, "bf16-kahan", cfg)
+    assert type(opt) is getattr(srkern.torch, cls)
+    g = opt.param_groups
+    assert [x["weight_decay"] for x in g] == [cfg.weight_decay, 0.0] and g[0]["lr"] == cfg.lr
+    assert all(x["precision"] == "bf16-kahan" and x["seed"] == cfg.seed for x in g)
+    if name == "sgd":
+        assert (g[0]["momentum"], g[0]["nesterov"]) == (0.9, True)
+    if name == "lion":
+        assert g[0]["betas"] == (0.9, 0.99)
+    if name == "adafactor":  # one eps1 for every strategy (torch's None would follow the dtype)
+        assert g[0]["eps"] == (2.0 ** -23, 1e-3)
+
+
+@pytest.mark.parametrize("name", ["sgd", "lion", "adafactor"])
+def test_smoke_other_optimizers(tmp_path: Path, name: str) -> None:
+    # A few steps of every strategy with each optimizer beyond AdamW, at its default lr: finite
+    # numbers, the BF16 strategies start from the same bits, the memory each mode holds, and the
+    # optimizer recorded in the JSON and the table.
+    rep = pretrain.main(TINY + ["--optimizer", name, "--steps", "4", "--eval-every", "2",
+                                "--eval-batches", "1", "--warmup", "2", "--out", str(tmp_path)])
+    names = [r["strategy"] for r in rep["results"]]
+    assert names == list(pretrain.DEFAULT_STRATEGIES)
+    assert rep["config"]["optimizer"] == name
+    by = {r["strategy"]: r for r in rep["results"]}
+    for r in rep["results"]:
+        assert r["history"]["step"] == [0, 2, 4]
+        for k in ("train_loss", "val_loss", "step_time_s", "tokens_per_s"):
+            assert math.isfinite(r[k]) and r[k] > 0, (r["strategy"], k, r[k])
+        assert r["val_loss"] < r["history"]["val_loss"][0], (r["strategy"], r["history"])
+    start = by["fp32-master"]["history"]["val_loss"][0]
+    assert all(by[s]["history"]["val_loss"][0] == start
+               for s in ("bf16-nearest", "bf16-sr", "bf16-kahan"))
+    b = {s: by[s]["weight_opt_bytes_per_param"] for s in names}
+    if name in ("sgd", "lion"):  # one moment, in the weights' dtype (FP32 beside a master copy)
+        assert b == {"fp32": 8, "fp32-master": 10, "bf16-nearest": 4, "bf16-sr": 4,
+                     "bf16-kahan": 6}, b
+    else:  # factored second moments: well under one number per parameter
+        assert 4 < b["fp32"] < 5 and 6 < b["fp32-master"] < 7 and 2 < b["bf16-sr"] < 2.5, b
+        assert b["bf16-nearest"] == b["bf16-sr"] and b["bf16-kahan"] == b["bf16-sr"] + 2, b
+    table = (tmp_path / "table.md").read_text()
+    assert all(f"| {n} |" in table for n in names)
+    assert f"srkern.torch.{pretrain._CLASS[name]}, peak lr {rep['config']['lr']:g}" in table
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["config"]["optimizer"] == name and len(data["results"]) == len(names)
+    assert (tmp_path / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--optimizer", "sgd", "--strategies", "bf16-sr,fp16-sr"], "--strategies fp16-sr"),
+    (["--optimizer", "adafactor", "--strategies", "fp16-sr"], "--strategies fp16-sr"),
+    (["--optimizer", "lion", "--sharded"], "--sharded"),
+    (["--optimizer", "sgd", "--betas", "0.9", "0.99"], "--betas"),
+    (["--optimizer", "lion", "--eps", "1e-6"], "--eps"),
+    (["--momentum", "0.5"], "--momentum"),
+    (["--optimizer", "adafactor", "--no-nesterov"], "--nesterov"),
+    (["--optimizer", "rmsprop"], "--optimizer"),
+])
+def test_bad_optimizer_combinations_are_refused(argv: list[str], flag: str, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # Refused while parsing (before anything trains or is written), naming the option.
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(argv + ["--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    assert flag in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
