@@ -21,6 +21,7 @@ Run:  python python/pretrain.py
       python python/pretrain.py --strategies fp32,fp32-master,bf16-nearest,bf16-sr,bf16-kahan,fp16-sr
       python python/pretrain.py --device cuda --steps 3000 --n-layer 6 --n-embd 384
       mpirun -n 2 python python/pretrain.py --sharded   (srkern.torch.ShardedAdamW over 2 ranks)
+      mpirun -n 2 python python/pretrain.py --sharded --optimizer lion   (ShardedLion; sgd: ShardedSGD)
       python python/pretrain.py --help
 
 Corpus (no download): the ``.py`` files of the running interpreter's standard library
@@ -197,7 +198,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--threads", type=int, default=d.threads,
                    help="torch CPU threads per process (0: torch's default)")
     p.add_argument("--sharded", action="store_true",
-                   help="use srkern.torch.ShardedAdamW across MPI ranks (launch with mpirun)")
+                   help="use srkern.torch.ShardedAdamW (ShardedSGD, ShardedLion with --optimizer) across "
+                        "MPI ranks (launch with mpirun)")
     a = p.parse_args(argv)
     for name in ("lr", "weight_decay", "betas", "eps", "momentum", "nesterov", "out"):
         setattr(a, name, getattr(a, name, None))  # None: not given (per-optimizer default)
@@ -221,9 +223,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     if opt != "adamw" and "fp16-sr" in strategies:
         p.error(f"--strategies fp16-sr needs --optimizer adamw: srkern.torch.{_CLASS[opt]} has no "
                 "fp16-sr mode (its modes: fp32, fp32-master, bf16-nearest, bf16-sr, bf16-kahan)")
-    if a.sharded and opt != "adamw":
-        p.error(f"--sharded needs --optimizer adamw (srkern.torch.ShardedAdamW); there is no "
-                f"sharded {_CLASS[opt]} here, got --optimizer {opt}")
+    if a.sharded and opt == "adafactor":
+        p.error("--sharded needs --optimizer adamw, sgd or lion (srkern.torch.ShardedAdamW, ShardedSGD, "
+                "ShardedLion): Adafactor's row and column statistics do not shard by flat ranges "
+                "(README, \"Adafactor is not sharded\"), got --optimizer adafactor")
     lr = od["lr"] if a.lr is None else a.lr
     if lr < 0:
         p.error("--lr must be >= 0")
@@ -437,13 +440,18 @@ _CLASS = {"adamw": "AdamW", "sgd": "SGD", "lion": "Lion", "adafactor": "Adafacto
 
 
 def make_optimizer(model: nn.Module, strategy: str, cfg: Config, comm: Any = None):
-    """srkern's ``cfg.optimizer`` (AdamW, SGD, Lion or Adafactor; ShardedAdamW with ``comm``) in
+    """srkern's ``cfg.optimizer`` (AdamW, SGD, Lion or Adafactor; ShardedAdamW, ShardedSGD or
+    ShardedLion with ``comm``) in
     the strategy's precision mode."""
     groups = param_groups(model, cfg.weight_decay)
     common = dict(lr=cfg.lr, precision=strategy, seed=cfg.seed)
     if cfg.optimizer == "sgd":
+        if comm is not None:
+            return srtorch.ShardedSGD(groups, comm, momentum=cfg.momentum, nesterov=cfg.nesterov, **common)
         return srtorch.SGD(groups, momentum=cfg.momentum, nesterov=cfg.nesterov, **common)
     if cfg.optimizer == "lion":
+        if comm is not None:
+            return srtorch.ShardedLion(groups, comm, betas=(cfg.beta1, cfg.beta2), **common)
         return srtorch.Lion(groups, betas=(cfg.beta1, cfg.beta2), **common)
     if cfg.optimizer == "adafactor":  # torch.optim.Adafactor's defaults but eps1
         return srtorch.Adafactor(groups, eps=(ADAFACTOR_EPS1, 1e-3), **common)
@@ -539,7 +547,7 @@ def train_one(strategy: str, init: dict[str, torch.Tensor], data: Batches, cfg: 
 
 def describe_optimizer(cfg: Config) -> str:
     """The optimizer and its hyper-parameters, as one line (the table's caption)."""
-    name = ("ShardedAdamW" if cfg.sharded else _CLASS[cfg.optimizer])
+    name = ("Sharded" if cfg.sharded else "") + _CLASS[cfg.optimizer]
     extra = {"adamw": f", betas ({cfg.beta1:g}, {cfg.beta2:g}), eps {cfg.eps:g}",
              "sgd": f", momentum {cfg.momentum:g}{', Nesterov' if cfg.nesterov else ''}",
              "lion": f", betas ({cfg.beta1:g}, {cfg.beta2:g})",

@@ -135,7 +135,8 @@ def test_small_lr_nearest_stalls_sr_tracks_mixed_precision(tmp_path: Path) -> No
 
 @pytest.mark.mpi
 @pytest.mark.skipif(find_mpirun() is None, reason="mpirun not found (pip install mpich)")
-def test_sharded_two_ranks_matches_one_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("optimizer", ["adamw", "lion"])
+def test_sharded_two_ranks_matches_one_process(tmp_path: Path, optimizer: str) -> None:
     # `mpirun -n 2 ... --sharded`: each rank takes half of every batch and ShardedAdamW averages
     # the gradients, so the run follows the one-process run. fp32 reduces in FP32: only the
     # summation order differs (measured: identical loss; bound 1e-3); bf16-sr also rounds the
@@ -143,8 +144,11 @@ def test_sharded_two_ranks_matches_one_process(tmp_path: Path) -> None:
     # steps; bound 2e-3); fp16-sr (FP16 model) reduces its FP16 gradients to FP32, unrounded, as
     # fp32 does (measured 1.2e-5; bound 1e-3). Each rank holds half of the moments (plus
     # its gradient shard).
+    # Lion (ShardedLion; ShardedSGD is the same front end): its sign() update is as
+    # sensitive to the summation order as any, so the same bounds are asked of it.
+    strategies = "fp32,bf16-sr,fp16-sr" if optimizer == "adamw" else "fp32,bf16-sr"
     argv = TINY + ["--steps", "6", "--eval-every", "3", "--eval-batches", "1",
-                   "--strategies", "fp32,bf16-sr,fp16-sr"]
+                   "--strategies", strategies, "--optimizer", optimizer]
     one = pretrain.main(argv + ["--out", str(tmp_path / "one")])
     env = dict(os.environ, MPIEXEC_TIMEOUT="240", OMP_NUM_THREADS="1")
     cmd = [find_mpirun(), "-n", "2", sys.executable, str(SCRIPT), *argv, "--sharded",
@@ -153,11 +157,15 @@ def test_sharded_two_ranks_matches_one_process(tmp_path: Path) -> None:
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert two["world_size"] == 2
-    for r1, r2, tol in zip(one["results"], two["results"], (1e-3, 2e-3, 1e-3), strict=True):
+    tols = (1e-3, 2e-3, 1e-3)[:len(one["results"])]
+    for r1, r2, tol in zip(one["results"], two["results"], tols, strict=True):
         assert r1["strategy"] == r2["strategy"]
         gap = abs(r1["val_loss"] - r2["val_loss"])
         assert gap < tol, (r1["strategy"], r1["val_loss"], r2["val_loss"])
-        assert r2["optimizer_bytes_per_param"] < r1["optimizer_bytes_per_param"], r2["strategy"]
+        # Each rank holds half of the state plus its reduced-gradient shard: with Lion's one FP32
+        # moment in fp32 that is as much as the whole state of one process (2 + 2 = 4 bytes).
+        held, whole = r2["optimizer_bytes_per_param"], r1["optimizer_bytes_per_param"]
+        assert held < whole if optimizer == "adamw" else held <= whole, (r2["strategy"], held, whole)
 
 
 # ------------------------------------------------------------------ --optimizer (issue 14)
@@ -235,7 +243,7 @@ def test_smoke_other_optimizers(tmp_path: Path, name: str) -> None:
 @pytest.mark.parametrize("argv,flag", [
     (["--optimizer", "sgd", "--strategies", "bf16-sr,fp16-sr"], "--strategies fp16-sr"),
     (["--optimizer", "adafactor", "--strategies", "fp16-sr"], "--strategies fp16-sr"),
-    (["--optimizer", "lion", "--sharded"], "--sharded"),
+    (["--optimizer", "adafactor", "--sharded"], "--sharded"),
     (["--optimizer", "sgd", "--betas", "0.9", "0.99"], "--betas"),
     (["--optimizer", "lion", "--eps", "1e-6"], "--eps"),
     (["--momentum", "0.5"], "--momentum"),
