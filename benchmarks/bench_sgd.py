@@ -18,9 +18,9 @@ copy of a master only written): bf16-sr / bf16-nearest with a BF16 buffer 2 + 2x
 (FP32 buffer 14); bf16-kahan 14; fp32-master 2 + 2x4 + 2x4 + 2 = 20; fp32 4 + 8 + 8 = 20;
 torch mixed precision 4 + 8 + 8 + 2 = 22; torch pure BF16 10.
 
-The CPU path of sgd_step is the shared per-block body (kernels/srk_opt1.h, srk_opt1_lanes), with
-the Philox words of 8 blocks drawn at once by cpu/philox_tile.h's SIMD tile; the lanes themselves
-are scalar (no SIMD element tile like cpu/adamw_tile.h yet). Layout and timing as benchmarks/bench_adamw.py: ``--adamw-size``
+The CPU path of sgd_step runs 64-element ``omp simd`` loops over the shared per-element functions
+(kernels/srk_opt1.h, srk_opt1_run8), with the Philox words of 8 blocks drawn at once by
+cpu/philox_tile.h's SIMD tile. Layout and timing as benchmarks/bench_adamw.py: ``--adamw-size``
 parameters (default 16M and 64M on CPU) in 16 equal tensors, minimum over rounds fitted to ~1 s.
 
 Run:  python -m pytest -rs benchmarks/bench_sgd.py --benchmark-json=out.json [--adamw-size=16M]
