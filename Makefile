@@ -21,7 +21,9 @@ test: install-test
 	$(PY) -m pytest -q tests
 
 # The backend tests once more, on gpu-emu built with AddressSanitizer and UndefinedBehaviorSanitizer
-# (CI runs this after `make test`). The ASan runtime must be loaded before Python, and libstdc++
+# (CI runs this after `make test`). The mpirun launches are left out (`not mpi`, as gpu_check's test stage
+# does): they run the same gpu-emu kernels that the single-process backend tests run here under the
+# sanitizers, and cost over a minute of CI time under ASan. The ASan runtime must be loaded before Python, and libstdc++
 # with it: else ASan's __cxa_throw interceptor finds no real __cxa_throw and aborts at the first
 # C++ exception torch throws (an autograd error a test expects). --capture=sys leaves file
 # descriptor 2 alone, so a sanitizer report reaches the terminal before the abort.
@@ -29,7 +31,7 @@ CXX ?= g++
 test-sanitize: install-test
 	SRKERN_EMU_SANITIZE=1 SRKERN_TEST_BACKENDS=gpu-emu ASAN_OPTIONS=detect_leaks=0 \
 		UBSAN_OPTIONS=print_stacktrace=1 LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
-		$(PY) -m pytest -q --capture=sys -p no:cacheprovider -m "backend and not slow" tests
+		$(PY) -m pytest -q --capture=sys -p no:cacheprovider -m "backend and not slow and not mpi" tests
 
 # All CPU benchmarks (casts, AdamW at 16M and 64M with its peers, the host-cost cases, the
 # distributed smoke run) into bench-out/cpu.json, then the report: bench-out/report.md with every

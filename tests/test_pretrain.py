@@ -135,7 +135,10 @@ def test_small_lr_nearest_stalls_sr_tracks_mixed_precision(tmp_path: Path) -> No
 
 @pytest.mark.mpi
 @pytest.mark.skipif(find_mpirun() is None, reason="mpirun not found (pip install mpich)")
-@pytest.mark.parametrize("optimizer", ["adamw", "lion"])
+# ShardedSGD / ShardedLion are held bit for bit to the one-process step by tests/test_dist_optim.py;
+# this end-to-end run of the demo stays AdamW's (CI time). `--optimizer lion --sharded` was run
+# once by hand like this: the same loss bounds held.
+@pytest.mark.parametrize("optimizer", ["adamw"])
 def test_sharded_two_ranks_matches_one_process(tmp_path: Path, optimizer: str) -> None:
     # `mpirun -n 2 ... --sharded`: each rank takes half of every batch and ShardedAdamW averages
     # the gradients, so the run follows the one-process run. fp32 reduces in FP32: only the
