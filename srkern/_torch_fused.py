@@ -24,15 +24,11 @@ from typing import Any, Callable, Iterable
 import torch
 
 from . import _contract
-from ._torch_ops import TORCH_DTYPES, flat_size, param_precision, skipped, state_dtype_for
+from ._torch_ops import TORCH_DTYPES, _real, flat_size, param_precision, skipped, state_dtype_for
 from .precisions import PRECISIONS, default_state_dtype
 from .sgd import ELEMENTWISE_PRECISIONS, check_precision
 
 _SETTINGS = ("precision", "state_dtype", "seed")
-
-
-def _real(t: torch.Tensor) -> torch.Tensor:
-    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def _scalar(gi: int, name: str, x: Any) -> Any:
